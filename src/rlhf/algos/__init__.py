@@ -1,0 +1,37 @@
+"""The seeds' math as pure functions on tensors. Imports torch only.
+
+Nothing here hides whitening or aggregation inside another function: recipes call them.
+"""
+
+from rlhf.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    gae,
+    gae_matrix,
+    group_advantages,
+    rloo_advantages,
+)
+from rlhf.algos.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    kl_penalized_rewards,
+    last_token_index,
+)
+from rlhf.algos.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    ppo_loss,
+    ppo_policy_loss,
+    value_loss,
+)
+from rlhf.algos.stats import agg_loss, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf.algos.tokens import entropy_from_logits, logprobs_from_logits, sft_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "agg_loss",
+    "bradley_terry_loss", "compute_advantages", "dpo_loss", "entropy_from_logits", "gae",
+    "gae_matrix", "group_advantages", "kl_estimate", "kl_penalized_rewards", "last_token_index",
+    "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "ppo_loss", "ppo_policy_loss", "rloo_advantages", "sft_loss", "value_loss",
+]

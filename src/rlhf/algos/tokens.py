@@ -1,0 +1,84 @@
+"""Per-token statistics of a language model's logits: log-probabilities, entropy, SFT loss."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.algos.stats import masked_mean
+
+# Rows of (B*T, V) processed at once: bounds the temporary of logsumexp/softmax to
+# _CHUNK_ELEMENTS floats instead of a second full (B, T, V) copy.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(n_rows: int, vocab: int) -> tuple[range, int]:
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    return range(0, n_rows, step), step
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token | context): gather the token's logit, then subtract the log-partition.
+
+    Equivalent to ``torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]``
+    but never holds a second full (B, T, V) float32 tensor: the logsumexp runs over row
+    chunks, in float32 even for bf16 logits (TRL's ``selective_log_softmax`` idea).
+    ``logits[:, t]`` must already be the prediction for ``tokens[:, t]`` (shift first).
+
+    Shape:
+        logits: (B, T, V), tokens: (B, T) -> (B, T), float32.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view
+    picked = flat.gather(-1, tokens.reshape(-1, 1)).squeeze(-1).float()  # (B*T,)
+    starts, step = _row_chunks(flat.shape[0], flat.shape[1])
+    lse = torch.cat([torch.logsumexp(flat[i : i + step].float(), dim=-1) for i in starts])
+    return (picked - lse).view(tokens.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy H = logsumexp(z) - sum softmax(z) * z of each next-token distribution.
+
+    The seeds' entropy bonus S[pi](s_t) (seed 002 Part 5, seed 003). Chunked like
+    :func:`logprobs_from_logits`.
+
+    Shape:
+        logits: (B, T, V) -> (B, T), float32.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    starts, step = _row_chunks(flat.shape[0], flat.shape[1])
+    out = []
+    for i in starts:
+        z = flat[i : i + step].float()
+        out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy on the labelled (response) tokens: stage 1 of the seeds.
+
+    ``labels`` are aligned with the input ids (as in transformers); the shift happens here:
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``. Positions equal to ``ignore_index``
+    (prompt and padding) do not count. With ``num_tokens`` (the labelled-token count of the
+    whole accumulated batch) the loss is a sum over this part divided by it, so accumulation
+    steps add up to the full-batch mean.
+
+    Shape:
+        logits: (B, T, V), labels: (B, T) -> scalar.
+
+    Returns:
+        ``(loss, metrics)`` with ``num_tokens`` and token ``accuracy``.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != ignore_index
+    nll = -logprobs_from_logits(logits, labels.masked_fill(~mask, 0))
+    maskf = mask.float()
+    denom = maskf.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+    loss = (nll * maskf).sum() / denom
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == labels).float()
+        metrics = {"num_tokens": maskf.sum(), "accuracy": masked_mean(correct, maskf)}
+    return loss, metrics
