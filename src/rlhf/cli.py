@@ -1,0 +1,121 @@
+"""The ``rlhf`` command line: argument parsing and nothing else.
+
+Every recipe module exposes a ``Config`` dataclass (its field docstrings are the ``--help``)
+and a ``run(config)`` function. User errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+RECIPES = {
+    "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
+    "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
+    "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model or reward function."),
+    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO)."),
+    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
+}
+TOOLS = {
+    "generate": ("rlhf.recipes.inference", "Sample completions from a model (seed 002 Part 8)."),
+    "chat": ("rlhf.recipes.inference", "Interactive terminal chat with a model."),
+    "explain": ("rlhf.recipes.explain", "Print the seeds' Part 5 table for one real rollout."),
+    "demo": ("rlhf.recipes.demo", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
+}
+
+
+def _user_errors():
+    from rlhf.config import ConfigError
+    from rlhf.data.readers import DataError
+    from rlhf.models.loading import ModelLoadError
+    from rlhf.recipes.common import UserError
+
+    return (ConfigError, DataError, ModelLoadError, UserError, FileNotFoundError)
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="Dataset tools.")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="Validate a dataset and summarise it; exit 1 if any record is bad.")
+    c.add_argument("file", help="JSONL, JSON, CSV or Parquet file, a saved datasets directory, or hf:NAME")
+    c.add_argument("--kind", required=True, choices=["sft", "preference", "prompt"], help="What the records hold.")
+    c.add_argument("--model", help="Model or tokenizer directory, for token lengths.")
+    c.add_argument("--max-length", type=int, default=1024, help="Maximum tokens of prompt + response.")
+    c.add_argument("--max-prompt-length", type=int, default=None, help="Prompts longer than this are cut from the left.")
+
+
+def _run_data(args) -> int:
+    from rlhf.data.check import check_file
+
+    tokenizer = None
+    if args.model:
+        from rlhf.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    ok, report = check_file(args.file, args.kind, tokenizer, args.max_length, args.max_prompt_length)
+    print(report)
+    return 0 if ok else 1
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, name: str, module: str) -> None:
+    from rlhf.config import add_arguments
+
+    mod = importlib.import_module(module)
+    p.description = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None
+    if hasattr(mod, "Config"):
+        p.add_argument("--config", dest="config_file", help="YAML file of field: value (flags override it).")
+        p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
+        add_arguments(p, mod.configs()[name] if hasattr(mod, "configs") else mod.Config)
+    elif hasattr(mod, "add_arguments"):
+        mod.add_arguments(p, name)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported (``rlhf --help`` stays fast)."""
+    from rlhf import __version__
+
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF: SFT, reward model, PPO, DPO, GRPO/RLOO.")
+    parser.add_argument("--version", action="version", version=f"rlhf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in {**RECIPES, **TOOLS}.items():
+        if importlib.util.find_spec(module) is None:  # not built yet
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _add_recipe_arguments(p, name, module)
+    _data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        if args.command == "data":
+            return _run_data(args)
+        module = importlib.import_module({**RECIPES, **TOOLS}[args.command][0])
+        if not hasattr(module, "Config"):
+            return int(module.main(args, args.command) or 0)
+        from rlhf.config import build_config, to_yaml
+
+        cls = module.configs()[args.command] if hasattr(module, "configs") else module.Config
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "print_config")}
+        cfg = build_config(cls, args.config_file, flags)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        result = module.run(cfg) if not hasattr(module, "configs") else module.run(cfg, args.command)
+        return int(result) if isinstance(result, int) else 0
+    except _user_errors() as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

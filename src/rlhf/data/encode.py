@@ -1,0 +1,153 @@
+"""Turn normalised examples into token ids: chat templates, masks and truncation.
+
+Rules (tests assert exact ids):
+
+* A message-list prompt goes through ``tokenizer.apply_chat_template`` with the generation
+  prompt; a tokenizer without a template gets :data:`PLAIN_CHAT_TEMPLATE`. The rendered text
+  is encoded with ``add_special_tokens=False``: the template owns BOS, so it is never doubled.
+* A plain-string prompt is encoded as is, with BOS first only if the tokenizer adds one.
+* A response is its text's ids followed by exactly one EOS (none added if already there).
+* Prompts are truncated from the left (``max_prompt_length``), responses from the right
+  (``max_length``). Truncations are counted, never silent; a prompt that leaves no room for
+  a response under ``max_length`` is a bad record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf.data.formats import BadRecord, normalize
+from rlhf.data.readers import DataError, RecordError, read_records
+
+# The documented fallback: "Role: content" blocks separated by blank lines, and the
+# generation prompt "Assistant: ".
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+class Encoder:
+    """Encode prompts and responses for one tokenizer under the truncation limits."""
+
+    def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.eos_id = tokenizer.eos_token_id
+        probe = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        self.bos_prefix = [bos] if bos is not None and probe[:1] == [bos] else []
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+
+    def render_prompt(self, prompt) -> str:
+        """The prompt as text: the chat template (with generation prompt) for messages."""
+        if isinstance(prompt, str):
+            return prompt
+        template = self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+        return self.tokenizer.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        text = self.render_prompt(prompt)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        return (self.bos_prefix + ids) if isinstance(prompt, str) else ids
+
+    def response_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id]
+
+    def fit_prompt(self, prompt_ids: list[int]) -> tuple[list[int], bool]:
+        truncated = False
+        if self.max_prompt_length and len(prompt_ids) > self.max_prompt_length:
+            prompt_ids, truncated = prompt_ids[-self.max_prompt_length :], True
+        if len(prompt_ids) >= self.max_length:
+            raise BadRecord("prompt", f"{len(prompt_ids)} tokens, no room for a response under max_length "
+                                      f"{self.max_length} (set max_prompt_length to truncate)")
+        return prompt_ids, truncated
+
+    def fit_response(self, prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], bool]:
+        room = self.max_length - len(prompt_ids)
+        return (response_ids[:room], True) if len(response_ids) > room else (response_ids, False)
+
+    def encode_sft(self, ex: dict) -> dict:
+        prompt, p_cut = self.fit_prompt(self.prompt_ids(ex["prompt"]))
+        response, r_cut = self.fit_response(prompt, self.response_ids(ex["completion"]))
+        return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response,
+                "prompt_len": len(prompt), "prompt_truncated": p_cut, "response_truncated": r_cut}
+
+    def encode_preference(self, ex: dict) -> dict:
+        prompt, p_cut = self.fit_prompt(self.prompt_ids(ex["prompt"]))
+        chosen, c_cut = self.fit_response(prompt, self.response_ids(ex["chosen"]))
+        rejected, j_cut = self.fit_response(prompt, self.response_ids(ex["rejected"]))
+        out = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+               "prompt_truncated": p_cut, "response_truncated": c_cut or j_cut}
+        if "margin" in ex:
+            out["margin"] = ex["margin"]
+        return out
+
+    def encode_prompt(self, ex: dict) -> dict:
+        prompt, p_cut = self.fit_prompt(self.prompt_ids(ex["prompt"]))
+        return {**ex, "prompt_ids": prompt, "prompt_truncated": p_cut, "response_truncated": False}
+
+
+@dataclass
+class Prepared:
+    """A fully checked, tokenised dataset and what happened on the way."""
+
+    examples: list[dict]
+    where: list[str]
+    n_records: int
+    errors: list[RecordError] = field(default_factory=list)
+    n_skipped: int = 0
+    n_prompt_truncated: int = 0
+    n_response_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def format_errors(errors: list[RecordError], limit: int = 20) -> str:
+    lines = [str(e) for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more bad records")
+    return "\n".join(lines)
+
+
+def prepare(source: str, kind: str, encoder: Encoder, on_bad_record: str = "error") -> Prepared:
+    """Read, validate and tokenise every record of ``source`` before any training starts.
+
+    Raises:
+        DataError: a file-level problem, or bad records with ``on_bad_record="error"``
+            (one line per bad record: ``file:line: field: problem``).
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError("on_bad_record must be 'error' or 'skip'")
+    records, errors = read_records(source)
+    n_records = len(records) + len(errors)  # unreadable lines are records too
+    normalised, norm_errors = normalize(records, kind)
+    errors += norm_errors
+    encode = {"sft": encoder.encode_sft, "preference": encoder.encode_preference, "prompt": encoder.encode_prompt}[kind]
+    examples, where = [], []
+    for loc, ex in normalised:
+        try:
+            examples.append(encode(ex))
+            where.append(loc)
+        except BadRecord as e:
+            errors.append(RecordError(loc, e.field, e.problem))
+    errors.sort(key=lambda e: _order(e.where))
+    if errors and on_bad_record == "error":
+        raise DataError(format_errors(errors) + f"\n{len(errors)} bad record(s) in {source}; "
+                        "fix them or pass --on-bad-record skip")
+    if not examples:
+        raise DataError(f"{source}: no usable record")
+    return Prepared(examples=examples, where=where, n_records=n_records, errors=errors, n_skipped=len(errors),
+                    n_prompt_truncated=sum(e["prompt_truncated"] for e in examples),
+                    n_response_truncated=sum(e["response_truncated"] for e in examples))
+
+
+def _order(where: str):
+    # "file:12" and "file[3]" sort by their number.
+    tail = where.rsplit(":", 1)[-1].rsplit("[", 1)[-1].rstrip("]")
+    return (where.split(":")[0].split("[")[0], int(tail) if tail.isdigit() else 0)

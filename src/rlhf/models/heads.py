@@ -1,0 +1,141 @@
+"""The actor-critic model, the separate critic, and reading a reward model's score.
+
+Seed 002 Part 3: "a single Large Language Model with a shared body and two separate heads":
+the policy (LM) head and the value head, a linear layer on the last hidden state.
+OpenRLHF and verl instead keep the critic as a separate model; both are here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf.algos import last_token_index
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def _hidden_size(config) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (the actor) plus a scalar value head on its last hidden state (the critic).
+
+    One forward pass gives both: ``logits`` (B, L, V) and ``values`` (B, L), where
+    ``values[:, t]`` is V(s_t) for the state ending at token t. The wrapped ``policy`` may
+    be a peft model; the value head is always trained in full.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(_hidden_size(policy.config), 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (_hidden_size(policy.config) + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]  # (B, L, H), after the final norm
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+        return out.logits, values
+
+    def save_value_head(self, directory: str) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                  os.path.join(directory, VALUE_HEAD_FILE))
+
+    def load_value_head(self, directory: str) -> None:
+        self.value_head.load_state_dict(load_file(os.path.join(directory, VALUE_HEAD_FILE)))
+
+
+class Critic(nn.Module):
+    """A separate critic: a one-label sequence-classification model read at every token.
+
+    Initialise it from the reward model (OpenRLHF's default) or from the policy (a fresh
+    head). It saves as a plain ``AutoModelForSequenceClassification``.
+    """
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.model = classifier
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        return token_scores(self.model, input_ids, attention_mask, position_ids)  # (B, L)
+
+
+def _score_head(classifier: nn.Module) -> nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(classifier, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(classifier).__name__} has no 'score' head")
+
+
+def token_scores(classifier, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """The scalar head applied at every position of a sequence classifier.
+
+    Shape:
+        input_ids, attention_mask: (B, L) -> (B, L), float32.
+    """
+    body = getattr(classifier, classifier.base_model_prefix)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+    return _score_head(classifier)(hidden).squeeze(-1).float()
+
+
+def sequence_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
+    """The reward model's score, read at the last non-padding token of each sequence.
+
+    The position comes from ``attention_mask``, not from searching for the PAD id, so it is
+    right for left and right padding alike and when PAD == EOS (a classic bug).
+
+    Shape:
+        input_ids, attention_mask: (B, L) -> (B,), float32.
+    """
+    per_token = token_scores(reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    last = last_token_index(attention_mask)
+    return per_token.gather(1, last[:, None]).squeeze(1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding changes nothing.
+
+    Shape:
+        attention_mask: (B, L) -> (B, L), long.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---- reward normalisation stored with the reward model (seed 003: calibration) ------------
+
+def set_score_stats(reward_model, mean: float, std: float) -> None:
+    """Record the mean and std of the reward model's scores in its config (saved with it)."""
+    reward_model.config.rlhf_score_mean = float(mean)
+    reward_model.config.rlhf_score_std = float(std)
+
+
+def get_score_stats(reward_model) -> tuple[float, float] | None:
+    """``(mean, std)`` stored by :func:`set_score_stats`, or ``None``."""
+    mean = getattr(reward_model.config, "rlhf_score_mean", None)
+    std = getattr(reward_model.config, "rlhf_score_std", None)
+    return None if mean is None or std is None else (float(mean), float(std))
+

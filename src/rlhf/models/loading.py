@@ -1,0 +1,89 @@
+"""Load policies, reward models and tokenizers from a local directory or a hub id.
+
+``trust_remote_code`` is off unless asked. Weights are read as safetensors by transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer could not be loaded; the message names which and why."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None):
+    """Map ``"bf16"``/``"float32"``/... to a torch dtype (``None`` means float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_local(path: str) -> None:
+    # A hub id is "name" or "org/name"; anything path-like must exist on disk.
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelLoadError(f"{path}: no such model directory")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a PAD token (EOS) if it has none."""
+    _check_local(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with our dtype/device options."""
+    _check_local(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load causal LM ({str(e).splitlines()[0]})") from None
+    return model.to(device) if device else model
+
+
+def load_sequence_classifier(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
+    """A one-label ``AutoModelForSequenceClassification``: a reward model, or a critic body.
+
+    Loading a causal-LM checkpoint this way keeps its body and adds a fresh scalar head
+    (seed 003: "its final language modeling head is replaced with a scalar regression head").
+    """
+    _check_local(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.to(device) if device else model
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (dropout off) and no gradients: for the reference and the reward model."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy (the usual reference policy)."""
+    return freeze(copy.deepcopy(model))

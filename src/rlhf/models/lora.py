@@ -1,0 +1,98 @@
+"""LoRA through peft, gradient checkpointing, and the reference policy."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from rlhf.models.heads import position_ids_from_mask
+from rlhf.models.loading import frozen_copy
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear", task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters (Hu et al. 2021): only the low-rank matrices train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Trade compute for memory: recompute activations in the backward pass."""
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft_model(model):
+            model.enable_input_require_grads()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain transformers model."""
+    return model.merge_and_unload() if is_peft_model(model) else model
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM with positions counted from the first real token.
+
+    Shape:
+        input_ids, attention_mask: (B, L) -> (B, L, V).
+    """
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+class Reference:
+    """The frozen reference policy pi_ref (seed 002 Part 4: "a frozen copy of the SFT model").
+
+    For a LoRA policy it is the same base with the adapters disabled, so no second copy of
+    the weights sits in memory; otherwise a frozen deep copy taken now, before training.
+    Call it like a model to get logits.
+    """
+
+    def __init__(self, policy: nn.Module, share_lora_base: bool = True):
+        self.policy = policy
+        self.shares_base = share_lora_base and is_peft_model(policy)
+        self.model = None if self.shares_base else frozen_copy(policy)
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask) -> torch.Tensor:
+        if not self.shares_base:
+            return causal_logits(self.model, input_ids, attention_mask)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                return causal_logits(self.policy, input_ids, attention_mask)
+        finally:
+            self.policy.train(was_training)
+
+    def to(self, device) -> "Reference":
+        if self.model is not None:
+            self.model.to(device)
+        return self
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Dropout off inside the block (rollout forwards), restored after."""
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, s in zip(models, states):
+            m.train(s)

@@ -1,0 +1,1 @@
+"""Recipes: short training loops that read like the seeds' steps (sft, reward, ppo, dpo, grpo)."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tokenizer trained on our own text and tiny models. No hub access."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "My order is late again! This is unacceptable.",
+    "I am so sorry about the delay. I will check your order right now and update you within 24 hours.",
+    "Your order is delayed.",
+    "The headphones arrived broken. Can I get a refund?",
+    "Thank you for your patience, a replacement is on its way.",
+    "Hello, how can I help you today?",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rlhf.models import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved tiny Llama policy + tokenizer directory."""
+    from rlhf.models import save_pretrained, tiny_causal_lm
+
+    d = str(tmp_path_factory.mktemp("tiny-llama"))
+    save_pretrained(tiny_causal_lm(tokenizer, "llama", hidden_size=32, num_layers=2), tokenizer, d)
+    return d

@@ -1,0 +1,123 @@
+"""Tier 2: models on tiny in-process architectures (no hub)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.algos import logprobs_from_logits
+from rlhf.models import (
+    Critic, ModelLoadError, PolicyWithValueHead, Reference, apply_lora, causal_logits, get_score_stats,
+    load_causal_lm, load_sequence_classifier, save_pretrained, sequence_scores, set_gradient_checkpointing,
+    set_score_stats, tiny_causal_lm,
+)
+
+ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_value_head_shapes_and_one_forward(arch, tokenizer):
+    model = PolicyWithValueHead(tiny_causal_lm(tokenizer, arch, hidden_size=32))
+    ids = torch.randint(3, len(tokenizer), (3, 7))
+    logits, values = model(ids, torch.ones_like(ids))
+    assert logits.shape == (3, 7, len(tokenizer)) and values.shape == (3, 7)
+    (values.sum() + logits.mean()).backward()
+    assert model.value_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saved_model_reloads_with_plain_transformers(arch, tokenizer, tmp_path):
+    model = tiny_causal_lm(tokenizer, arch, hidden_size=32).eval()
+    save_pretrained(model, tokenizer, str(tmp_path))
+    assert (tmp_path / "model.safetensors").exists()
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 5))
+    torch.testing.assert_close(model(ids).logits, again(ids).logits)
+    rm = load_sequence_classifier(str(tmp_path))
+    set_score_stats(rm, 1.5, 2.0)
+    save_pretrained(rm, tokenizer, str(tmp_path / "rm"))
+    rm2 = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
+    assert get_score_stats(rm2) == (1.5, 2.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_read_at_last_real_token_with_left_and_right_padding(arch, tokenizer, tmp_path):
+    save_pretrained(tiny_causal_lm(tokenizer, arch, hidden_size=32), tokenizer, str(tmp_path))
+    rm = load_sequence_classifier(str(tmp_path)).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 2]  # b ends with EOS
+    pad = tokenizer.pad_token_id
+    alone = torch.cat([sequence_scores(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in (a, b)])
+    right = torch.tensor([a, b + [pad, pad]])
+    right_mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    left = torch.tensor([a, [pad, pad] + b])
+    left_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    torch.testing.assert_close(sequence_scores(rm, right, right_mask), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sequence_scores(rm, left, left_mask), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_reference_equals_base_before_training_and_shares_weights(tiny_dir):
+    policy = apply_lora(load_causal_lm(tiny_dir), r=4, alpha=8)
+    ref = Reference(policy)
+    assert ref.shares_base and ref.model is None
+    # Make the adapters non-zero so "disabled" matters: B starts at 0, so train it a little.
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ids = torch.randint(3, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    base = load_causal_lm(tiny_dir).eval()
+    expected = logprobs_from_logits(causal_logits(base, ids, mask)[:, :-1], ids[:, 1:])
+    got = logprobs_from_logits(ref(ids, mask)[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(got, expected)
+    adapted = logprobs_from_logits(causal_logits(policy.eval(), ids, mask)[:, :-1], ids[:, 1:])
+    assert (adapted - expected).abs().max() > 1e-3  # the adapters are back on outside the reference
+
+
+def test_lora_policy_and_reference_identical_before_training(tiny_dir):
+    policy = apply_lora(load_causal_lm(tiny_dir), r=4, alpha=8).eval()
+    ids = torch.randint(3, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(Reference(policy)(ids, mask), causal_logits(policy, ids, mask))
+
+
+def test_frozen_copy_reference_does_not_move(tiny_dir):
+    policy = load_causal_lm(tiny_dir)
+    ref = Reference(policy)
+    assert not any(p.requires_grad for p in ref.model.parameters())
+    ids = torch.randint(3, 200, (1, 4))
+    before = ref(ids, torch.ones_like(ids)).clone()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(ref(ids, torch.ones_like(ids)), before)
+
+
+def test_lora_merge_on_save_loads_with_transformers(tiny_dir, tmp_path):
+    policy = apply_lora(load_causal_lm(tiny_dir), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_pretrained(policy, None, str(tmp_path))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(3, 200, (2, 5))
+    torch.testing.assert_close(merged(ids).logits, policy.eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_separate_critic_from_reward_model_and_gradient_checkpointing(tiny_dir):
+    critic = Critic(load_sequence_classifier(tiny_dir))
+    ids = torch.randint(3, 200, (2, 6))
+    values = critic(ids, torch.ones_like(ids))
+    assert values.shape == (2, 6)
+    policy = load_causal_lm(tiny_dir)
+    set_gradient_checkpointing(policy, True)
+    assert policy.is_gradient_checkpointing
+    policy.train()
+    policy(input_ids=ids, labels=ids).loss.backward()
+    set_gradient_checkpointing(policy, False)
+    assert not policy.is_gradient_checkpointing
+
+
+def test_missing_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model directory"):
+        load_causal_lm(str(tmp_path / "nope"))
