@@ -32,3 +32,16 @@ def test_data_check_missing_file_is_one_line(tmp_path):
     out = rlhf("data", "check", str(tmp_path / "nope.jsonl"), "--kind", "sft")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"rlhf data: error: {tmp_path / 'nope.jsonl'}: no such file"
+
+
+def test_recipe_cli_print_config_and_help(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model: m\nlr: 0.5\n")
+    out = rlhf("sft", "--config", str(y), "--lr", "0.25", "--resume", "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.25" in out.stdout and "model: m" in out.stdout and "resume: auto" in out.stdout
+    help_text = rlhf("sft", "--help").stdout
+    assert "Micro-batches accumulated into one optimizer step." in help_text  # field docstring = --help
+    bad = rlhf("sft", "--model", str(tmp_path / "missing"), "--data", "x.jsonl")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "no such model directory" in bad.stderr

@@ -52,11 +52,12 @@ def _base_type(tp):
 
 
 def _convert(name: str, tp, value, where: str):
+    label = where if where.startswith("--") else f"{where}: {name}"
     base, optional = _base_type(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ConfigError(f"{where}: {name}: must not be empty")
+        raise ConfigError(f"{label}: must not be empty")
     try:
         if isinstance(base, tuple):  # Literal choices
             if value not in base:
@@ -74,7 +75,7 @@ def _convert(name: str, tp, value, where: str):
             raise ValueError(f"expected an integer, got {value}")
         return base(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {name}: {e}") from None
+        raise ConfigError(f"{label}: {e}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -25,20 +25,27 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "labels": pad([e["labels"] for e in examples], -100)}
 
 
-def collate_packed(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
     """Padding-free SFT batch: all examples in one row, positions restarting per example.
 
-    transformers reads sequence boundaries from the restarting ``position_ids`` (with a
-    flash-attention or other varlen kernel); ``labels`` carry -100 on each first token so no
-    example is trained to predict the next one's start.
+    Flash-attention kernels read the boundaries from the restarting ``position_ids``
+    (``block_mask=False``). Other kernels (SDPA, eager) get a (1, 1, L, L) boolean
+    block-diagonal causal mask, so no example attends to another. ``labels`` carry -100 on
+    each example's first token, so none is trained to predict the next one's start.
     """
-    ids, labels, positions = [], [], []
-    for e in examples:
+    ids, labels, positions, segments = [], [], [], []
+    for k, e in enumerate(examples):
         ids += e["input_ids"]
         labels += [-100] + e["labels"][1:]
         positions += list(range(len(e["input_ids"])))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]), "attention_mask": None}
+        segments += [k] * len(e["input_ids"])
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+             "position_ids": torch.tensor([positions])}
+    if block_mask:
+        seg = torch.tensor(segments)
+        causal = torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool))
+        batch["attention_mask"] = (causal & (seg[:, None] == seg[None, :]))[None, None]
+    return batch
 
 
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -91,11 +91,13 @@ def _score_head(classifier: nn.Module) -> nn.Module:
 
 
 def token_scores(classifier, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-    """The scalar head applied at every position of a sequence classifier.
+    """The scalar head applied at every position of a sequence classifier (peft or not).
 
     Shape:
         input_ids, attention_mask: (B, L) -> (B, L), float32.
     """
+    if hasattr(classifier, "get_base_model"):  # peft: the adapters live inside the base model
+        classifier = classifier.get_base_model()
     body = getattr(classifier, classifier.base_model_prefix)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False).last_hidden_state
@@ -112,8 +114,12 @@ def sequence_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
         input_ids, attention_mask: (B, L) -> (B,), float32.
     """
     per_token = token_scores(reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
-    last = last_token_index(attention_mask)
-    return per_token.gather(1, last[:, None]).squeeze(1)
+    return gather_last(per_token, attention_mask)
+
+
+def gather_last(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``per_token`` at the last position where ``mask`` is 1. Shape: (B, L) -> (B,)."""
+    return per_token.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,482 @@
-"""Shared pieces of every recipe, as plain functions: errors, run setup, the step loop."""
+"""Shared pieces of every recipe, as plain functions and small objects: the common config,
+run setup on ``accelerate``, logging, atomic checkpoints with resume, and the step loop.
+
+The batch arithmetic follows one rule so results do not depend on how work is split: a
+*step* consumes ``batch_size * grad_accum`` examples of a seeded per-epoch permutation
+(``batch_size`` is global, across processes); every micro-batch loss is a sum divided by the
+whole step's item count (tokens or pairs), reduced across processes before the backward.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from rlhf.config import to_dict, to_yaml
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, diverged run): one line, exit 1."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields every recipe shares."""
+
+    model: str = ""
+    """Model directory or hub id to start from."""
+    data: str = ""
+    """Training data: JSONL, JSON, CSV, Parquet, a saved datasets directory, or hf:NAME[:SPLIT]."""
+    eval_data: str | None = None
+    """Held-out data in the same format, evaluated every --eval-every steps and at the end."""
+    output_dir: str = "runs/out"
+    """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run --epochs epochs)."""
+    epochs: int = 1
+    """Passes over the training data (when --max-steps is -1)."""
+    batch_size: int = 8
+    """Examples per micro-batch, across all processes."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warmup (transformers' get_scheduler)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    seed: int = 42
+    """Seed of the model init, data order and sampling."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N steps (0: none until the end)."""
+    save_total_limit: int = 2
+    """Keep only the newest K checkpoints."""
+    eval_every: int = 0
+    """Evaluate on --eval-data every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    resume: str | None = field(default=None, metadata={"const": "auto"})
+    """Resume from a checkpoint: a path, or 'auto' (also plain --resume) for the latest in --output-dir."""
+    max_length: int = 512
+    """Maximum tokens of prompt + response; responses are cut from the right."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this are cut from the left."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """What a bad data record does: stop before training (error) or get counted and left out (skip)."""
+    bf16: bool = True
+    """Train in bf16 mixed precision when a CUDA GPU with bf16 is present (ignored on CPU)."""
+    lora: bool = False
+    """Train LoRA adapters instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: 'all-linear' or a comma list such as q_proj,v_proj."""
+    merge_lora: bool = True
+    """Merge the adapters into the weights of the final model (loadable by transformers alone)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off: only transformers' own architectures)."""
+    max_consecutive_skips: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    report_to: str = "tensorboard"
+    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always written)."""
+
+    def check(self) -> None:
+        """Reject impossible values with one line naming the flag."""
+        if not self.model:
+            raise UserError("--model is required")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+# ---- setup ----------------------------------------------------------------------------------
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def load_policy(cfg: TrainConfig, path: str | None = None):
+    """Tokenizer and causal LM from ``path`` (default ``cfg.model``), with LoRA / checkpointing."""
+    from rlhf.models import apply_lora, load_causal_lm, load_tokenizer, set_gradient_checkpointing
+
+    path = path or cfg.model
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora:
+        targets = cfg.lora_target_modules
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                           targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    return tokenizer, model
+
+
+def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
+    """Validate and tokenise a whole file before training; report skips and truncations."""
+    from rlhf.data import Encoder, prepare
+
+    prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
+    log(f"{source}: {len(prepared)} examples ({prepared.n_skipped} bad records skipped, "
+        f"{prepared.n_prompt_truncated} prompts and {prepared.n_response_truncated} responses truncated)")
+    return prepared
+
+
+def make_optimizer(cfg: TrainConfig, params, total_steps: int, lr: float | None = None):
+    """AdamW and the warmup + decay schedule from transformers."""
+    from transformers import get_scheduler
+
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+# ---- the data plan: which examples each step uses -------------------------------------------
+
+@dataclass
+class StepPlan:
+    """Deterministic batches: step s of epoch e reads a slice of ``randperm(n, seed + e)``.
+
+    The plan depends only on the step number, so resuming needs nothing but the step.
+    """
+
+    n: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // self.per_step)
+
+    def total_steps(self, epochs: int, max_steps: int) -> int:
+        return max_steps if max_steps > 0 else epochs * self.steps_per_epoch
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """Global example indices of each micro-batch of ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        chunk = [order[(k * self.per_step + i) % self.n] for i in range(min(self.per_step, max(self.n, 1)))]
+        return [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's share of a micro-batch."""
+    return indices[rank::world]
+
+
+# ---- training state, logging, checkpoints ---------------------------------------------------
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs beyond model, optimizer, scheduler and RNG."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips, "extra": self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.consecutive_skips, self.extra = int(state["consecutive_skips"]), dict(state.get("extra", {}))
+
+
+class RunLogger:
+    """Metrics to ``metrics.jsonl`` (always), TensorBoard and wandb (if asked), and a progress bar."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, total_steps: int, start_step: int, bar_keys: dict[str, str]):
+        self.is_main = accelerator.is_main_process
+        self.bar_keys = bar_keys
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.tb = self.wandb = self.bar = None
+        self.last: dict[str, float] = {}
+        if not self.is_main:
+            return
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _truncate_metrics(self.path, start_step)
+        sinks = {s.strip() for s in cfg.report_to.split(",")}
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if "wandb" in sinks:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--report-to wandb: wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(config=to_dict(cfg), dir=cfg.output_dir, resume="allow")
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.last.update(metrics)
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            shown = {short: f"{metrics[k]:.4g}" for k, short in self.bar_keys.items() if k in metrics}
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def event(self, step: int, message: str, **fields) -> None:
+        """A line for people (printed) and for programs (in metrics.jsonl)."""
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
+        (self.bar.write if self.bar is not None else print)(f"step {step}: {message}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _truncate_metrics(path: str, start_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so the file reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    if start_step == 0:
+        kept = []
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Checkpointer:
+    """Atomic, resumable checkpoints through ``accelerator.save_state``.
+
+    A checkpoint is written to ``checkpoints/.tmp-step-N``, fsynced, then renamed to
+    ``checkpoints/step-N``: a crash mid-save leaves only a ``.tmp`` directory, which is
+    ignored, so the newest ``step-*`` always loads. Only the newest ``keep`` are kept.
+    """
+
+    def __init__(self, accelerator, output_dir: str, keep: int):
+        self.accelerator = accelerator
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.keep = keep
+
+    def list(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        names = sorted(n for n in os.listdir(self.root) if n.startswith("step-"))
+        return [os.path.join(self.root, n) for n in names]
+
+    def latest(self) -> str | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, step: int) -> str:
+        acc = self.accelerator
+        final = os.path.join(self.root, f"step-{step:08d}")
+        tmp = os.path.join(self.root, f".tmp-step-{step:08d}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(self.root, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(tmp, safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_tree(self.root)
+            for old in self.list()[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, spec: str | None) -> str | None:
+        """Load ``spec`` ('auto' = newest, or a path); return what was loaded."""
+        if not spec:
+            return None
+        path = self.latest() if spec == "auto" else spec
+        if path is None:
+            return None
+        if not os.path.isdir(path):
+            raise UserError(f"--resume {spec}: no such checkpoint directory")
+        self.accelerator.load_state(path)
+        return path
+
+
+# ---- the shared step loop --------------------------------------------------------------------
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().float().to(accelerator.device)
+    return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
+
+
+def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples: list[dict],
+        collate: Callable[[list[dict]], dict], count: Callable[[dict], int], loss_fn: LossFn,
+        state: TrainState, plan: StepPlan, total_steps: int, logger: RunLogger, checkpointer: Checkpointer,
+        evaluate: Callable[[], dict[str, float]] | None = None, where: list[str] | None = None) -> dict[str, float]:
+    """Run optimizer steps until ``total_steps``; return the last logged metrics.
+
+    ``loss_fn(model, batch)`` returns the *mean* loss over the batch's items and metrics
+    (means too); ``count(batch)`` gives its item count (labelled tokens, pairs). A step whose
+    loss or gradient norm is not finite is skipped (no update), counted as
+    ``train/skipped_steps`` and logged with its example locations; a checkpoint is never
+    written right after one, and ``cfg.max_consecutive_skips`` in a row stop the run.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0, tokens_seen = time.perf_counter(), 0
+    while state.step < total_steps:
+        global_micro = plan.step_indices(state.step)
+        micros = [collate([examples[i] for i in shard(idx, rank, world)]) for idx in global_micro]
+        n_local = torch.tensor(float(sum(count(m) for m in micros)))
+        n_global = _reduce_sum(accelerator, n_local).clamp(min=1.0)
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for k, batch in enumerate(micros):
+            batch = {key: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            sync = contextlib.nullcontext() if k == len(micros) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss, metrics = loss_fn(model, batch)
+                weight = count(batch) / n_global  # this part's share of the whole step
+                accelerator.backward(loss * weight * world)  # DDP averages over processes
+            loss_sum += loss.detach().float() * weight
+            for name, v in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + v.detach().float() * weight
+            tokens_seen += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else \
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        loss_total = _reduce_sum(accelerator, loss_sum)
+        finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            state.consecutive_skips = 0
+        else:
+            state.skipped_steps += 1
+            state.consecutive_skips += 1
+            bad = [where[i] if where else i for idx in global_micro for i in idx]
+            logger.event(state.step + 1, "skipped: non-finite loss or gradient norm", examples=bad)
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        logger.advance()
+        if state.consecutive_skips >= cfg.max_consecutive_skips:
+            last = checkpointer.latest()
+            raise UserError(f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps with a "
+                            f"non-finite loss or gradient; last good checkpoint: {last or 'none'}")
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - t0
+            out = {"train/loss": float(loss_total), "train/grad_norm": float(grad_norm) if finite else float("nan"),
+                   "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": float(state.skipped_steps),
+                   "train/epoch": state.step / plan.steps_per_epoch, "train/tokens_per_second": tokens_seen / elapsed}
+            out.update({k: float(_reduce_sum(accelerator, v)) for k, v in metric_sums.items()})
+            logger.log(state.step, {k: v for k, v in out.items() if math.isfinite(v) or k == "train/grad_norm"})
+        if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0:
+            logger.log(state.step, evaluate())
+        if cfg.save_every and state.step % cfg.save_every == 0 and finite:
+            checkpointer.save(state.step)
+    return logger.last
+
+
+def write_model_card(cfg: TrainConfig, directory: str, title: str, metrics: dict[str, float]) -> None:
+    """``README.md`` beside the final model: what made it, with which config, and how it scored."""
+    rows = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in sorted(metrics.items()))
+    text = (f"# {title}\n\nTrained with `rlhf` {__import__('rlhf').__version__}. Load it with "
+            "transformers alone (`AutoModelForCausalLM.from_pretrained(dir)` or, for a reward model, "
+            "`AutoModelForSequenceClassification`).\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
+            f"{rows}\n\n## Config\n\n```yaml\n{to_yaml(cfg)}```\n")
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(text)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metrics: dict[str, float]) -> None:
+    """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card."""
+    from rlhf.models import save_pretrained
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pretrained(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, merge_adapters=cfg.merge_lora)
+        write_model_card(cfg, cfg.output_dir, title, metrics)
+    accelerator.wait_for_everyone()
+
+
+def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):
+    """Prepare for ``accelerate``, register the checkpoint state, resume if asked.
+
+    Returns ``(model, optimizer, state, checkpointer, logger)``.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit)
+    resumed = checkpointer.resume(cfg.resume)
+    logger = RunLogger(cfg, accelerator, total_steps, state.step, bar_keys)
+    if resumed:
+        logger.event(state.step, f"resumed from {resumed}")
+    return model, optimizer, state, checkpointer, logger

@@ -1,0 +1,101 @@
+"""Stage 1: supervised fine-tuning on (prompt, ideal response) pairs.
+
+The loss is next-token cross-entropy on the response tokens (seed 003, Phase 1); LoRA is the
+memory-saving option. Run it as ``rlhf sft --model DIR --data sft.jsonl --output-dir OUT``,
+or under ``accelerate launch`` for DDP, FSDP or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from rlhf.algos import sft_loss
+from rlhf.data import collate_packed, collate_sft
+from rlhf.recipes.common import (
+    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
+    to_device,
+)
+
+
+@dataclass
+class Config(TrainConfig):
+    """SFT options."""
+
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    packing: bool = False
+    """Pack each micro-batch into one padding-free row (positions restart per example)."""
+    completion_only_loss: bool = True
+    """Loss on the response tokens only; off: on the prompt tokens too."""
+
+
+def count_tokens(batch: dict) -> int:
+    """Labelled tokens of a batch: what the loss averages over."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def loss_fn(model, batch: dict):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits  # (B, L, V)
+    loss, m = sft_loss(logits, batch["labels"])
+    return loss, {"train/token_accuracy": m["accuracy"]}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, examples: list[dict], collate, batch_size: int) -> dict[str, float]:
+    """Token-weighted held-out loss and accuracy, reduced over processes."""
+    model.eval()
+    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
+    totals = torch.zeros(3, device=accelerator.device)  # nll sum, correct, tokens
+    for i in range(0, len(mine), batch_size):
+        batch = to_device(collate([examples[j] for j in mine[i : i + batch_size]]), accelerator.device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch.get("position_ids"), use_cache=False).logits
+        nll_sum, m = sft_loss(logits, batch["labels"], num_tokens=1.0)
+        totals += torch.stack([nll_sum.float(), m["accuracy"] * m["num_tokens"], m["num_tokens"]])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    n = totals[2].clamp(min=1)
+    return {"eval/loss": float(totals[0] / n), "eval/token_accuracy": float(totals[1] / n)}
+
+
+def run(cfg: Config) -> dict[str, float]:
+    accelerator = make_accelerator(cfg)
+    log = accelerator.print
+    tokenizer, model = load_policy(cfg)
+
+    # 1. Data: every record checked and tokenised before the first step.
+    train = load_data(cfg, cfg.data, "sft", tokenizer, log)
+    held_out = load_data(cfg, cfg.eval_data, "sft", tokenizer, log) if cfg.eval_data else None
+    if not cfg.completion_only_loss:
+        for e in train.examples:
+            e["labels"] = list(e["input_ids"])
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+    collate = (partial(collate_packed, pad_id=tokenizer.pad_token_id, block_mask=not flash) if cfg.packing
+               else partial(collate_sft, pad_id=tokenizer.pad_token_id))
+
+    # 2. Optimiser, schedule, checkpoints (resume restores all of it).
+    plan = StepPlan(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+    optimizer, scheduler = make_optimizer(cfg, model.parameters(), total)
+    model, optimizer, state, checkpointer, logger = start(cfg, accelerator, model, optimizer, scheduler, total,
+                                                          {"train/loss": "loss"})
+    eval_fn = (lambda: evaluate(accelerator, model, held_out.examples, partial(collate_sft, pad_id=tokenizer.pad_token_id),
+                                cfg.batch_size)) if held_out else None
+
+    # 3. Cross-entropy on the response tokens, step after step.
+    metrics = fit(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                  examples=train.examples, collate=collate, count=count_tokens, loss_fn=loss_fn, state=state,
+                  plan=plan, total_steps=total, logger=logger, checkpointer=checkpointer, evaluate=eval_fn,
+                  where=train.where)
+
+    # 4. Final evaluation and the HF-format model.
+    if eval_fn:
+        metrics.update(eval_fn())
+        logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+    logger.close()
+    save_final(accelerator, model, tokenizer, cfg, "SFT model", metrics)
+    return metrics
