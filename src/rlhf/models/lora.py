@@ -96,3 +96,15 @@ def eval_mode(*models: nn.Module):
     finally:
         for m, s in zip(models, states):
             m.train(s)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off for good (TRL and OpenRLHF do this for RL): rollout and training forwards
+    then compute the same function, so the first PPO ratio is exactly 1."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model

@@ -1,0 +1,316 @@
+"""Stage 3: PPO, the seeds' actor-critic RLHF loop (seed 002 Parts 3-5; seed 003 Phase 3).
+
+Each step: 1. sample prompts; 2. generate; 3. old and reference log-probs and values, one
+forward each without gradients; 4. score; 5. per-token reward = score - beta KL; 6. GAE,
+then whitening; 7. ``ppo_epochs`` passes over shuffled minibatches of the buffer with
+``-L^CLIP + c1 L^VF - c2 S``; 8. adapt beta; 9. log and checkpoint. Implementation details
+follow Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO") and OpenAI's
+lm-human-preferences. Run: ``rlhf ppo --model SFT_DIR --reward-model RM_DIR --data prompts.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhf.algos import (
+    AdaptiveKLController, FixedKLController, agg_loss, entropy_from_logits, gae, kl_penalized_rewards,
+    logprobs_from_logits, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
+)
+from rlhf.models import (
+    Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, freeze,
+    load_sequence_classifier,
+)
+from rlhf.recipes.common import (
+    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, save_final, shard,
+    start, write_model_card,
+)
+from rlhf.recipes.scoring import Scorer, load_reward_fns
+from rlhf.rollout import HFRollout, RolloutBatch, SamplingParams
+
+
+@dataclass
+class Config(TrainConfig):
+    """PPO options (defaults: seed 002 Part 5 and Huang et al. 2024)."""
+
+    prompts: str | None = None
+    """Prompt file (same as --data)."""
+    reward_model: str | None = None
+    """Frozen reward model directory (from rlhf rm)."""
+    reward_fn: str | None = None
+    """Python reward(s) module:function[:weight], comma-separated; added to the reward model's score."""
+    critic: Literal["shared", "separate"] = "shared"
+    """Value head on the policy's body (the seeds' design) or a separate critic model (OpenRLHF, verl)."""
+    critic_model: str | None = None
+    """Initialise the separate critic from this model (default: the reward model, else the policy)."""
+    critic_lr: float | None = None
+    """Learning rate of the critic (default: --lr)."""
+    rollout_batch_size: int = 16
+    """Prompts sampled per PPO step, across all processes."""
+    mini_batch_size: int = 8
+    """Sequences per optimizer step inside the PPO epochs (micro-batches of --batch-size accumulate)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    max_new_tokens: int = 32
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens (0: all)."""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty in the reward."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator in the reward: k1 = log pi - log pi_ref (the seeds), k3 = Schulman's non-negative one."""
+    adaptive_kl: bool = False
+    """Adapt beta towards --kl-target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL per sequence of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the batch."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    clip_eps_value: float | None = 0.2
+    """Value clip around the old values (none: unclipped value loss)."""
+    vf_coef: float = 0.5
+    """c1: weight of the value loss."""
+    ent_coef: float = 0.01
+    """c2: weight of the entropy bonus."""
+    normalize_reward: bool = True
+    """Whiten reward-model scores with the mean and std stored by rlhf rm."""
+    score_clip: float | None = None
+    """Clip scores to [-x, x]."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that never produced EOS."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses are averaged."""
+
+    def check(self) -> None:
+        if self.prompts:
+            self.data = self.prompts
+        super().check()
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise UserError("--rollout-batch-size must be a multiple of --mini-batch-size")
+        if self.max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+
+
+# ---- forwards ---------------------------------------------------------------------------------
+
+def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, temperature: float,
+                   with_entropy: bool = False):
+    """Log-probs, values and entropy of the response tokens. The *same* function serves the
+    rollout (no grad) and the update, so the first ratio is exactly 1.
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> logprobs, values, entropy: (B, R).
+    """
+    if critic is None:
+        logits, values = model(input_ids, attention_mask)  # one pass: actor and critic heads
+    else:
+        logits, values = causal_logits(model, input_ids, attention_mask), critic(input_ids, attention_mask)
+    logits = logits[:, prompt_len - 1 : -1] / (temperature if temperature > 0 else 1.0)  # (B, R, V)
+    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, values[:, prompt_len - 1 : -1].float(), entropy
+
+
+@torch.no_grad()
+def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
+    """Step 3: old log-probs and values from the policy, log-probs from the reference."""
+    prompt_len = batch.prompt_ids.shape[1]
+    ids, mask = batch.input_ids, batch.attention_mask
+    old, values, refs = [], [], []
+    with eval_mode(*(m for m in (model, critic) if m is not None)):
+        for i in range(0, ids.shape[0], chunk):
+            lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
+            ref_logits = ref(ids[i : i + chunk], mask[i : i + chunk])[:, prompt_len - 1 : -1]
+            old.append(lp)
+            values.append(v)
+            refs.append(logprobs_from_logits(ref_logits / (cfg.temperature if cfg.temperature > 0 else 1.0),
+                                             ids[i : i + chunk, prompt_len:]))
+    return torch.cat(old), torch.cat(values), torch.cat(refs)
+
+
+# ---- the inner loop -------------------------------------------------------------------------
+
+def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, buffer: dict, param_groups) -> dict:
+    """Step 7: ``ppo_epochs`` passes over shuffled minibatches; returns mean metrics."""
+    world = accelerator.num_processes
+    n = buffer["input_ids"].shape[0]
+    mb = max(1, cfg.mini_batch_size // world)
+    prompt_len = buffer["prompt_len"]
+    sums: dict[str, torch.Tensor] = {}
+    n_updates = skipped = 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, device=buffer["input_ids"].device)
+        for start_ in range(0, n, mb):
+            idx = perm[start_ : start_ + mb]
+            mask_mb = buffer["response_mask"][idx]
+            tokens = _reduce_sum(accelerator, mask_mb.sum().float()).clamp(min=1)
+            seqs = _reduce_sum(accelerator, (mask_mb.sum(1) > 0).sum().float()).clamp(min=1)
+            agg = {"global_tokens": tokens, "global_seqs": seqs}
+            micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+            for k, mi in enumerate(micro):
+                b = {key: buffer[key][mi] for key in ("input_ids", "attention_mask", "response_mask", "old_logprobs",
+                                                       "old_values", "advantages", "returns")}
+                mask = b["response_mask"]
+                with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
+                    logprobs, values, entropy = policy_forward(model, critic, b["input_ids"], b["attention_mask"],
+                                                               prompt_len, cfg.temperature, with_entropy=True)
+                    pg_loss, pg_m = ppo_policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask,
+                                                    clip_eps=cfg.clip_eps, agg=cfg.loss_agg, **agg)
+                    vf_loss, vf_m = value_loss(values, b["old_values"], b["returns"], mask,
+                                               clip_eps=cfg.clip_eps_value, agg=cfg.loss_agg, **agg)
+                    ent = agg_loss(entropy, mask, cfg.loss_agg, **agg)
+                    loss = ppo_loss(pg_loss, vf_loss, ent, cfg.vf_coef, cfg.ent_coef)
+                    accelerator.backward(loss * world)  # DDP averages over processes
+                # Metrics stay tensors (no sync in the loop); each micro weighs by its share of tokens.
+                share = mask.sum() / tokens
+                for name, value in (("policy/clipfrac", pg_m["clipfrac"] * share),
+                                    ("policy/approxkl", pg_m["approx_kl"] * share),
+                                    ("policy/ratio_mean", pg_m["ratio_mean"] * share),
+                                    ("val/clipfrac", vf_m["clipfrac"] * share),
+                                    ("val/explained_variance", vf_m["explained_variance"] * share),
+                                    ("loss/policy", pg_loss.detach()), ("val/loss", vf_loss.detach()),
+                                    ("objective/entropy", ent.detach())):
+                    sums[name] = sums.get(name, 0.0) + value
+            norms = [accelerator.clip_grad_norm_(g, cfg.max_grad_norm) for g in param_groups if g]
+            if all(torch.isfinite(torch.as_tensor(x)) for x in norms):
+                optimizer.step()
+                scheduler.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            n_updates += 1
+    out = {k: float(_reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+    out["train/skipped_updates"] = float(skipped)
+    return out
+
+
+# ---- the outer loop -------------------------------------------------------------------------
+
+def build_models(cfg: Config, accelerator):
+    """Actor (+ value head or separate critic), frozen reference and frozen reward model."""
+    tokenizer, policy = load_policy(cfg)
+    disable_dropout(policy)
+    ref = Reference(policy).to(accelerator.device)  # LoRA: the base with adapters off; else a frozen copy
+    critic = None
+    if cfg.critic == "shared":
+        model = PolicyWithValueHead(policy)
+    else:
+        model = policy
+        critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model)))
+    reward_model = None
+    if cfg.reward_model:
+        reward_model = freeze(load_sequence_classifier(cfg.reward_model)).to(accelerator.device)
+    return tokenizer, model, critic, ref, reward_model
+
+
+def run(cfg: Config) -> dict[str, float]:
+    accelerator = make_accelerator(cfg)
+    tokenizer, model, critic, ref, reward_model = build_models(cfg, accelerator)
+    scorer = Scorer(reward_model, load_reward_fns(cfg.reward_fn), cfg.normalize_reward, cfg.score_clip,
+                    cfg.missing_eos_penalty)
+    prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
+    plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+
+    actor_params = [p for p in (model.policy if critic is None else model).parameters() if p.requires_grad]
+    critic_params = list(model.value_head.parameters()) if critic is None else list(critic.parameters())
+    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": cfg.lr},
+                                   {"params": critic_params, "lr": cfg.critic_lr or cfg.lr}],
+                                  weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    n_updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(cfg.warmup_ratio * n_updates), n_updates)
+    if critic is not None:
+        critic = accelerator.prepare(critic)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    accelerator.register_for_checkpointing(kl_ctl)
+    model, optimizer, state, checkpointer, logger = start(
+        cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
+    unwrapped = accelerator.unwrap_model(model)
+    rollout = HFRollout(unwrapped.policy if critic is None else unwrapped, tokenizer.pad_token_id,
+                        tokenizer.eos_token_id, accelerator.device)
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    metrics: dict[str, float] = {}
+
+    while state.step < total:
+        t0 = time.perf_counter()
+        # 1. Sample a batch of prompts.
+        examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
+        # 2. Generate responses (KV cache, left padding, stop when all have finished).
+        batch = rollout.generate([e["prompt_ids"] for e in examples], sampling).to(accelerator.device)
+        t_gen = time.perf_counter()
+        # 3. Old log-probs, values and reference log-probs, without gradients, dropout off.
+        old_logprobs, old_values, ref_logprobs = rollout_forwards(cfg, model, critic, ref, batch, cfg.batch_size)
+        mask = batch.response_mask
+        # 4. Score the responses (reward model and/or reward functions).
+        completions = tokenizer.batch_decode(batch.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
+                                             skip_special_tokens=True)
+        extras = {k: [e[k] for e in examples] for k in examples[0]
+                  if k not in ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")}
+        scores, score_metrics = scorer(batch, [e["prompt"] for e in examples], completions, extras)
+        t_score = time.perf_counter()
+        # 5. Per-token rewards: the score at the last token minus beta KL at every token.
+        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+        # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages.
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        # 7. The experience buffer, and ppo_epochs over it.
+        buffer = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
+                  "old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
+                  "returns": returns, "prompt_len": batch.prompt_ids.shape[1]}
+        groups = [actor_params, critic_params]
+        train_metrics = ppo_update(cfg, accelerator, model, critic, optimizer, scheduler, buffer, groups)
+        t_train = time.perf_counter()
+        # 8. Adapt beta to the measured KL.
+        kl_per_seq = float(_reduce_sum(accelerator, kl.sum(1).sum()) / (len(examples) * world))
+        kl_ctl.update(kl_per_seq, n_steps=cfg.rollout_batch_size)
+        state.step += 1
+        logger.advance()
+        # 9. Log and checkpoint.
+        metrics = {
+            "objective/scores": float(_reduce_sum(accelerator, scores.sum()) / (len(examples) * world)),
+            "objective/rlhf_reward": float(_reduce_sum(accelerator, rewards.sum()) / (len(examples) * world)),
+            "objective/kl": kl_per_seq, "objective/kl_coef": kl_ctl.value,
+            "val/mean": float(masked_mean(old_values, mask)),
+            "response/length_mean": float(mask.sum(1).float().mean()),
+            "response/no_eos_fraction": float((~batch.finished).float().mean()),
+            "speed/tokens_per_second": float(mask.sum() * world) / (t_train - t0),
+            "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
+            **score_metrics, **train_metrics,
+        }
+        if state.step % cfg.log_every == 0 or state.step == total:
+            logger.log(state.step, metrics)
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            checkpointer.save(state.step)
+
+    logger.close()
+    save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics)
+    if accelerator.is_main_process:
+        if critic is None:
+            unwrapped.save_value_head(cfg.output_dir)
+        else:
+            import os
+
+            critic_dir = os.path.join(cfg.output_dir, "critic")
+            accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
+            write_model_card(cfg, critic_dir, "PPO critic", metrics)
+    return metrics

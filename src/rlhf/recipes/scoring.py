@@ -1,0 +1,94 @@
+"""Scoring responses for RL: a frozen reward model, Python reward functions, or both.
+
+A reward function is named ``module:function`` (optionally ``module:function:weight``). It
+receives ``prompts`` and ``completions`` as lists (prompts as in the dataset: text or
+messages; completions as text) plus every extra dataset column as a keyword list, and
+returns one float per completion, as in TRL.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rlhf.models import get_score_stats, sequence_scores
+from rlhf.recipes.common import UserError
+from rlhf.rollout import RolloutBatch
+
+
+@dataclass
+class RewardFn:
+    name: str
+    fn: Callable
+    weight: float = 1.0
+
+
+def load_reward_fns(spec: str | None) -> list[RewardFn]:
+    """Parse ``"pkg.mod:fn[:weight],other:fn2"`` into callables (the working directory is importable)."""
+    if not spec:
+        return []
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    fns = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise UserError(f"--reward-fn {item}: expected module:function[:weight]")
+        try:
+            fn = getattr(importlib.import_module(parts[0]), parts[1])
+            weight = float(parts[2]) if len(parts) == 3 else 1.0
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--reward-fn {item}: {e}") from None
+        fns.append(RewardFn(f"{parts[0]}:{parts[1]}", fn, weight))
+    return fns
+
+
+@dataclass
+class Scorer:
+    """Turns a rollout into one score per sequence (seed 002 Part 5: the reward model's r).
+
+    ``normalize`` whitens reward-model scores with the mean and std stored in the model's
+    config by ``rlhf rm``; ``clip`` bounds the total; ``missing_eos_penalty`` is subtracted
+    from responses that never stopped.
+    """
+
+    reward_model: torch.nn.Module | None = None
+    reward_fns: list[RewardFn] = field(default_factory=list)
+    normalize: bool = True
+    clip: float | None = None
+    missing_eos_penalty: float | None = None
+
+    def __post_init__(self):
+        if self.reward_model is None and not self.reward_fns:
+            raise UserError("give a reward: --reward-model DIR and/or --reward-fn module:function")
+        self.stats = get_score_stats(self.reward_model) if self.reward_model is not None and self.normalize else None
+
+    @torch.no_grad()
+    def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str],
+                 extras: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
+        device = batch.response_ids.device
+        scores = torch.zeros(batch.response_ids.shape[0], device=device)
+        metrics: dict[str, float] = {}
+        if self.reward_model is not None:
+            rm = sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask).float()
+            if self.stats:
+                rm = (rm - self.stats[0]) / max(self.stats[1], 1e-6)
+            metrics["objective/rm_score"] = float(rm.mean())
+            scores += rm
+        for r in self.reward_fns:
+            values = r.fn(prompts=prompts, completions=completions, **extras)
+            if len(values) != len(completions):
+                raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
+            values = torch.tensor([float(v) for v in values], device=device)
+            metrics[f"rewards/{r.name}"] = float(values.mean())
+            scores += r.weight * values
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~batch.finished).float()
+        return scores, metrics
