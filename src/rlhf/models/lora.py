@@ -50,6 +50,8 @@ def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Shape:
         input_ids, attention_mask: (B, L) -> (B, L, V).
     """
+    if isinstance(model, Reference):
+        return model(input_ids, attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask,
                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 

@@ -480,3 +480,22 @@ def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_step
     if resumed:
         logger.event(state.step, f"resumed from {resumed}")
     return model, optimizer, state, checkpointer, logger
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0,
+                      with_entropy: bool = False):
+    """Log-probs (and entropy) of the response tokens of a prompt + response batch.
+
+    ``logits[:, t]`` predicts token ``t + 1``, so positions ``P-1 .. L-2`` score the response.
+    Logits are divided by the sampling temperature, as when the response was sampled.
+
+    Shape:
+        logits: (B, P + R, V), input_ids: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.algos import entropy_from_logits, logprobs_from_logits
+
+    logits = logits[:, prompt_len - 1 : -1]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy

@@ -18,16 +18,15 @@ from typing import Literal
 import torch
 
 from rlhf.algos import (
-    AdaptiveKLController, FixedKLController, agg_loss, entropy_from_logits, gae, kl_penalized_rewards,
-    logprobs_from_logits, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
+    AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, freeze,
     load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, save_final, shard,
-    start, write_model_card,
+    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
+    save_final, shard, start, write_model_card,
 )
 from rlhf.recipes.scoring import Scorer, load_reward_fns
 from rlhf.rollout import HFRollout, RolloutBatch, SamplingParams
@@ -120,9 +119,7 @@ def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, te
         logits, values = model(input_ids, attention_mask)  # one pass: actor and critic heads
     else:
         logits, values = causal_logits(model, input_ids, attention_mask), critic(input_ids, attention_mask)
-    logits = logits[:, prompt_len - 1 : -1] / (temperature if temperature > 0 else 1.0)  # (B, R, V)
-    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    logprobs, entropy = response_logprobs(logits, input_ids, prompt_len, temperature, with_entropy)
     return logprobs, values[:, prompt_len - 1 : -1].float(), entropy
 
 
@@ -135,11 +132,11 @@ def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
     with eval_mode(*(m for m in (model, critic) if m is not None)):
         for i in range(0, ids.shape[0], chunk):
             lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
-            ref_logits = ref(ids[i : i + chunk], mask[i : i + chunk])[:, prompt_len - 1 : -1]
+            ref_lp, _ = response_logprobs(ref(ids[i : i + chunk], mask[i : i + chunk]), ids[i : i + chunk],
+                                          prompt_len, cfg.temperature)
             old.append(lp)
             values.append(v)
-            refs.append(logprobs_from_logits(ref_logits / (cfg.temperature if cfg.temperature > 0 else 1.0),
-                                             ids[i : i + chunk, prompt_len:]))
+            refs.append(ref_lp)
     return torch.cat(old), torch.cat(values), torch.cat(refs)
 
 

@@ -1,0 +1,161 @@
+"""Direct Preference Optimization and its variants, straight from preference pairs (seed 002 Part 6).
+
+Loss types: ``sigmoid`` (DPO), ``ipo``, ``hinge``, and ``--label-smoothing`` for cDPO. The
+reference is a frozen copy, or the LoRA base with adapters disabled. Its log-probabilities
+are computed once before training in one pass and cached beside the run
+(``ref_logps.safetensors``), or on the fly with ``--no-precompute-ref``. Chosen and rejected
+go through one concatenated forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.algos import dpo_loss, logprobs_from_logits
+from rlhf.data import collate_preference
+from rlhf.models import Reference, causal_logits, eval_mode
+from rlhf.recipes.common import (
+    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
+    to_device,
+)
+
+
+@dataclass
+class Config(TrainConfig):
+    """DPO options."""
+
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    beta: float = 0.1
+    """beta: strength of the implicit KL constraint (higher stays closer to the reference)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO (sigmoid), IPO or SLiC hinge."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed fraction of flipped labels (sigmoid loss only)."""
+    precompute_ref: bool = True
+    """Compute the reference log-probs once before training and cache them beside the run."""
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log pi(y_t | x, y_<t) over each row's response tokens.
+
+    Shape:
+        logits: (N, L, V), input_ids, response_mask: (N, L) -> (N,).
+    """
+    lp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (N, L-1)
+    return (lp * response_mask[:, 1:]).sum(-1)
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probabilities from one concatenated forward. Shapes: (B,), (B,)."""
+    logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                           batch["response_mask"])
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+def _fingerprint(cfg: Config, n: int) -> str:
+    blob = json.dumps([cfg.model, cfg.data, os.path.getmtime(cfg.data) if os.path.exists(cfg.data) else 0, n,
+                       cfg.max_length, cfg.max_prompt_length])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size: int) -> torch.Tensor:
+    """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass."""
+    out = torch.zeros(len(examples), 2)
+    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        c, r = pair_logps(model, to_device(collate([examples[j] for j in idx]), accelerator.device))
+        out[idx] = torch.stack([c, r], dim=1).float().cpu()
+    if accelerator.num_processes > 1:
+        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
+    return out
+
+
+def cached_reference_logps(cfg: Config, accelerator, ref: Reference, examples, collate) -> torch.Tensor:
+    """Reference log-probs from ``OUTPUT_DIR/ref_logps.safetensors`` if it matches, else computed and saved."""
+    path = os.path.join(cfg.output_dir, "ref_logps.safetensors")
+    key = _fingerprint(cfg, len(examples))
+    if os.path.exists(path):
+        saved = load_file(path)
+        if saved.get("fingerprint") is not None and bytes(saved["fingerprint"].tolist()).decode() == key:
+            return saved["logps"]
+    logps = all_pair_logps(accelerator, ref, examples, collate, cfg.batch_size)
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_file({"logps": logps, "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return logps
+
+
+def run(cfg: Config) -> dict[str, float]:
+    accelerator = make_accelerator(cfg)
+    log = accelerator.print
+    tokenizer, policy = load_policy(cfg)
+    ref = Reference(policy).to(accelerator.device)  # LoRA: base with adapters off; else a frozen copy
+
+    # 1. Preference pairs, checked before training; each example remembers its index.
+    train = load_data(cfg, cfg.data, "preference", tokenizer, log)
+    held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, log) if cfg.eval_data else None
+    for i, e in enumerate(train.examples):
+        e["index"] = i
+    collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)
+
+    # 2. Reference log-probs: once, in one pass, cached beside the run.
+    ref_logps = cached_reference_logps(cfg, accelerator, ref, train.examples, collate) if cfg.precompute_ref else None
+
+    def collate_with_ref(examples):
+        batch = collate(examples)
+        if ref_logps is not None:
+            batch["ref_logps"] = ref_logps[[e["index"] for e in examples]]  # (B, 2)
+        return batch
+
+    def loss_fn(model, batch):
+        chosen, rejected = pair_logps(model, batch)
+        if "ref_logps" in batch:
+            ref_c, ref_r = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = pair_logps(ref, batch)
+        loss, m = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        return loss, {"rewards/chosen": m["rewards_chosen"], "rewards/rejected": m["rewards_rejected"],
+                      "rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
+                      "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        ref_eval = all_pair_logps(accelerator, ref, held_out.examples, collate, cfg.batch_size)
+        with eval_mode(model):
+            pol = all_pair_logps(accelerator, model, held_out.examples, collate, cfg.batch_size)
+        _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        return {"eval/rewards/accuracies": float(m["accuracy"]), "eval/rewards/margins": float(m["margin"]),
+                "eval/rewards/chosen": float(m["rewards_chosen"]), "eval/rewards/rejected": float(m["rewards_rejected"])}
+
+    # 3. Optimise the DPO loss.
+    plan = StepPlan(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+    optimizer, scheduler = make_optimizer(cfg, policy.parameters(), total)
+    model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
+                                                          {"train/loss": "loss", "rewards/margins": "margin"})
+    metrics = fit(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                  examples=train.examples, collate=collate_with_ref, count=lambda b: b["input_ids"].shape[0] // 2,
+                  loss_fn=loss_fn, state=state, plan=plan, total_steps=total, logger=logger,
+                  checkpointer=checkpointer, evaluate=evaluate if held_out else None, where=train.where)
+
+    # 4. Final evaluation and the HF-format model.
+    if held_out:
+        metrics.update(evaluate())
+        logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+    logger.close()
+    save_final(accelerator, model, tokenizer, cfg, f"DPO policy ({cfg.loss_type})", metrics)
+    return metrics
