@@ -1,0 +1,202 @@
+"""GRPO, Dr. GRPO and RLOO: critic-free RL with group baselines and rule rewards.
+
+Each step: 1. sample prompts; 2. generate ``num_generations`` (G) responses per prompt;
+3. score them (reward functions, each weighted, and/or a reward model); 4. group-relative
+advantages (``--estimator grpo|dr_grpo|rloo``, from ``rlhf.algos``); 5. clipped policy loss,
+with the KL to the reference either in the loss (k3, the GRPO paper's form) or in the reward;
+6. log and checkpoint. Shao et al. 2024 (DeepSeekMath); Liu et al. 2025 (Dr. GRPO);
+Ahmadian et al. 2024 (RLOO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
+from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, freeze, load_sequence_classifier
+from rlhf.recipes.common import (
+    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    response_logprobs, save_final, shard, start,
+)
+from rlhf.recipes.scoring import Scorer, load_reward_fns
+from rlhf.rollout import HFRollout, SamplingParams
+
+
+@dataclass
+class Config(TrainConfig):
+    """GRPO / RLOO options (defaults after TRL's GRPOTrainer)."""
+
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    prompts: str | None = None
+    """Prompt file (same as --data)."""
+    estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group baseline: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out mean)."""
+    num_generations: int = 4
+    """G: responses sampled per prompt."""
+    rollout_batch_size: int = 8
+    """Prompts per step, across all processes (each gives G responses)."""
+    mini_batch_size: int = 32
+    """Responses per optimizer step (micro-batches of --batch-size accumulate)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (GRPO's num_iterations)."""
+    reward_fn: str | None = None
+    """Rule reward(s) module:function[:weight], comma-separated; weighted and summed."""
+    reward_model: str | None = None
+    """Frozen reward model directory, added to the rule rewards."""
+    beta: float = 0.04
+    """KL coefficient to the reference (0: no reference model at all)."""
+    kl_in_reward: bool = False
+    """Subtract beta * KL (k1, summed per response) from the reward instead of adding beta * k3 to the loss."""
+    clip_eps: float = 0.2
+    """Ratio clip epsilon (low side)."""
+    clip_eps_high: float | None = None
+    """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
+    max_new_tokens: int = 32
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens (0: all)."""
+    normalize_reward: bool = True
+    """Whiten reward-model scores with the statistics stored by rlhf rm."""
+    score_clip: float | None = None
+    """Clip scores to [-x, x]."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that never produced EOS."""
+
+    def check(self) -> None:
+        if self.prompts:
+            self.data = self.prompts
+        super().check()
+        if self.estimator == "rloo" and self.num_generations < 2:
+            raise UserError("--estimator rloo needs --num-generations of at least 2")
+
+
+def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict) -> dict[str, float]:
+    """Clipped policy loss (+ beta k3 KL) over shuffled minibatches; returns mean metrics."""
+    world, n, P = accelerator.num_processes, buf["input_ids"].shape[0], buf["prompt_len"]
+    mb = max(1, cfg.mini_batch_size // world)
+    sums: dict[str, torch.Tensor] = {}
+    n_updates = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, device=buf["input_ids"].device)
+        for s in range(0, n, mb):
+            idx = perm[s : s + mb]
+            agg = {"global_tokens": _reduce_sum(accelerator, buf["response_mask"][idx].sum().float()).clamp(min=1),
+                   "global_seqs": _reduce_sum(accelerator, torch.tensor(float(len(idx)))).clamp(min=1)}
+            micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+            for k, mi in enumerate(micro):
+                ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
+                with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
+                    logprobs, entropy = response_logprobs(causal_logits(model, ids, buf["attention_mask"][mi]), ids, P,
+                                                          cfg.temperature, with_entropy=True)
+                    # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).
+                    old = buf["old_logprobs"][mi] if buf["old_logprobs"] is not None else logprobs.detach()
+                    loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
+                                              clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, **agg)
+                    if cfg.beta > 0 and not cfg.kl_in_reward:
+                        kl = agg_loss(kl_estimate(logprobs, buf["ref_logprobs"][mi], "k3"), mask, cfg.loss_agg, **agg)
+                        loss = loss + cfg.beta * kl
+                        sums["kl"] = sums.get("kl", 0.0) + kl.detach()
+                    accelerator.backward(loss * world)
+                share = mask.sum() / agg["global_tokens"]
+                for name, value in (("clip_ratio", m["clipfrac"] * share), ("entropy", masked_mean(entropy.detach(), mask) * share),
+                                    ("loss/policy", loss.detach())):
+                    sums[name] = sums.get(name, 0.0) + value
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if torch.isfinite(torch.as_tensor(grad_norm)):
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_updates += 1
+    return {k: float(_reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+
+
+def run(cfg: Config) -> dict[str, float]:
+    accelerator = make_accelerator(cfg)
+    tokenizer, policy = load_policy(cfg)
+    disable_dropout(policy)
+    ref = Reference(policy).to(accelerator.device) if cfg.beta > 0 else None
+    reward_model = freeze(load_sequence_classifier(cfg.reward_model)).to(accelerator.device) if cfg.reward_model else None
+    scorer = Scorer(reward_model, load_reward_fns(cfg.reward_fn), cfg.normalize_reward, cfg.score_clip,
+                    cfg.missing_eos_penalty)
+    prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
+    plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+    n_completions = cfg.rollout_batch_size * cfg.num_generations
+    updates = total * cfg.ppo_epochs * max(1, -(-n_completions // cfg.mini_batch_size))
+    optimizer, scheduler = make_optimizer(cfg, policy.parameters(), updates)
+    model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
+                                                          {"reward": "reward", "kl": "kl"})
+    rollout = HFRollout(accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                        accelerator.device)
+    G = cfg.num_generations
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, num_samples=G)
+    reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
+    metrics: dict[str, float] = {}
+
+    while state.step < total:
+        t0 = time.perf_counter()
+        # 1-2. Prompts, and G samples of each (contiguous).
+        examples = [prompts.examples[i]
+                    for i in shard(plan.step_indices(state.step)[0], accelerator.process_index, accelerator.num_processes)]
+        batch = rollout.generate([e["prompt_ids"] for e in examples], sampling).to(accelerator.device)
+        t_gen = time.perf_counter()
+        mask, P = batch.response_mask, batch.prompt_ids.shape[1]
+        # 3. Rewards for each response.
+        completions = tokenizer.batch_decode(batch.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
+                                             skip_special_tokens=True)
+        repeated = [e for e in examples for _ in range(G)]
+        extras = {k: [e[k] for e in repeated] for k in examples[0]
+                  if k not in ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")}
+        scores, score_metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras)
+        # Old and reference log-probs, without gradients (old ones only when the policy will move first).
+        old_logprobs = ref_logprobs = None
+        with torch.no_grad(), eval_mode(model):
+            if not reuse_old or (cfg.beta > 0 and cfg.kl_in_reward):
+                old_logprobs, _ = response_logprobs(causal_logits(model, batch.input_ids, batch.attention_mask),
+                                                    batch.input_ids, P, cfg.temperature)
+            if ref is not None:
+                ref_logprobs, _ = response_logprobs(ref(batch.input_ids, batch.attention_mask), batch.input_ids, P,
+                                                    cfg.temperature)
+        if cfg.beta > 0 and cfg.kl_in_reward:
+            scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
+        # 4. Group-relative advantages.
+        advantages, _ = compute_advantages(cfg.estimator, response_mask=mask, scores=scores, group_size=G)
+        t_score = time.perf_counter()
+        # 5. Policy update.
+        buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
+               "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
+               "ref_logprobs": ref_logprobs, "advantages": advantages, "prompt_len": P}
+        train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf)
+        t_train = time.perf_counter()
+        state.step += 1
+        logger.advance()
+        # 6. Log and checkpoint.
+        grouped = scores.view(-1, G)
+        metrics = {"reward": float(scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
+                   "frac_reward_zero_std": float((grouped.std(1) < 1e-6).float().mean()) if G > 1 else 1.0,
+                   "completions/mean_length": float(mask.sum(1).float().mean()),
+                   "completions/clipped_ratio": float((~batch.finished).float().mean()),
+                   "speed/completions_per_second": len(completions) * accelerator.num_processes / (t_train - t0),
+                   "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
+                   **score_metrics, **train_metrics}
+        if state.step % cfg.log_every == 0 or state.step == total:
+            logger.log(state.step, metrics)
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            checkpointer.save(state.step)
+
+    logger.close()
+    save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics)
+    return metrics
