@@ -1,0 +1,1 @@
+"""The built-in default: SupportBot (seed 002 Part 5), from synthetic data to a report."""

@@ -1,0 +1,120 @@
+"""Inference (seed 002 Part 8): ``rlhf generate`` prints completions; ``rlhf chat`` is a terminal chat.
+
+Both work on any HF-format causal LM: our SFT, PPO, DPO and GRPO outputs, or a plain
+transformers model. A tokenizer with a chat template gets the prompt as a user message
+(``--raw`` sends the text as is); one without uses the documented plain template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from rlhf.data import Encoder
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.recipes.common import UserError
+from rlhf.rollout import HFRollout, SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--model", required=True, help="Model directory or hub id.")
+    if name == "generate":
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--prompt", action="append", help="A prompt (repeat for several).")
+        src.add_argument("--prompts", help="JSONL/JSON/CSV/Parquet file with a prompt (or messages) column.")
+        p.add_argument("--num-samples", type=int, default=1, help="Completions per prompt.")
+    p.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (0: greedy).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample among the k likeliest tokens (0: all).")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="Longest completion.")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    p.add_argument("--raw", action="store_true", help="Send prompts as raw text, without the chat template.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
+
+
+class Generator:
+    """A model, its tokenizer and sampling settings, ready to complete prompts."""
+
+    def __init__(self, args):
+        self.tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        self.model = load_causal_lm(args.model, device=args.device, trust_remote_code=args.trust_remote_code).eval()
+        self.encoder = Encoder(self.tokenizer, max_length=10**9)
+        self.rollout = HFRollout(self.model, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, args.device)
+        self.raw = args.raw
+        self.params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                     getattr(args, "num_samples", 1))
+
+    def as_prompt(self, text_or_messages):
+        if isinstance(text_or_messages, list) or self.raw:
+            return text_or_messages
+        return [{"role": "user", "content": text_or_messages}]
+
+    def complete(self, prompts: list) -> list[str]:
+        ids = [self.encoder.prompt_ids(self.as_prompt(p)) for p in prompts]
+        batch = self.rollout.generate(ids, self.params)
+        out = batch.response_ids.masked_fill(batch.response_mask == 0, self.tokenizer.pad_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _read_prompts(path: str) -> list:
+    from rlhf.data.formats import normalize
+    from rlhf.data.readers import DataError, read_records
+
+    records, errors = read_records(path)
+    ok, norm_errors = normalize(records, "prompt")
+    errors += norm_errors
+    if errors:
+        raise DataError(str(errors[0]) + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return [ex["prompt"] for _, ex in ok]
+
+
+def generate(args) -> int:
+    torch.manual_seed(args.seed)
+    gen = Generator(args)
+    prompts = args.prompt if args.prompt else _read_prompts(args.prompts)
+    completions = gen.complete(prompts)
+    n = gen.params.num_samples
+    for i, prompt in enumerate(prompts):
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        print(f">>> {shown}")
+        for j in range(n):
+            print(completions[i * n + j] + ("\n" if n > 1 else ""))
+        if n == 1:
+            print()
+    return 0
+
+
+def chat(args, stdin=None, stdout=None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    torch.manual_seed(args.seed)
+    gen = Generator(args)
+    history: list[dict] = []
+    print(f"Chatting with {args.model}. /reset clears the history, /exit or Ctrl-D quits.", file=stdout, flush=True)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            print(file=stdout)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=stdout, flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = gen.complete([list(history)])[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"bot> {reply}", file=stdout, flush=True)
+
+
+def main(args, name: str) -> int:
+    if name == "generate":
+        return generate(args)
+    if name == "chat":
+        return chat(args)
+    raise UserError(f"unknown command {name}")
