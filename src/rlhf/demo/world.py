@@ -29,10 +29,14 @@ PROBLEMS = {
     "charged": ["was charged twice", "cost more than the listed price"],
 }
 ACTIONS = {
-    "late": ["I have escalated your {p} with the courier", "I have asked the warehouse to send your {p} by express"],
-    "broken": ["I have arranged a free replacement {p}", "I have started a full refund for your {p}"],
-    "wrong": ["I have sent the correct {p} today", "I have booked a free return and a correct {p}"],
-    "charged": ["I have refunded the extra charge for your {p}", "I have corrected the price of your {p}"],
+    "late": ["I have escalated your {p} with the courier", "I have asked the warehouse to send your {p} by express",
+             "I have upgraded the shipping of your {p} for free", "I have traced your {p} and booked a new delivery slot"],
+    "broken": ["I have arranged a free replacement {p}", "I have started a full refund for your {p}",
+               "I have booked a free repair of your {p}", "I have sent you a prepaid label to return your {p}"],
+    "wrong": ["I have sent the correct {p} today", "I have booked a free return and a correct {p}",
+              "I have swapped your {p} for the one you ordered", "I have reserved the right {p} for you"],
+    "charged": ["I have refunded the extra charge for your {p}", "I have corrected the price of your {p}",
+                "I have cancelled the second payment for your {p}", "I have credited the difference for your {p}"],
 }
 TONES = {
     "calm": ["Hi, my {p} {x}. Could you check?", "Hello, my {p} {x}. What can I do?",
@@ -41,13 +45,18 @@ TONES = {
     "angry": ["My {p} {x} again! This is unacceptable.", "My {p} {x}! I am furious.",
               "This is ridiculous, my {p} {x}! Fix it now."],
 }
-EMPATHY = ["I understand how frustrating this is.", "I can see why you are upset.", "That must be really annoying."]
-APOLOGY = ["I am sorry about your {p}.", "I am so sorry for the trouble.", "Sorry about that."]
+EMPATHY = ["I understand how frustrating this is.", "I can see why you are upset.", "That must be really annoying.",
+           "I know how disappointing this must be.", "I completely understand your frustration.",
+           "That is not the experience you deserve."]
+APOLOGY = ["I am sorry about your {p}.", "I am so sorry for the trouble.", "Sorry about that.",
+           "I apologise for the inconvenience.", "I am really sorry this happened."]
 TIMEFRAME = ["You will hear from us within 24 hours.", "It will be sorted by tomorrow.",
-             "You will get an update within two days."]
-COURTESY = ["Thank you for your patience.", "Thanks for telling us.", "Is there anything else I can do?"]
+             "You will get an update within two days.", "Expect an email from me by this evening.",
+             "It should reach you by Friday."]
+COURTESY = ["Thank you for your patience.", "Thanks for telling us.", "Is there anything else I can do?",
+            "Thank you for being a loyal customer.", "Please reply if you need anything else."]
 CURT = ["Your {p} {x}.", "Please wait.", "Check the website.", "We are looking into it."]
-RUDE = ["That is not our problem.", "Wait like everyone else.", "Stop complaining."]
+RUDE = ["That is not our problem.", "Wait like everyone else.", "Stop complaining.", "Read the terms next time."]
 SEED_PROMPT = "My order is late again! This is unacceptable."
 
 
@@ -106,13 +115,13 @@ def gold_score(complaint: Complaint, response: str) -> float:
             score -= 1.0  # degenerate or garbled text
         elif kind == "action":
             score += 1.5 if problem == complaint.problem else -0.5
-            score += 0.5 if product == complaint.product else -0.5
+            score += 0.25 if product == complaint.product else -0.25
         elif kind == "curt":
-            score -= 0.25 if product in (None, complaint.product) else 0.75
+            score -= 0.25 if product in (None, complaint.product) else 0.5
         elif kind == "rude":
             score -= 2.0
         elif kind == "apology" and product is not None and product != complaint.product:
-            score -= 0.5
+            score -= 0.25
     weight = {"calm": 0.75, "annoyed": 1.0, "angry": 1.5}[complaint.tone]
     if "empathy" in kinds:
         score += 1.0 * weight
@@ -139,10 +148,30 @@ class World:
         p, problem, tone = r.choice(PRODUCTS), r.choice(list(PROBLEMS)), r.choice(list(TONES))
         return Complaint(p, problem, tone, r.choice(TONES[tone]).format(p=p, x=r.choice(PROBLEMS[problem])))
 
+    def garble(self, text: str) -> str:
+        """The same text with one or two typos: a dropped, doubled or merged word (people notice)."""
+        words = text.split(" ")
+        for _ in range(self.rng.choice([1, 2])):
+            i = self.rng.randrange(len(words))
+            w = words[i]
+            kind = self.rng.choice(["drop", "double", "merge"])
+            if kind == "drop" and len(w) > 2:
+                j = self.rng.randrange(len(w))
+                words[i] = w[:j] + w[j + 1 :]
+            elif kind == "double" and w:
+                j = self.rng.randrange(len(w))
+                words[i] = w[:j] + w[j] * 2 + w[j:]
+            elif i + 1 < len(words):
+                words[i : i + 2] = [w + words[i + 1]]
+        return " ".join(words)
+
     def response(self, c: Complaint, style: str | None = None) -> str:
-        """A response in one of the styles: curt, rude, partial, good, verbose, or wrong."""
+        """A response in one of the styles: curt, rude, partial, good, verbose, wrong, or garbled."""
         r = self.rng
-        style = style or r.choice(["curt", "curt", "rude", "partial", "partial", "good", "verbose", "wrong"])
+        style = style or r.choice(["curt", "curt", "rude", "partial", "partial", "good", "good", "verbose", "wrong",
+                                   "garbled"])
+        if style == "garbled":
+            return self.garble(self.response(c, r.choice(["partial", "good"])))
         x = r.choice(PROBLEMS[c.problem])
         action = r.choice(ACTIONS[c.problem]).format(p=c.product) + "."
         if style == "curt":

@@ -87,7 +87,7 @@ def explain_rollout(model: PolicyWithValueHead, ref: Reference, scorer: Scorer, 
              "clipped": (ratios[t] > 1 + clip_eps and advantages[t] > 0) or (ratios[t] < 1 - clip_eps and advantages[t] < 0)}
             for t, tok in enumerate(tokens)]
     summary = {"completion": completion, "score": score, "kl_coef": kl_coef, "gamma": gamma, "lam": lam,
-               "clip_eps": clip_eps, "loss": float(loss)}
+               "clip_eps": clip_eps, "loss": float(loss.detach())}
     return rows, summary
 
 
