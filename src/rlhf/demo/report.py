@@ -118,7 +118,8 @@ def _explain_table(ppo_dir: str, sft_dir: str, rm_dir: str, prompt: str) -> str:
     scorer = Scorer(freeze(load_sequence_classifier(rm_dir)))
     messages = [{"role": "user", "content": prompt}]
     rows, summary = explain_rollout(model, Reference(freeze(load_causal_lm(sft_dir)), share_lora_base=False), scorer, tok,
-                                    Encoder(tok, 4096).prompt_ids(messages), messages, kl_coef=0.05, max_new_tokens=72)
+                                    Encoder(tok, 4096).prompt_ids(messages), messages, kl_coef=0.1, max_new_tokens=72,
+                                    temperature=0.7)
     return render(rows, summary, "markdown")
 
 

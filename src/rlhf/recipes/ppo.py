@@ -125,19 +125,27 @@ def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, te
 
 @torch.no_grad()
 def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
-    """Step 3: old log-probs and values from the policy, log-probs from the reference."""
+    """Step 3: old log-probs and values from the policy, log-probs from the reference.
+
+    Returns ``(old_logprobs, values, ref_logprobs, seconds)`` with the time of each pass.
+    """
     prompt_len = batch.prompt_ids.shape[1]
     ids, mask = batch.input_ids, batch.attention_mask
     old, values, refs = [], [], []
+    seconds = {"time/policy_value_pass": 0.0, "time/reference_pass": 0.0}
     with eval_mode(*(m for m in (model, critic) if m is not None)):
         for i in range(0, ids.shape[0], chunk):
+            t0 = time.perf_counter()
             lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
+            t1 = time.perf_counter()
             ref_lp, _ = response_logprobs(ref(ids[i : i + chunk], mask[i : i + chunk]), ids[i : i + chunk],
                                           prompt_len, cfg.temperature)
+            seconds["time/policy_value_pass"] += t1 - t0
+            seconds["time/reference_pass"] += time.perf_counter() - t1
             old.append(lp)
             values.append(v)
             refs.append(ref_lp)
-    return torch.cat(old), torch.cat(values), torch.cat(refs)
+    return torch.cat(old), torch.cat(values), torch.cat(refs), seconds
 
 
 # ---- the inner loop -------------------------------------------------------------------------
@@ -255,7 +263,9 @@ def run(cfg: Config) -> dict[str, float]:
         batch = rollout.generate([e["prompt_ids"] for e in examples], sampling).to(accelerator.device)
         t_gen = time.perf_counter()
         # 3. Old log-probs, values and reference log-probs, without gradients, dropout off.
-        old_logprobs, old_values, ref_logprobs = rollout_forwards(cfg, model, critic, ref, batch, cfg.batch_size)
+        old_logprobs, old_values, ref_logprobs, pass_seconds = rollout_forwards(cfg, model, critic, ref, batch,
+                                                                                cfg.batch_size)
+        t_fwd = time.perf_counter()
         mask = batch.response_mask
         # 4. Score the responses (reward model and/or reward functions).
         completions = tokenizer.batch_decode(batch.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
@@ -291,8 +301,8 @@ def run(cfg: Config) -> dict[str, float]:
             "response/length_mean": float(mask.sum(1).float().mean()),
             "response/no_eos_fraction": float((~batch.finished).float().mean()),
             "speed/tokens_per_second": float(mask.sum() * world) / (t_train - t0),
-            "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
-            **score_metrics, **train_metrics,
+            "time/generate": t_gen - t0, "time/score": t_score - t_fwd, "time/train": t_train - t_score,
+            "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
         }
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)

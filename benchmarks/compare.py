@@ -1,0 +1,252 @@
+"""rlhf side by side with TRL, in one run, on one tiny offline setup.
+
+    make bench                      # or: .venv/bin/python benchmarks/compare.py --json bench.json
+
+Same model and tokenizer (built here, no download), same SupportBot data, same batch size,
+lengths, generations and steps. Each job runs in its own subprocess so its peak RSS is its own.
+Prints pairs/s (DPO), completions/s (GRPO), tokens/s and peak RSS with our/TRL ratios; for
+PPO (TRL no longer ships it) the split of our step time against a lower bound timed in the
+same run (the generate call and the forward/backward passes alone); and the peak memory of
+PPO with LoRA (actor, reference and critic on one base) over that of SFT on the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- setup: tokenizer, model, data ---------------------------------------------------------
+
+def setup(root: str, hidden: int, layers: int) -> dict:
+    from rlhf.demo.world import build_datasets, corpus
+    from rlhf.models import save_pretrained, tiny_causal_lm, train_tokenizer
+
+    data = build_datasets(0, n_sft=512, n_pairs=512, n_rl=256, n_eval=16)
+    tok = train_tokenizer(corpus(data), vocab_size=512)
+    model_dir = os.path.join(root, f"model-{hidden}x{layers}")
+    save_pretrained(tiny_causal_lm(tok, "llama", hidden_size=hidden, num_layers=layers), tok, model_dir)
+    paths = {"model": model_dir}
+    for name in ("sft", "pairs", "rl"):
+        paths[name] = os.path.join(root, f"{name}.jsonl")
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in data[name])
+    return paths
+
+
+def vowel_fraction(prompts, completions, **kw):
+    return [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in completions]
+
+
+# ---- jobs (each in its own process) ----------------------------------------------------------
+
+def job_dpo_ours(a, p):
+    from rlhf.recipes import dpo
+
+    t = time.perf_counter()
+    dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=os.path.join(a.root, "dpo-ours"), max_steps=a.steps,
+                       batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0))
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+
+
+def job_dpo_trl(a, p):
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(x) for x in open(p["pairs"])][: a.steps * a.batch_size]
+    t = time.perf_counter()
+    args = DPOConfig(output_dir=os.path.join(a.root, "dpo-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+                     learning_rate=1e-4, max_length=a.max_length, beta=0.1, report_to=[], save_strategy="no",
+                     logging_steps=a.steps, use_cpu=True, precompute_ref_log_probs=True, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+
+
+def job_grpo_ours(a, p):
+    from rlhf.recipes import grpo
+
+    sys.modules.setdefault("bench_rewards", sys.modules[__name__])
+    t = time.perf_counter()
+    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=os.path.join(a.root, "grpo-ours"), max_steps=a.steps,
+                         rollout_batch_size=a.batch_size // a.generations, num_generations=a.generations,
+                         mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, report_to="none"))
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+
+
+def job_grpo_trl(a, p):
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [{"prompt": json.loads(x)["prompt"]} for x in open(p["rl"])]
+    t = time.perf_counter()
+    args = GRPOConfig(output_dir=os.path.join(a.root, "grpo-trl"), per_device_train_batch_size=a.batch_size,
+                      num_generations=a.generations, max_completion_length=a.max_new_tokens, max_steps=a.steps,
+                      learning_rate=1e-4, beta=0.04, report_to=[], save_strategy="no", logging_steps=a.steps,
+                      use_cpu=True, temperature=1.0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=p["model"], reward_funcs=vowel_fraction, args=args,
+                          train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+
+
+def job_ppo_breakdown(a, p):
+    """Our PPO step split, and a lower bound timed alone on the same shapes in the same process."""
+    import torch
+
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.recipes import ppo
+    from rlhf.rollout import HFRollout, SamplingParams
+
+    sys.modules.setdefault("bench_rewards", sys.modules[__name__])
+    out = os.path.join(a.root, "ppo-ours")
+    ppo.run(ppo.Config(model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps, rollout_batch_size=a.batch_size,
+                       mini_batch_size=a.batch_size, batch_size=a.batch_size, ppo_epochs=1, max_new_tokens=a.max_new_tokens,
+                       reward_fn="bench_rewards:vowel_fraction", lr=1e-5, report_to="none"))
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if "time/step" in x][1:]  # skip warm-up
+    split = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("time/")}
+    # Lower bound: one generate call, and the forward + backward of the update, nothing else.
+    tok, model = load_tokenizer(p["model"]), load_causal_lm(p["model"])
+    prompts = [tok.apply_chat_template(json.loads(x)["prompt"], add_generation_prompt=True, tokenize=True)
+               for x in list(open(p["rl"]))[: a.batch_size]]
+    prompts = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in prompts]
+    ro = HFRollout(model, tok.pad_token_id, tok.eos_token_id)
+    t0 = time.perf_counter()
+    batch = ro.generate(prompts, SamplingParams(max_new_tokens=a.max_new_tokens))
+    t_gen = time.perf_counter() - t0
+    ids, mask = batch.input_ids, batch.attention_mask
+    model.train()
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask).logits.float().mean().backward()
+    t_fb = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        t_f = time.perf_counter() - t0
+    bound = t_gen + t_fb + 2 * t_f  # generate + update fwd/bwd + the two scoring forwards (policy/value, reference)
+    return {"split": split, "bound": {"generate": t_gen, "forward_backward": t_fb, "forward": t_f, "total": bound}}
+
+
+def job_sft_mem(a, p):
+    from rlhf.recipes import sft
+
+    base = rss_mb()
+    sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=os.path.join(a.root, "sft-mem"), max_steps=3,
+                       batch_size=a.batch_size, max_length=a.max_length, report_to="none"))
+    return {"peak_rss_mb": rss_mb(), "baseline_rss_mb": base}
+
+
+def job_ppo_lora_mem(a, p):
+    from rlhf.recipes import ppo
+
+    sys.modules.setdefault("bench_rewards", sys.modules[__name__])
+    base = rss_mb()
+    ppo.run(ppo.Config(model=p["model"], data=p["rl"], output_dir=os.path.join(a.root, "ppo-lora-mem"), max_steps=3,
+                       rollout_batch_size=a.batch_size, mini_batch_size=a.batch_size, batch_size=a.batch_size, ppo_epochs=1,
+                       max_new_tokens=a.max_new_tokens, reward_fn="bench_rewards:vowel_fraction", lora=True, lora_r=16,
+                       report_to="none"))
+    return {"peak_rss_mb": rss_mb(), "baseline_rss_mb": base}
+
+
+JOBS = {name[4:]: fn for name, fn in globals().items() if name.startswith("job_")}
+
+
+def run_job(name: str, a, paths: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--paths", json.dumps(paths)] + a.passthrough
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"benchmark job {name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][7:])
+    print(f"  {name}: done", file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--mem-hidden", type=int, default=512, help="Model width for the memory comparison.")
+    ap.add_argument("--mem-layers", type=int, default=8)
+    ap.add_argument("--json", help="Write figures and ratios here.")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--paths", help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        import torch
+
+        torch.manual_seed(0)
+        print("RESULT " + json.dumps(JOBS[a.worker](a, json.loads(a.paths))))
+        return
+    root = tempfile.mkdtemp(prefix="rlhf-bench-")
+    a.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                     if k in ("steps", "batch_size", "generations", "max_new_tokens", "max_length")] + [f"--root={root}"]
+    small, big = setup(root, a.hidden, a.layers), setup(root, a.mem_hidden, a.mem_layers)
+    r = {name: run_job(name, a, small) for name in ("dpo_ours", "grpo_ours", "ppo_breakdown")}
+    if not a.skip_trl:
+        r.update({name: run_job(name, a, small) for name in ("dpo_trl", "grpo_trl")})
+    r.update({name: run_job(name, a, big) for name in ("sft_mem", "ppo_lora_mem")})
+    report(a, r)
+
+
+def report(a, r: dict) -> None:
+    def rate(job):
+        return r[job]["items"] / r[job]["seconds"] if job in r else float("nan")
+
+    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+           "settings": {k: getattr(a, k) for k in ("steps", "batch_size", "generations", "max_new_tokens", "hidden", "layers")},
+           "raw": r}
+    print(f"\nrlhf vs TRL, {out['machine']}; {a.steps} steps, batch {a.batch_size}, G={a.generations}, "
+          f"{a.max_new_tokens} new tokens, Llama {a.layers}x{a.hidden}\n")
+    print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}")
+    for label, ours, theirs, key in (("DPO pairs/s", "dpo_ours", "dpo_trl", "dpo_speedup_vs_trl"),
+                                     ("GRPO completions/s", "grpo_ours", "grpo_trl", "grpo_speedup_vs_trl")):
+        o, t = rate(ours), rate(theirs)
+        out[key] = o / t if t == t else None
+        print(f"{label:28}{o:10.2f}{t:10.2f}{(o / t if t == t else float('nan')):8.2f}")
+        out[f"{ours}_per_second"], out[f"{theirs}_per_second"] = o, t
+    split, bound = r["ppo_breakdown"]["split"], r["ppo_breakdown"]["bound"]
+    out["ppo_step_over_bound"] = split["time/step"] / bound["total"]
+    print("\nPPO step (rlhf), mean seconds:")
+    for k in ("time/generate", "time/policy_value_pass", "time/reference_pass", "time/score", "time/train", "time/step"):
+        print(f"  {k:28}{split.get(k, float('nan')):8.3f}")
+    print(f"  lower bound: generate {bound['generate']:.3f} + update fwd/bwd {bound['forward_backward']:.3f} + "
+          f"2 x forward {bound['forward']:.3f} = {bound['total']:.3f}")
+    print(f"  step / bound = {out['ppo_step_over_bound']:.2f}")
+    sft_m, ppo_m = r["sft_mem"], r["ppo_lora_mem"]
+    out["ppo_lora_peak_over_sft"] = ppo_m["peak_rss_mb"] / sft_m["peak_rss_mb"]
+    out["ppo_lora_peak_over_sft_above_baseline"] = ((ppo_m["peak_rss_mb"] - ppo_m["baseline_rss_mb"])
+                                                    / (sft_m["peak_rss_mb"] - sft_m["baseline_rss_mb"]))
+    print(f"\nPeak RSS, Llama {a.mem_layers}x{a.mem_hidden}: SFT {sft_m['peak_rss_mb']:.0f} MB, PPO+LoRA "
+          f"{ppo_m['peak_rss_mb']:.0f} MB: ratio {out['ppo_lora_peak_over_sft']:.2f} "
+          f"({out['ppo_lora_peak_over_sft_above_baseline']:.2f} above the {sft_m['baseline_rss_mb']:.0f} MB import baseline)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
