@@ -20,21 +20,19 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, freeze, load_sequence_classifier
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    StepPlan, UserError, _reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
     response_logprobs, save_final, shard, start,
 )
-from rlhf.recipes.scoring import Scorer, load_reward_fns
-from rlhf.rollout import HFRollout, SamplingParams
+from rlhf.recipes.scoring import RLConfig, generate_and_score
+from rlhf.rollout import HFRollout
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RLConfig):
     """GRPO / RLOO options (defaults after TRL's GRPOTrainer)."""
 
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
-    prompts: str | None = None
-    """Prompt file (same as --data)."""
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     """Group baseline: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out mean)."""
     num_generations: int = 4
@@ -43,12 +41,6 @@ class Config(TrainConfig):
     """Prompts per step, across all processes (each gives G responses)."""
     mini_batch_size: int = 32
     """Responses per optimizer step (micro-batches of --batch-size accumulate)."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch (GRPO's num_iterations)."""
-    reward_fn: str | None = None
-    """Rule reward(s) module:function[:weight], comma-separated; weighted and summed."""
-    reward_model: str | None = None
-    """Frozen reward model directory, added to the rule rewards."""
     beta: float = 0.04
     """KL coefficient to the reference (0: no reference model at all)."""
     kl_in_reward: bool = False
@@ -57,26 +49,8 @@ class Config(TrainConfig):
     """Ratio clip epsilon (low side)."""
     clip_eps_high: float | None = None
     """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
-    max_new_tokens: int = 32
-    """Longest response sampled."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Sample among the k likeliest tokens (0: all)."""
-    normalize_reward: bool = True
-    """Whiten reward-model scores with the statistics stored by rlhf rm."""
-    score_clip: float | None = None
-    """Clip scores to [-x, x]."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that never produced EOS."""
 
     def check(self) -> None:
-        if self.prompts:
-            self.data = self.prompts
         super().check()
         if self.estimator == "rloo" and self.num_generations < 2:
             raise UserError("--estimator rloo needs --num-generations of at least 2")
@@ -129,8 +103,7 @@ def run(cfg: Config) -> dict[str, float]:
     disable_dropout(policy)
     ref = Reference(policy).to(accelerator.device) if cfg.beta > 0 else None
     reward_model = freeze(load_sequence_classifier(cfg.reward_model)).to(accelerator.device) if cfg.reward_model else None
-    scorer = Scorer(reward_model, load_reward_fns(cfg.reward_fn), cfg.normalize_reward, cfg.score_clip,
-                    cfg.missing_eos_penalty)
+    scorer = cfg.scorer(reward_model)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -142,7 +115,7 @@ def run(cfg: Config) -> dict[str, float]:
     rollout = HFRollout(accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
                         accelerator.device)
     G = cfg.num_generations
-    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, num_samples=G)
+    sampling = cfg.sampling(num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
     metrics: dict[str, float] = {}
 
@@ -151,16 +124,10 @@ def run(cfg: Config) -> dict[str, float]:
         # 1-2. Prompts, and G samples of each (contiguous).
         examples = [prompts.examples[i]
                     for i in shard(plan.step_indices(state.step)[0], accelerator.process_index, accelerator.num_processes)]
-        batch = rollout.generate([e["prompt_ids"] for e in examples], sampling).to(accelerator.device)
-        t_gen = time.perf_counter()
-        mask, P = batch.response_mask, batch.prompt_ids.shape[1]
         # 3. Rewards for each response.
-        completions = tokenizer.batch_decode(batch.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
-        repeated = [e for e in examples for _ in range(G)]
-        extras = {k: [e[k] for e in repeated] for k in examples[0]
-                  if k not in ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")}
-        scores, score_metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras)
+        batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
+                                                                       accelerator.device)
+        mask, P = batch.response_mask, batch.prompt_ids.shape[1]
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
         old_logprobs = ref_logprobs = None
         with torch.no_grad(), eval_mode(model):
@@ -190,7 +157,7 @@ def run(cfg: Config) -> dict[str, float]:
                    "completions/mean_length": float(mask.sum(1).float().mean()),
                    "completions/clipped_ratio": float((~batch.finished).float().mean()),
                    "speed/completions_per_second": len(completions) * accelerator.num_processes / (t_train - t0),
-                   "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
+                   "time/train": t_train - t_score,
                    **score_metrics, **train_metrics}
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)

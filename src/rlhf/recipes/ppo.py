@@ -1,7 +1,7 @@
 """Stage 3: PPO, the seeds' actor-critic RLHF loop (seed 002 Parts 3-5; seed 003 Phase 3).
 
-Each step: 1. sample prompts; 2. generate; 3. old and reference log-probs and values, one
-forward each without gradients; 4. score; 5. per-token reward = score - beta KL; 6. GAE,
+Each step: 1. sample prompts; 2. generate; 3. score the responses; 4. old and reference
+log-probs and values, one forward each without gradients; 5. per-token reward = score - beta KL; 6. GAE,
 then whitening; 7. ``ppo_epochs`` passes over shuffled minibatches of the buffer with
 ``-L^CLIP + c1 L^VF - c2 S``; 8. adapt beta; 9. log and checkpoint. Implementation details
 follow Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO") and OpenAI's
@@ -25,23 +25,17 @@ from rlhf.models import (
     load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, UserError, _reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
+    StepPlan, UserError, _reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
     save_final, shard, start, write_model_card,
 )
-from rlhf.recipes.scoring import Scorer, load_reward_fns
-from rlhf.rollout import HFRollout, RolloutBatch, SamplingParams
+from rlhf.recipes.scoring import RLConfig, generate_and_score
+from rlhf.rollout import HFRollout, RolloutBatch
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RLConfig):
     """PPO options (defaults: seed 002 Part 5 and Huang et al. 2024)."""
 
-    prompts: str | None = None
-    """Prompt file (same as --data)."""
-    reward_model: str | None = None
-    """Frozen reward model directory (from rlhf rm)."""
-    reward_fn: str | None = None
-    """Python reward(s) module:function[:weight], comma-separated; added to the reward model's score."""
     critic: Literal["shared", "separate"] = "shared"
     """Value head on the policy's body (the seeds' design) or a separate critic model (OpenRLHF, verl)."""
     critic_model: str | None = None
@@ -54,14 +48,6 @@ class Config(TrainConfig):
     """Sequences per optimizer step inside the PPO epochs (micro-batches of --batch-size accumulate)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    max_new_tokens: int = 32
-    """Longest response sampled."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Sample among the k likeliest tokens (0: all)."""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty in the reward."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -86,23 +72,11 @@ class Config(TrainConfig):
     """c1: weight of the value loss."""
     ent_coef: float = 0.01
     """c2: weight of the entropy bonus."""
-    normalize_reward: bool = True
-    """Whiten reward-model scores with the mean and std stored by rlhf rm."""
-    score_clip: float | None = None
-    """Clip scores to [-x, x]."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that never produced EOS."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses are averaged."""
 
     def check(self) -> None:
-        if self.prompts:
-            self.data = self.prompts
         super().check()
         if self.rollout_batch_size % self.mini_batch_size:
             raise UserError("--rollout-batch-size must be a multiple of --mini-batch-size")
-        if self.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
 
 
 # ---- forwards ---------------------------------------------------------------------------------
@@ -125,7 +99,7 @@ def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, te
 
 @torch.no_grad()
 def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
-    """Step 3: old log-probs and values from the policy, log-probs from the reference.
+    """Step 4: old log-probs and values from the policy, log-probs from the reference.
 
     Returns ``(old_logprobs, values, ref_logprobs, seconds)`` with the time of each pass.
     """
@@ -226,8 +200,7 @@ def build_models(cfg: Config, accelerator):
 def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     tokenizer, model, critic, ref, reward_model = build_models(cfg, accelerator)
-    scorer = Scorer(reward_model, load_reward_fns(cfg.reward_fn), cfg.normalize_reward, cfg.score_clip,
-                    cfg.missing_eos_penalty)
+    scorer = cfg.scorer(reward_model)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -251,7 +224,7 @@ def run(cfg: Config) -> dict[str, float]:
     unwrapped = accelerator.unwrap_model(model)
     rollout = HFRollout(unwrapped.policy if critic is None else unwrapped, tokenizer.pad_token_id,
                         tokenizer.eos_token_id, accelerator.device)
-    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens)
+    sampling = cfg.sampling()
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics: dict[str, float] = {}
 
@@ -259,21 +232,14 @@ def run(cfg: Config) -> dict[str, float]:
         t0 = time.perf_counter()
         # 1. Sample a batch of prompts.
         examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
-        # 2. Generate responses (KV cache, left padding, stop when all have finished).
-        batch = rollout.generate([e["prompt_ids"] for e in examples], sampling).to(accelerator.device)
-        t_gen = time.perf_counter()
-        # 3. Old log-probs, values and reference log-probs, without gradients, dropout off.
+        # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them.
+        batch, _, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
+                                                             accelerator.device)
+        # 4. Old log-probs, values and reference log-probs, without gradients, dropout off.
         old_logprobs, old_values, ref_logprobs, pass_seconds = rollout_forwards(cfg, model, critic, ref, batch,
                                                                                 cfg.batch_size)
         t_fwd = time.perf_counter()
         mask = batch.response_mask
-        # 4. Score the responses (reward model and/or reward functions).
-        completions = tokenizer.batch_decode(batch.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
-        extras = {k: [e[k] for e in examples] for k in examples[0]
-                  if k not in ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")}
-        scores, score_metrics = scorer(batch, [e["prompt"] for e in examples], completions, extras)
-        t_score = time.perf_counter()
         # 5. Per-token rewards: the score at the last token minus beta KL at every token.
         rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
         # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages.
@@ -301,7 +267,7 @@ def run(cfg: Config) -> dict[str, float]:
             "response/length_mean": float(mask.sum(1).float().mean()),
             "response/no_eos_fraction": float((~batch.finished).float().mean()),
             "speed/tokens_per_second": float(mask.sum() * world) / (t_train - t0),
-            "time/generate": t_gen - t0, "time/score": t_score - t_fwd, "time/train": t_train - t_score,
+            "time/train": t_train - t_fwd,
             "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
         }
         if state.step % cfg.log_every == 0 or state.step == total:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from rlhf.models import get_score_stats, sequence_scores
-from rlhf.recipes.common import UserError
-from rlhf.rollout import RolloutBatch
+from rlhf.recipes.common import TrainConfig, UserError
+from rlhf.rollout import RolloutBatch, SamplingParams
 
 
 @dataclass
@@ -92,3 +93,69 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~batch.finished).float()
         return scores, metrics
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Options shared by the online recipes (PPO, GRPO): prompts, sampling, rewards, minibatches."""
+
+    prompts: str | None = None
+    """Prompt file (same as --data)."""
+    reward_model: str | None = None
+    """Frozen reward model directory (from rlhf rm)."""
+    reward_fn: str | None = None
+    """Python reward(s) module:function[:weight], comma-separated; added to the reward model's score."""
+    normalize_reward: bool = True
+    """Whiten reward-model scores with the mean and std stored by rlhf rm."""
+    score_clip: float | None = None
+    """Clip scores to [-x, x]."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that never produced EOS."""
+    max_new_tokens: int = 32
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens (0: all)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
+
+    def check(self) -> None:
+        if self.prompts:
+            self.data = self.prompts
+        super().check()
+        if self.max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+
+    def sampling(self, num_samples: int = 1) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, num_samples)
+
+    def scorer(self, reward_model) -> "Scorer":
+        return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
+                      self.missing_eos_penalty)
+
+
+_NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")
+
+
+def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
+    """Sample ``params.num_samples`` responses per prompt and score them.
+
+    Returns ``(batch, completions, scores, metrics)``; the reward functions receive each
+    prompt, its completion and the prompt's extra dataset columns, repeated per sample.
+    ``metrics`` holds the scorer's and ``time/generate`` and ``time/score``.
+    """
+    t0 = time.perf_counter()
+    batch = rollout.generate([e["prompt_ids"] for e in examples], params).to(device)
+    t1 = time.perf_counter()
+    ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    repeated = [e for e in examples for _ in range(params.num_samples)]
+    extras = {k: [e[k] for e in repeated] for k in examples[0] if k not in _NOT_EXTRA}
+    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras)
+    metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
+    return batch, completions, scores, metrics
