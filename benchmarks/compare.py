@@ -31,7 +31,8 @@ def rss_mb() -> float:
 
 # ---- setup: tokenizer, model, data ---------------------------------------------------------
 
-def setup(root: str, hidden: int, layers: int) -> dict:
+def setup(root: str, hidden: int, layers: int, n_rows: int) -> dict:
+    """Model, tokenizer and the *same* ``n_rows`` records of each kind for both libraries."""
     from rlhf.demo.world import build_datasets, corpus
     from rlhf.models import save_pretrained, tiny_causal_lm, train_tokenizer
 
@@ -43,12 +44,14 @@ def setup(root: str, hidden: int, layers: int) -> dict:
     for name in ("sft", "pairs", "rl"):
         paths[name] = os.path.join(root, f"{name}.jsonl")
         with open(paths[name], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in data[name])
+            f.writelines(json.dumps(r) + "\n" for r in data[name][:n_rows])
     return paths
 
 
 def vowel_fraction(prompts, completions, **kw):
-    return [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in completions]
+    """The same rule reward for both libraries (TRL passes conversational completions as messages)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in texts]
 
 
 # ---- jobs (each in its own process) ----------------------------------------------------------
@@ -66,7 +69,10 @@ def job_dpo_trl(a, p):
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    rows = [json.loads(x) for x in open(p["pairs"])][: a.steps * a.batch_size]
+    # TRL's conversational format wants the replies as assistant messages too.
+    rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in (json.loads(x) for x in open(p["pairs"]))]
     t = time.perf_counter()
     args = DPOConfig(output_dir=os.path.join(a.root, "dpo-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                      learning_rate=1e-4, max_length=a.max_length, beta=0.1, report_to=[], save_strategy="no",
@@ -204,7 +210,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="rlhf-bench-")
     a.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                      if k in ("steps", "batch_size", "generations", "max_new_tokens", "max_length")] + [f"--root={root}"]
-    small, big = setup(root, a.hidden, a.layers), setup(root, a.mem_hidden, a.mem_layers)
+    n_rows = a.steps * a.batch_size
+    small, big = setup(root, a.hidden, a.layers, n_rows), setup(root, a.mem_hidden, a.mem_layers, n_rows)
     r = {name: run_job(name, a, small) for name in ("dpo_ours", "grpo_ours", "ppo_breakdown")}
     if not a.skip_trl:
         r.update({name: run_job(name, a, small) for name in ("dpo_trl", "grpo_trl")})

@@ -107,3 +107,21 @@ def test_grpo_kl_in_reward_and_several_weighted_rewards(tiny_dir, prompts_file, 
     m = grpo.run(grpo_config(tiny_dir, prompts_file, tmp_path, max_steps=3, kl_in_reward=True, ppo_epochs=2,
                              mini_batch_size=16, reward_fn="rule_rewards:vowel_fraction:1.0,rule_rewards:has_answer:0.5"))
     assert "rewards/rule_rewards:has_answer" in m and "kl" not in m
+
+
+def test_shared_prompt_packing_gives_the_concatenated_logps(tiny_dir, tokenizer):
+    from rlhf.data import collate_preference, collate_preference_shared
+    from rlhf.models import load_causal_lm
+
+    model = load_causal_lm(tiny_dir).eval()
+    rng = random.Random(0)
+    pairs = [{"prompt_ids": [rng.randint(3, 250) for _ in range(rng.randint(1, 6))],
+              "chosen_ids": [rng.randint(3, 250) for _ in range(rng.randint(1, 7))],
+              "rejected_ids": [rng.randint(3, 250) for _ in range(rng.randint(1, 7))]} for _ in range(6)]
+    with torch.no_grad():
+        c1, r1 = dpo.pair_logps(model, collate_preference(pairs, tokenizer.pad_token_id))
+        shared = collate_preference_shared(pairs, tokenizer.pad_token_id, row_tokens=24)  # forces several rows
+        assert shared["input_ids"].shape[0] > 1
+        c2, r2 = dpo.pair_logps(model, shared)
+    torch.testing.assert_close(c2, c1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(r2, r1, atol=1e-4, rtol=1e-4)

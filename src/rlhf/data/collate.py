@@ -70,3 +70,53 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
     ids = [e["prompt_ids"] for e in examples]
     return {"input_ids": pad(ids, pad_id, side="left"),
             "attention_mask": pad([[1] * len(s) for s in ids], 0, side="left")}
+
+
+def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """Pairs as ``[prompt | chosen | rejected]`` segments packed into rows: the prompt is encoded once.
+
+    Rejected tokens continue the prompt's positions and cannot see the chosen ones, so each
+    reply is scored exactly as in its own sequence. Segments are packed greedily into rows of
+    at most ``row_tokens`` (padding-free but for the row ends), with a (R, 1, L, L) boolean
+    mask. ``src[k]``/``tgt[k]`` are flat indices (into R*L) of the logits that predict reply
+    token ``tgt[k]``; ``owner[k]`` is its sequence: pair i's chosen is i, its rejected B + i.
+    """
+    rows: list[list[dict]] = [[]]
+    fill = 0
+    for i, e in enumerate(examples):
+        n = len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+        if rows[-1] and fill + n > row_tokens:
+            rows.append([])
+            fill = 0
+        rows[-1].append({"i": i, **e})
+        fill += n
+    width = max(sum(len(s["prompt_ids"]) + len(s["chosen_ids"]) + len(s["rejected_ids"]) for s in r) for r in rows)
+    B = len(examples)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    src, tgt, owner = [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            P, C, J = len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
+            base = r * width + at
+            ids[r, at : at + P + C + J] = torch.tensor(s["prompt_ids"] + s["chosen_ids"] + s["rejected_ids"])
+            pos[r, at : at + P + C] = torch.arange(P + C)
+            pos[r, at + P + C : at + P + C + J] = torch.arange(P, P + J)
+            causal = torch.tril(torch.ones(P + C + J, P + C + J, dtype=torch.bool))
+            causal[P + C :, P : P + C] = False  # rejected never sees chosen
+            mask[r, 0, at : at + P + C + J, at : at + P + C + J] = causal
+            for k in range(C):  # chosen token k is predicted from the token before it
+                src.append(base + P + k - 1)
+                tgt.append(base + P + k)
+                owner.append(s["i"])
+            for k in range(J):  # rejected token 0 is predicted from the prompt's last token
+                src.append(base + (P - 1 if k == 0 else P + C + k - 1))
+                tgt.append(base + P + C + k)
+                owner.append(B + s["i"])
+            at += P + C + J
+        for t in range(at, width):
+            mask[r, 0, t, t] = True  # padding attends to itself only (no empty softmax rows)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "src": torch.tensor(src),
+            "tgt": torch.tensor(tgt), "owner": torch.tensor(owner), "n_pairs": torch.tensor(B)}

@@ -70,16 +70,18 @@ class Reference:
         self.model = None if self.shares_base else frozen_copy(policy)
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask) -> torch.Tensor:
-        if not self.shares_base:
-            return causal_logits(self.model, input_ids, attention_mask)
-        was_training = self.policy.training
-        self.policy.eval()
+    def __call__(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        model = self.model if not self.shares_base else self.policy
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        was_training = model.training
+        model.eval()
         try:
-            with self.policy.disable_adapter():
-                return causal_logits(self.policy, input_ids, attention_mask)
+            with self.policy.disable_adapter() if self.shares_base else contextlib.nullcontext():
+                return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
         finally:
-            self.policy.train(was_training)
+            model.train(was_training)
 
     def to(self, device) -> "Reference":
         if self.model is not None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.algos import dpo_loss, logprobs_from_logits
-from rlhf.data import collate_preference
+from rlhf.data import collate_preference, collate_preference_shared
 from rlhf.models import Reference, causal_logits, eval_mode
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
@@ -42,6 +42,8 @@ class Config(TrainConfig):
     """cDPO: the assumed fraction of flipped labels (sigmoid loss only)."""
     precompute_ref: bool = True
     """Compute the reference log-probs once before training and cache them beside the run."""
+    share_prompt: bool = True
+    """Encode each prompt once for chosen and rejected, packed padding-free (off under flash attention)."""
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -55,11 +57,30 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probabilities from one concatenated forward. Shapes: (B,), (B,)."""
-    logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
-                           batch["response_mask"])
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+    """Chosen and rejected log-probabilities from one forward. Shapes: (B,), (B,).
+
+    A shared-prompt batch (``collate_preference_shared``) encodes each prompt once; a
+    concatenated one (``collate_preference``) holds chosen rows then rejected rows.
+    """
+    if "src" not in batch:
+        logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                               batch["response_mask"])
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+    if isinstance(model, Reference):
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, L, V)
+    flat = logits.reshape(-1, logits.shape[-1])
+    lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
+    B = int(batch["n_pairs"])
+    sums = torch.zeros(2 * B, device=lp.device, dtype=lp.dtype).index_add_(0, batch["owner"], lp)
+    return sums[:B], sums[B:]
+
+
+def count_pairs(batch: dict) -> int:
+    return int(batch["n_pairs"]) if "n_pairs" in batch else batch["input_ids"].shape[0] // 2
 
 
 def _fingerprint(cfg: Config, n: int) -> str:
@@ -109,7 +130,9 @@ def run(cfg: Config) -> dict[str, float]:
     held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, log) if cfg.eval_data else None
     for i, e in enumerate(train.examples):
         e["index"] = i
-    collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)
+    flash = str(getattr(policy.config, "_attn_implementation", "")).startswith("flash")
+    collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length))
+               if cfg.share_prompt and not flash else partial(collate_preference, pad_id=tokenizer.pad_token_id))
 
     # 2. Reference log-probs: once, in one pass, cached beside the run.
     ref_logps = cached_reference_logps(cfg, accelerator, ref, train.examples, collate) if cfg.precompute_ref else None
@@ -148,7 +171,7 @@ def run(cfg: Config) -> dict[str, float]:
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"train/loss": "loss", "rewards/margins": "margin"})
     metrics = fit(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                  examples=train.examples, collate=collate_with_ref, count=lambda b: b["input_ids"].shape[0] // 2,
+                  examples=train.examples, collate=collate_with_ref, count=count_pairs,
                   loss_fn=loss_fn, state=state, plan=plan, total_steps=total, logger=logger,
                   checkpointer=checkpointer, evaluate=evaluate if held_out else None, where=train.where)
 
