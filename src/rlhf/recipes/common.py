@@ -114,8 +114,12 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
+    # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+    accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
+                      f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
     return accelerator
 
@@ -249,7 +253,7 @@ class RunLogger:
         if not self.is_main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
