@@ -8,6 +8,7 @@ Slow (spawns accelerate launch): run with `make test-slow`.
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -18,11 +19,19 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "cpu_ddp_2proc.yaml")
 
 
+def free_port() -> int:
+    """A port nobody listens on, so back-to-back launches never race for torchrun's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(n: int, args: list[str]) -> None:
     # accelerate's torchrun launcher starts the processes; without a GPU rlhf asks accelerate
     # for cpu=True, which makes it DDP over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIG, "--num_processes", str(n),
-           "-m", "rlhf.cli", *args] if n > 1 else [sys.executable, "-m", "rlhf.cli", *args]
+           "--main_process_port", str(free_port()), "-m", "rlhf.cli", *args] if n > 1 else \
+        [sys.executable, "-m", "rlhf.cli", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"processes: {n}" in out.stdout, out.stdout[-2000:]

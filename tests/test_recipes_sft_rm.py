@@ -105,22 +105,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, monkeyp
 
 
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_dir, monkeypatch):
-    import rlhf.recipes.common as common
+    import rlhf.recipes.checkpoints as checkpoints
 
     cfg = sft_config(tmp_path, tiny_dir, max_steps=4, save_every=2)
-    real = common._fsync_tree
+    real = checkpoints._fsync_tree
 
     def crash_on_second_save(root):
         if ".tmp-step-00000004" in root:
             raise KeyboardInterrupt  # killed with the step-4 files half-written
         return real(root)
 
-    monkeypatch.setattr(common, "_fsync_tree", crash_on_second_save)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", crash_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg)
     ckpts = tmp_path / "out" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == [".tmp-step-00000004", "step-00000002"]
-    monkeypatch.setattr(common, "_fsync_tree", real)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", real)
     cfg.resume, cfg.max_steps = "auto", 4
     sft.run(cfg)  # resumes from step 2 and finishes
     assert sorted(os.listdir(ckpts))[-1] == "step-00000004"

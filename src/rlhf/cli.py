@@ -30,9 +30,11 @@ def _user_errors():
     from rlhf.config import ConfigError
     from rlhf.data.readers import DataError
     from rlhf.models.loading import ModelLoadError
+    from rlhf.recipes.checkpoints import CheckpointError
     from rlhf.recipes.common import UserError
+    from rlhf.recipes.logs import LoggerError
 
-    return (ConfigError, DataError, ModelLoadError, UserError, FileNotFoundError)
+    return (CheckpointError, ConfigError, DataError, LoggerError, ModelLoadError, UserError, FileNotFoundError)
 
 
 def _data_parser(sub) -> None:

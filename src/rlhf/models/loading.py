@@ -66,11 +66,18 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     (seed 003: "its final language modeling head is replaced with a scalar regression head").
     """
     _check_local(path)
+    from transformers.utils import logging as hf_logging
+
+    # From a causal-LM checkpoint a new score head is expected: no "newly initialized" report.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device) if device else model

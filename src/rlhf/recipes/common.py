@@ -10,17 +10,15 @@ whole step's item count (tokens or pairs), reduced across processes before the b
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
-from rlhf.config import to_dict, to_yaml
+from rlhf.recipes.checkpoints import CheckpointError, Checkpointer, TrainState
+from rlhf.recipes.logs import LoggerError, RunLogger, write_model_card
 
 
 class UserError(Exception):
@@ -200,178 +198,12 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank::world]
 
 
-# ---- training state, logging, checkpoints ---------------------------------------------------
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs beyond model, optimizer, scheduler and RNG."""
-
-    step: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips, "extra": self.extra}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
-        self.consecutive_skips, self.extra = int(state["consecutive_skips"]), dict(state.get("extra", {}))
-
-
-class RunLogger:
-    """Metrics to ``metrics.jsonl`` (always), TensorBoard and wandb (if asked), and a progress bar."""
-
-    def __init__(self, cfg: TrainConfig, accelerator, total_steps: int, start_step: int, bar_keys: dict[str, str]):
-        self.is_main = accelerator.is_main_process
-        self.bar_keys = bar_keys
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.tb = self.wandb = self.bar = None
-        self.last: dict[str, float] = {}
-        if not self.is_main:
-            return
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        _truncate_metrics(self.path, start_step)
-        sinks = {s.strip() for s in cfg.report_to.split(",")}
-        if "tensorboard" in sinks:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-        if "wandb" in sinks:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--report-to wandb: wandb is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(config=to_dict(cfg), dir=cfg.output_dir, resume="allow")
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=None)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.last.update(metrics)
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-        if self.bar is not None:
-            shown = {short: f"{metrics[k]:.4g}" for k, short in self.bar_keys.items() if k in metrics}
-            if shown:
-                self.bar.set_postfix(shown, refresh=False)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def event(self, step: int, message: str, **fields) -> None:
-        """A line for people (printed) and for programs (in metrics.jsonl)."""
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
-        (self.bar.write if self.bar is not None else print)(f"step {step}: {message}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def _truncate_metrics(path: str, start_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file reads as one run."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
-    if start_step == 0:
-        kept = []
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class Checkpointer:
-    """Atomic, resumable checkpoints through ``accelerator.save_state``.
-
-    A checkpoint is written to ``checkpoints/.tmp-step-N``, fsynced, then renamed to
-    ``checkpoints/step-N``: a crash mid-save leaves only a ``.tmp`` directory, which is
-    ignored, so the newest ``step-*`` always loads. Only the newest ``keep`` are kept.
-    """
-
-    def __init__(self, accelerator, output_dir: str, keep: int):
-        self.accelerator = accelerator
-        self.root = os.path.join(output_dir, "checkpoints")
-        self.keep = keep
-
-    def list(self) -> list[str]:
-        if not os.path.isdir(self.root):
-            return []
-        names = sorted(n for n in os.listdir(self.root) if n.startswith("step-"))
-        return [os.path.join(self.root, n) for n in names]
-
-    def latest(self) -> str | None:
-        found = self.list()
-        return found[-1] if found else None
-
-    def save(self, step: int) -> str:
-        acc = self.accelerator
-        final = os.path.join(self.root, f"step-{step:08d}")
-        tmp = os.path.join(self.root, f".tmp-step-{step:08d}")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(self.root, exist_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(tmp, safe_serialization=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_tree(self.root)
-            for old in self.list()[: -self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def resume(self, spec: str | None) -> str | None:
-        """Load ``spec`` ('auto' = newest, or a path); return what was loaded."""
-        if not spec:
-            return None
-        path = self.latest() if spec == "auto" else spec
-        if path is None:
-            return None
-        if not os.path.isdir(path):
-            raise UserError(f"--resume {spec}: no such checkpoint directory")
-        self.accelerator.load_state(path)
-        return path
-
-
 # ---- the shared step loop --------------------------------------------------------------------
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
+def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
     value = value.detach().float().to(accelerator.device)
     return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
 
@@ -395,7 +227,7 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
         global_micro = plan.step_indices(state.step)
         micros = [collate([examples[i] for i in shard(idx, rank, world)]) for idx in global_micro]
         n_local = torch.tensor(float(sum(count(m) for m in micros)))
-        n_global = _reduce_sum(accelerator, n_local).clamp(min=1.0)
+        n_global = reduce_sum(accelerator, n_local).clamp(min=1.0)
         model.train()
         loss_sum = torch.zeros((), device=accelerator.device)
         metric_sums: dict[str, torch.Tensor] = {}
@@ -412,7 +244,7 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             tokens_seen += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else \
             torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        loss_total = _reduce_sum(accelerator, loss_sum)
+        loss_total = reduce_sum(accelerator, loss_sum)
         finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:
             optimizer.step()
@@ -435,24 +267,13 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             out = {"train/loss": float(loss_total), "train/grad_norm": float(grad_norm) if finite else float("nan"),
                    "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": float(state.skipped_steps),
                    "train/epoch": state.step / plan.steps_per_epoch, "train/tokens_per_second": tokens_seen / elapsed}
-            out.update({k: float(_reduce_sum(accelerator, v)) for k, v in metric_sums.items()})
+            out.update({k: float(reduce_sum(accelerator, v)) for k, v in metric_sums.items()})
             logger.log(state.step, {k: v for k, v in out.items() if math.isfinite(v) or k == "train/grad_norm"})
         if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0:
             logger.log(state.step, evaluate())
         if cfg.save_every and state.step % cfg.save_every == 0 and finite:
             checkpointer.save(state.step)
     return logger.last
-
-
-def write_model_card(cfg: TrainConfig, directory: str, title: str, metrics: dict[str, float]) -> None:
-    """``README.md`` beside the final model: what made it, with which config, and how it scored."""
-    rows = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in sorted(metrics.items()))
-    text = (f"# {title}\n\nTrained with `rlhf` {__import__('rlhf').__version__}. Load it with "
-            "transformers alone (`AutoModelForCausalLM.from_pretrained(dir)` or, for a reward model, "
-            "`AutoModelForSequenceClassification`).\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
-            f"{rows}\n\n## Config\n\n```yaml\n{to_yaml(cfg)}```\n")
-    with open(os.path.join(directory, "README.md"), "w") as f:
-        f.write(text)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -20,7 +20,7 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, freeze, load_sequence_classifier
 from rlhf.recipes.common import (
-    StepPlan, UserError, _reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
     response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
@@ -67,8 +67,8 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
         perm = torch.randperm(n, device=buf["input_ids"].device)
         for s in range(0, n, mb):
             idx = perm[s : s + mb]
-            agg = {"global_tokens": _reduce_sum(accelerator, buf["response_mask"][idx].sum().float()).clamp(min=1),
-                   "global_seqs": _reduce_sum(accelerator, torch.tensor(float(len(idx)))).clamp(min=1)}
+            agg = {"global_tokens": reduce_sum(accelerator, buf["response_mask"][idx].sum().float()).clamp(min=1),
+                   "global_seqs": reduce_sum(accelerator, torch.tensor(float(len(idx)))).clamp(min=1)}
             micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
@@ -94,7 +94,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             n_updates += 1
-    return {k: float(_reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+    return {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
 
 
 def run(cfg: Config) -> dict[str, float]:

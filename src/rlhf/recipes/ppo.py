@@ -25,9 +25,10 @@ from rlhf.models import (
     load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, UserError, _reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
-    save_final, shard, start, write_model_card,
+    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
+    save_final, shard, start,
 )
+from rlhf.recipes.logs import write_model_card
 from rlhf.recipes.scoring import RLConfig, generate_and_score
 from rlhf.rollout import HFRollout, RolloutBatch
 
@@ -137,8 +138,8 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
         for start_ in range(0, n, mb):
             idx = perm[start_ : start_ + mb]
             mask_mb = buffer["response_mask"][idx]
-            tokens = _reduce_sum(accelerator, mask_mb.sum().float()).clamp(min=1)
-            seqs = _reduce_sum(accelerator, (mask_mb.sum(1) > 0).sum().float()).clamp(min=1)
+            tokens = reduce_sum(accelerator, mask_mb.sum().float()).clamp(min=1)
+            seqs = reduce_sum(accelerator, (mask_mb.sum(1) > 0).sum().float()).clamp(min=1)
             agg = {"global_tokens": tokens, "global_seqs": seqs}
             micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
             for k, mi in enumerate(micro):
@@ -173,7 +174,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             n_updates += 1
-    out = {k: float(_reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+    out = {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
     out["train/skipped_updates"] = float(skipped)
     return out
 
@@ -254,14 +255,14 @@ def run(cfg: Config) -> dict[str, float]:
         train_metrics = ppo_update(cfg, accelerator, model, critic, optimizer, scheduler, buffer, groups)
         t_train = time.perf_counter()
         # 8. Adapt beta to the measured KL.
-        kl_per_seq = float(_reduce_sum(accelerator, kl.sum(1).sum()) / (len(examples) * world))
+        kl_per_seq = float(reduce_sum(accelerator, kl.sum(1).sum()) / (len(examples) * world))
         kl_ctl.update(kl_per_seq, n_steps=cfg.rollout_batch_size)
         state.step += 1
         logger.advance()
         # 9. Log and checkpoint.
         metrics = {
-            "objective/scores": float(_reduce_sum(accelerator, scores.sum()) / (len(examples) * world)),
-            "objective/rlhf_reward": float(_reduce_sum(accelerator, rewards.sum()) / (len(examples) * world)),
+            "objective/scores": float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)),
+            "objective/rlhf_reward": float(reduce_sum(accelerator, rewards.sum()) / (len(examples) * world)),
             "objective/kl": kl_per_seq, "objective/kl_coef": kl_ctl.value,
             "val/mean": float(masked_mean(old_values, mask)),
             "response/length_mean": float(mask.sum(1).float().mean()),
