@@ -1,5 +1,6 @@
-"""Shared pieces of every recipe, as plain functions and small objects: the common config,
-run setup on ``accelerate``, logging, atomic checkpoints with resume, and the step loop.
+"""Shared pieces of every recipe, as plain functions: the common config, run setup on
+``accelerate``, the data plan, and the step loop (checkpoints and logs live in
+``checkpoints.py`` and ``logs.py``).
 
 The batch arithmetic follows one rule so results do not depend on how work is split: a
 *step* consumes ``batch_size * grad_accum`` examples of a seeded per-epoch permutation
@@ -17,8 +18,8 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.recipes.checkpoints import CheckpointError, Checkpointer, TrainState
-from rlhf.recipes.logs import LoggerError, RunLogger, write_model_card
+from rlhf.recipes.checkpoints import Checkpointer, TrainState
+from rlhf.recipes.logs import RunLogger, write_model_card
 
 
 class UserError(Exception):
@@ -60,7 +61,7 @@ class TrainConfig:
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0: none until the end)."""
     save_total_limit: int = 2
-    """Keep only the newest K checkpoints."""
+    """Keep only the newest K checkpoints (0: keep all)."""
     eval_every: int = 0
     """Evaluate on --eval-data every N steps (0: only at the end)."""
     log_every: int = 1
@@ -96,6 +97,11 @@ class TrainConfig:
     report_to: str = "tensorboard"
     """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always written)."""
 
+    def lora_targets(self) -> str | list[str]:
+        """``'all-linear'`` or the list of module names to adapt."""
+        t = self.lora_target_modules
+        return t if t == "all-linear" else [x.strip() for x in t.split(",") if x.strip()]
+
     def check(self) -> None:
         """Reject impossible values with one line naming the flag."""
         if not self.model:
@@ -130,9 +136,7 @@ def load_policy(cfg: TrainConfig, path: str | None = None):
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora:
-        targets = cfg.lora_target_modules
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                           targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets())
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     return tokenizer, model
 
@@ -164,7 +168,8 @@ def make_optimizer(cfg: TrainConfig, params, total_steps: int, lr: float | None 
 class StepPlan:
     """Deterministic batches: step s of epoch e reads a slice of ``randperm(n, seed + e)``.
 
-    The plan depends only on the step number, so resuming needs nothing but the step.
+    The plan depends only on the step number, so resuming needs nothing but the step. An
+    epoch's remainder that does not fill a whole step is left out (``drop_last``).
     """
 
     n: int
@@ -232,7 +237,7 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
         loss_sum = torch.zeros((), device=accelerator.device)
         metric_sums: dict[str, torch.Tensor] = {}
         for k, batch in enumerate(micros):
-            batch = {key: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            batch = to_device(batch, accelerator.device)
             sync = contextlib.nullcontext() if k == len(micros) - 1 else accelerator.no_sync(model)
             with sync:
                 loss, metrics = loss_fn(model, batch)

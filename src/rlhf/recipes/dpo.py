@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.algos import dpo_loss, logprobs_from_logits
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, causal_logits, eval_mode
+from rlhf.models import Reference, causal_logits, eval_mode, uses_flash_attention
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict[str, float]:
     held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, log) if cfg.eval_data else None
     for i, e in enumerate(train.examples):
         e["index"] = i
-    flash = str(getattr(policy.config, "_attn_implementation", "")).startswith("flash")
+    flash = uses_flash_attention(policy)
     collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length))
                if cfg.share_prompt and not flash else partial(collate_preference, pad_id=tokenizer.pad_token_id))
 

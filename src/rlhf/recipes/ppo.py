@@ -146,7 +146,11 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
                 b = {key: buffer[key][mi] for key in ("input_ids", "attention_mask", "response_mask", "old_logprobs",
                                                        "old_values", "advantages", "returns")}
                 mask = b["response_mask"]
-                with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
+                with contextlib.ExitStack() as stack:
+                    if k < len(micro) - 1:  # accumulate locally; gradients sync on the last micro-batch
+                        for m in (model, critic):
+                            if m is not None:
+                                stack.enter_context(accelerator.no_sync(m))
                     logprobs, values, entropy = policy_forward(model, critic, b["input_ids"], b["attention_mask"],
                                                                prompt_len, cfg.temperature, with_entropy=True)
                     pg_loss, pg_m = ppo_policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask,

@@ -77,9 +77,8 @@ def run(cfg: Config) -> dict[str, float]:
     classifier = load_sequence_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora:
-        targets = cfg.lora_target_modules
-        classifier = apply_lora(classifier, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                targets if targets == "all-linear" else targets.split(","), task_type="SEQ_CLS")
+        classifier = apply_lora(classifier, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(),
+                                task_type="SEQ_CLS")
     set_gradient_checkpointing(classifier, cfg.gradient_checkpointing)
     scorer = Critic(classifier)  # the scalar head read at every token; we take the last real one
 

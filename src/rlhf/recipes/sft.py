@@ -14,6 +14,7 @@ import torch
 
 from rlhf.algos import sft_loss
 from rlhf.data import collate_packed, collate_sft
+from rlhf.models import uses_flash_attention
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
@@ -73,7 +74,7 @@ def run(cfg: Config) -> dict[str, float]:
     if not cfg.completion_only_loss:
         for e in train.examples:
             e["labels"] = list(e["input_ids"])
-    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+    flash = uses_flash_attention(model)
     collate = (partial(collate_packed, pad_id=tokenizer.pad_token_id, block_mask=not flash) if cfg.packing
                else partial(collate_sft, pad_id=tokenizer.pad_token_id))
 
