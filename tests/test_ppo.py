@@ -95,3 +95,13 @@ def test_experience_tensors_with_left_padding_and_mixed_endings(tiny_dir, tokeni
     expected = lp_alone.gather(-1, alone[:, 2:, None])[..., 0]
     torch.testing.assert_close(logprobs[1], expected[0], atol=1e-5, rtol=1e-5)
     assert finished.tolist() == [True, False] and rmask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_reward_model_with_another_tokenizer_is_one_clear_error(tiny_dir, prompts_file, tmp_path):
+    from rlhf.models import save_pretrained, tiny_causal_lm, train_tokenizer
+    from rlhf.recipes.common import UserError
+
+    other = train_tokenizer(["completely different words here"] * 10, vocab_size=280)
+    save_pretrained(tiny_causal_lm(other, "llama", hidden_size=32), other, str(tmp_path / "rm"))
+    with pytest.raises(UserError, match="its tokenizer differs from the policy's"):
+        ppo.run(config(tiny_dir, prompts_file, tmp_path, reward_model=str(tmp_path / "rm"), max_steps=1))

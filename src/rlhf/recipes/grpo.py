@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, freeze, load_sequence_classifier
+from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode
 from rlhf.recipes.common import (
     StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
     response_logprobs, save_final, shard, start,
@@ -102,8 +102,7 @@ def run(cfg: Config) -> dict[str, float]:
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
     ref = Reference(policy).to(accelerator.device) if cfg.beta > 0 else None
-    reward_model = freeze(load_sequence_classifier(cfg.reward_model)).to(accelerator.device) if cfg.reward_model else None
-    scorer = cfg.scorer(reward_model)
+    scorer = cfg.scorer(tokenizer, accelerator.device)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -121,10 +120,10 @@ def run(cfg: Config) -> dict[str, float]:
 
     while state.step < total:
         t0 = time.perf_counter()
-        # 1-2. Prompts, and G samples of each (contiguous).
+        # 1. Prompts.
         examples = [prompts.examples[i]
                     for i in shard(plan.step_indices(state.step)[0], accelerator.process_index, accelerator.num_processes)]
-        # 3. Rewards for each response.
+        # 2-3. G samples of each prompt (contiguous), and their rewards.
         batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
                                                                        accelerator.device)
         mask, P = batch.response_mask, batch.prompt_ids.shape[1]

@@ -21,8 +21,7 @@ from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
-    Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, freeze,
-    load_sequence_classifier,
+    Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.recipes.common import (
     StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
@@ -186,7 +185,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
 # ---- the outer loop -------------------------------------------------------------------------
 
 def build_models(cfg: Config, accelerator):
-    """Actor (+ value head or separate critic), frozen reference and frozen reward model."""
+    """Actor (+ value head or separate critic) and the frozen reference."""
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
     ref = Reference(policy).to(accelerator.device)  # LoRA: the base with adapters off; else a frozen copy
@@ -196,16 +195,13 @@ def build_models(cfg: Config, accelerator):
     else:
         model = policy
         critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model)))
-    reward_model = None
-    if cfg.reward_model:
-        reward_model = freeze(load_sequence_classifier(cfg.reward_model)).to(accelerator.device)
-    return tokenizer, model, critic, ref, reward_model
+    return tokenizer, model, critic, ref
 
 
 def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
-    tokenizer, model, critic, ref, reward_model = build_models(cfg, accelerator)
-    scorer = cfg.scorer(reward_model)
+    tokenizer, model, critic, ref = build_models(cfg, accelerator)
+    scorer = cfg.scorer(tokenizer, accelerator.device)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)

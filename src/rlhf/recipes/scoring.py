@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.models import get_score_stats, sequence_scores
+from rlhf.models import freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores
 from rlhf.recipes.common import TrainConfig, UserError
 from rlhf.rollout import RolloutBatch, SamplingParams
 
@@ -134,7 +134,14 @@ class RLConfig(TrainConfig):
     def sampling(self, num_samples: int = 1) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, num_samples)
 
-    def scorer(self, reward_model) -> "Scorer":
+    def scorer(self, tokenizer, device) -> "Scorer":
+        """The frozen reward model (if any) and reward functions, as one :class:`Scorer`."""
+        reward_model = None
+        if self.reward_model:
+            if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
+                raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
+                                "the reward model must share the policy's tokenizer")
+            reward_model = freeze(load_sequence_classifier(self.reward_model)).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
 
