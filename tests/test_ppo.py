@@ -105,3 +105,33 @@ def test_reward_model_with_another_tokenizer_is_one_clear_error(tiny_dir, prompt
     save_pretrained(tiny_causal_lm(other, "llama", hidden_size=32), other, str(tmp_path / "rm"))
     with pytest.raises(UserError, match="its tokenizer differs from the policy's"):
         ppo.run(config(tiny_dir, prompts_file, tmp_path, reward_model=str(tmp_path / "rm"), max_steps=1))
+
+
+def test_killed_ppo_run_resumes_to_the_same_weights(tiny_dir, prompts_file, tmp_path, monkeypatch):
+    # Sampling, minibatch shuffles, optimizer, scheduler and the adaptive beta all come back.
+    from safetensors.torch import load_file
+
+    import rlhf.recipes.common as common
+
+    over = dict(max_steps=4, save_every=2, adaptive_kl=True, kl_target=0.5, kl_horizon=100)
+    ppo.run(config(tiny_dir, prompts_file, tmp_path, output_dir=str(tmp_path / "full"), **over))
+    real = common.RunLogger.log
+
+    def die_at_step_3(self, step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, metrics)
+
+    monkeypatch.setattr(common.RunLogger, "log", die_at_step_3)
+    killed = config(tiny_dir, prompts_file, tmp_path, output_dir=str(tmp_path / "killed"), **over)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.run(killed)
+    monkeypatch.setattr(common.RunLogger, "log", real)
+    killed.resume = "auto"
+    ppo.run(killed)
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "killed" / name))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    kl_coefs = [[r["objective/kl_coef"] for r in metrics_rows(tmp_path / d / "metrics.jsonl")] for d in ("full", "killed")]
+    assert kl_coefs[0] == kl_coefs[1]
