@@ -69,7 +69,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, name: str, module: str) ->
     if hasattr(mod, "Config"):
         p.add_argument("--config", dest="config_file", help="YAML file of field: value (flags override it).")
         p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
-        add_arguments(p, mod.configs()[name] if hasattr(mod, "configs") else mod.Config)
+        add_arguments(p, mod.Config)
     elif hasattr(mod, "add_arguments"):
         mod.add_arguments(p, name)
 
@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.main(args, args.command) or 0)
         from rlhf.config import build_config, to_yaml
 
-        cls = module.configs()[args.command] if hasattr(module, "configs") else module.Config
+        cls = module.Config
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "print_config")}
         cfg = build_config(cls, args.config_file, flags)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        result = module.run(cfg) if not hasattr(module, "configs") else module.run(cfg, args.command)
-        return int(result) if isinstance(result, int) else 0
+        module.run(cfg)
+        return 0
     except _user_errors() as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 1
