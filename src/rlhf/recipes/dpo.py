@@ -134,8 +134,11 @@ def run(cfg: Config) -> dict[str, float]:
     collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length))
                if cfg.share_prompt and not flash else partial(collate_preference, pad_id=tokenizer.pad_token_id))
 
-    # 2. Reference log-probs: once, in one pass, cached beside the run.
+    # 2. Reference log-probs: once, in one pass, cached beside the run (held-out ones too).
     ref_logps = cached_reference_logps(cfg, accelerator, ref, train.examples, collate) if cfg.precompute_ref else None
+    ref_eval = all_pair_logps(accelerator, ref, held_out.examples, collate, cfg.batch_size) if held_out else None
+    if cfg.precompute_ref:
+        ref = None  # no longer needed: free the frozen copy
 
     def collate_with_ref(examples):
         batch = collate(examples)
@@ -157,7 +160,6 @@ def run(cfg: Config) -> dict[str, float]:
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        ref_eval = all_pair_logps(accelerator, ref, held_out.examples, collate, cfg.batch_size)
         with eval_mode(model):
             pol = all_pair_logps(accelerator, model, held_out.examples, collate, cfg.batch_size)
         _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
