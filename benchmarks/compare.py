@@ -4,7 +4,8 @@
 
 Same model and tokenizer (built here, no download), same SupportBot data, same batch size,
 lengths, generations and steps. Each job runs in its own subprocess so its peak RSS is its own.
-Prints pairs/s (DPO), completions/s (GRPO), tokens/s and peak RSS with our/TRL ratios; for
+Prints pairs/s (DPO) and completions/s (GRPO), each the median of ``--repeat`` interleaved runs,
+with our/TRL ratios; for
 PPO (TRL no longer ships it) the split of our step time against a lower bound timed in the
 same run (the generate call and the forward/backward passes alone); and the peak memory of
 PPO with LoRA (actor, reference and critic on one base) over that of SFT on the same model.
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,13 +58,23 @@ def vowel_fraction(prompts, completions, **kw):
 
 # ---- jobs (each in its own process) ----------------------------------------------------------
 
+def pair_tokens(p) -> int:
+    """Tokens of every pair (prompt rendered with the chat template, both replies): the DPO workload."""
+    from rlhf.data import Encoder, prepare
+    from rlhf.models import load_tokenizer
+
+    ex = prepare(p["pairs"], "preference", Encoder(load_tokenizer(p["model"]), 128)).examples
+    return sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)
+
+
 def job_dpo_ours(a, p):
     from rlhf.recipes import dpo
 
     t = time.perf_counter()
     dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=os.path.join(a.root, "dpo-ours"), max_steps=a.steps,
                        batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0))
-    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size, "tokens": pair_tokens(p),
+            "peak_rss_mb": rss_mb()}
 
 
 def job_dpo_trl(a, p):
@@ -80,7 +92,8 @@ def job_dpo_trl(a, p):
     trainer = DPOTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     trainer.save_model()
-    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size, "tokens": pair_tokens(p),
+            "peak_rss_mb": rss_mb()}
 
 
 def job_grpo_ours(a, p):
@@ -91,8 +104,11 @@ def job_grpo_ours(a, p):
     grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=os.path.join(a.root, "grpo-ours"), max_steps=a.steps,
                          rollout_batch_size=a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, report_to="none"))
-    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, report_to="none", log_every=1))
+    seconds = time.perf_counter() - t
+    rows = [json.loads(x) for x in open(os.path.join(a.root, "grpo-ours", "metrics.jsonl")) if '"reward"' in x]
+    tokens = sum(r["completions/mean_length"] * a.batch_size for r in rows)
+    return {"seconds": seconds, "items": a.steps * a.batch_size, "tokens": tokens, "peak_rss_mb": rss_mb()}
 
 
 def job_grpo_trl(a, p):
@@ -103,13 +119,16 @@ def job_grpo_trl(a, p):
     t = time.perf_counter()
     args = GRPOConfig(output_dir=os.path.join(a.root, "grpo-trl"), per_device_train_batch_size=a.batch_size,
                       num_generations=a.generations, max_completion_length=a.max_new_tokens, max_steps=a.steps,
-                      learning_rate=1e-4, beta=0.04, report_to=[], save_strategy="no", logging_steps=a.steps,
+                      learning_rate=1e-4, beta=0.04, report_to=[], save_strategy="no", logging_steps=1,
                       use_cpu=True, temperature=1.0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=p["model"], reward_funcs=vowel_fraction, args=args,
                           train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     trainer.save_model()
-    return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size}
+    seconds = time.perf_counter() - t
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    tokens = sum(h["completions/mean_length"] * a.batch_size for h in logs)
+    return {"seconds": seconds, "items": a.steps * a.batch_size, "tokens": tokens, "peak_rss_mb": rss_mb()}
 
 
 def job_ppo_breakdown(a, p):
@@ -195,6 +214,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mem-hidden", type=int, default=512, help="Model width for the memory comparison.")
     ap.add_argument("--mem-layers", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="Runs of each speed job; the median time is reported.")
     ap.add_argument("--json", help="Write figures and ratios here.")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -212,29 +232,41 @@ def main() -> None:
                      if k in ("steps", "batch_size", "generations", "max_new_tokens", "max_length")] + [f"--root={root}"]
     n_rows = a.steps * a.batch_size
     small, big = setup(root, a.hidden, a.layers, n_rows), setup(root, a.mem_hidden, a.mem_layers, n_rows)
-    r = {name: run_job(name, a, small) for name in ("dpo_ours", "grpo_ours", "ppo_breakdown")}
-    if not a.skip_trl:
-        r.update({name: run_job(name, a, small) for name in ("dpo_trl", "grpo_trl")})
+    speed = ["dpo_ours", "grpo_ours"] + ([] if a.skip_trl else ["dpo_trl", "grpo_trl"])
+    r = {}
+    for _ in range(a.repeat):  # interleaved, so a slow spell of the machine hits both libraries
+        for name in speed:
+            r.setdefault(name, []).append(run_job(name, a, small))
+    r = {name: {"seconds": statistics.median(x["seconds"] for x in runs), "items": runs[0]["items"],
+                "tokens": statistics.median(x["tokens"] for x in runs),
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in runs), "all_seconds": [x["seconds"] for x in runs]}
+         for name, runs in r.items()}
+    r["ppo_breakdown"] = run_job("ppo_breakdown", a, small)
     r.update({name: run_job(name, a, big) for name in ("sft_mem", "ppo_lora_mem")})
     report(a, r)
 
 
 def report(a, r: dict) -> None:
+    nan = float("nan")
+
     def rate(job):
-        return r[job]["items"] / r[job]["seconds"] if job in r else float("nan")
+        return r[job]["items"] / r[job]["seconds"] if job in r else nan
 
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
            "settings": {k: getattr(a, k) for k in ("steps", "batch_size", "generations", "max_new_tokens", "hidden", "layers")},
            "raw": r}
     print(f"\nrlhf vs TRL, {out['machine']}; {a.steps} steps, batch {a.batch_size}, G={a.generations}, "
-          f"{a.max_new_tokens} new tokens, Llama {a.layers}x{a.hidden}\n")
+          f"{a.max_new_tokens} new tokens, Llama {a.layers}x{a.hidden}; median of {a.repeat} runs\n")
     print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}")
-    for label, ours, theirs, key in (("DPO pairs/s", "dpo_ours", "dpo_trl", "dpo_speedup_vs_trl"),
-                                     ("GRPO completions/s", "grpo_ours", "grpo_trl", "grpo_speedup_vs_trl")):
-        o, t = rate(ours), rate(theirs)
-        out[key] = o / t if t == t else None
-        print(f"{label:28}{o:10.2f}{t:10.2f}{(o / t if t == t else float('nan')):8.2f}")
-        out[f"{ours}_per_second"], out[f"{theirs}_per_second"] = o, t
+    for algo, ours, theirs, unit in (("DPO", "dpo_ours", "dpo_trl", "pairs/s"), ("GRPO", "grpo_ours", "grpo_trl",
+                                                                                "completions/s")):
+        rows = ((unit, lambda j: rate(j)), ("tokens/s", lambda j: r[j]["tokens"] / r[j]["seconds"] if j in r else nan),
+                ("peak RSS MB", lambda j: r[j]["peak_rss_mb"] if j in r else nan))
+        for label, f in rows:
+            o, t = f(ours), f(theirs)
+            print(f"{algo + ' ' + label:28}{o:10.1f}{t:10.1f}{o / t:8.2f}")
+            out[f"{algo.lower()}_{label.replace(' ', '_').replace('/', '_per_')}"] = {"rlhf": o, "trl": t}
+        out[f"{algo.lower()}_speedup_vs_trl"] = rate(ours) / rate(theirs) if theirs in r else None
     split, bound = r["ppo_breakdown"]["split"], r["ppo_breakdown"]["bound"]
     out["ppo_step_over_bound"] = split["time/step"] / bound["total"]
     print("\nPPO step (rlhf), mean seconds:")

@@ -76,20 +76,24 @@ def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int
     """Pairs as ``[prompt | chosen | rejected]`` segments packed into rows: the prompt is encoded once.
 
     Rejected tokens continue the prompt's positions and cannot see the chosen ones, so each
-    reply is scored exactly as in its own sequence. Segments are packed greedily into rows of
-    at most ``row_tokens`` (padding-free but for the row ends), with a (R, 1, L, L) boolean
-    mask. ``src[k]``/``tgt[k]`` are flat indices (into R*L) of the logits that predict reply
-    token ``tgt[k]``; ``owner[k]`` is its sequence: pair i's chosen is i, its rejected B + i.
+    reply is scored exactly as in its own sequence. Segments are packed first-fit decreasing
+    into rows of at most ``row_tokens`` (padding-free but for the row ends), with a
+    (R, 1, L, L) boolean mask. ``src[k]``/``tgt[k]`` are flat indices (into R*L) of the logits
+    that predict reply token ``tgt[k]``; ``owner[k]`` is its sequence: pair i's chosen is i,
+    its rejected B + i.
     """
-    rows: list[list[dict]] = [[]]
-    fill = 0
-    for i, e in enumerate(examples):
-        n = len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-        if rows[-1] and fill + n > row_tokens:
+    # First-fit decreasing: longest segments first, each into the first row with room.
+    size = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]
+    rows: list[list[dict]] = []
+    fills: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda k: -size[k]):
+        r = next((r for r, f in enumerate(fills) if f + size[i] <= row_tokens), None)
+        if r is None:
             rows.append([])
-            fill = 0
-        rows[-1].append({"i": i, **e})
-        fill += n
+            fills.append(0)
+            r = len(rows) - 1
+        rows[r].append({"i": i, **examples[i]})
+        fills[r] += size[i]
     width = max(sum(len(s["prompt_ids"]) + len(s["chosen_ids"]) + len(s["rejected_ids"]) for s in r) for r in rows)
     B = len(examples)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
