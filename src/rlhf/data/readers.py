@@ -35,13 +35,6 @@ class Record:
     data: dict
 
 
-def _decode(raw: bytes, where: str) -> tuple[str | None, RecordError | None]:
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return None, RecordError(where, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-
-
 def _read_jsonl(path: str):
     records, errors = [], []
     with open(path, "rb") as f:
@@ -49,7 +42,7 @@ def _read_jsonl(path: str):
             where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
-            text, err = _decode(raw, where)
+            text, err = _decode_file(raw, path, first_line=lineno)
             if err:
                 errors.append(err)
                 continue
@@ -65,11 +58,12 @@ def _read_jsonl(path: str):
     return records, errors
 
 
-def _decode_file(raw: bytes, path: str) -> tuple[str | None, RecordError | None]:
+def _decode_file(raw: bytes, path: str, first_line: int = 1) -> tuple[str | None, RecordError | None]:
+    """UTF-8 text of ``raw`` (which starts at line ``first_line`` of ``path``), or where it breaks."""
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line = first_line + raw[: e.start].count(b"\n")
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         return None, RecordError(f"{path}:{line}", None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})")
 
