@@ -176,7 +176,6 @@ class StepPlan:
     batch_size: int
     grad_accum: int
     seed: int
-    shuffle: bool = True
 
     @property
     def per_step(self) -> int:
@@ -193,7 +192,7 @@ class StepPlan:
         """Global example indices of each micro-batch of ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        order = torch.randperm(self.n, generator=g).tolist()
         chunk = [order[(k * self.per_step + i) % self.n] for i in range(min(self.per_step, max(self.n, 1)))]
         return [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
 
