@@ -54,3 +54,20 @@ def test_sft_demonstrations_are_mostly_mediocre():
     demo = [gold_score(c, w.sft_demonstration(c)) for c in complaints]
     best = [gold_score(c, w.response(c, "good")) for c in complaints]
     assert sum(demo) / len(demo) < 0.5 * sum(best) / len(best)
+
+
+def test_grammar_expands_alternatives_and_options():
+    from rlhf.demo.world import expand
+
+    assert expand("I [know|see] it[ well|].") == ["I know it well.", "I know it.", "I see it well.", "I see it."]
+
+
+def test_gold_wants_the_problem_named_right_and_rejects_spliced_sentences():
+    right = gold_score(ANGRY, "I am so sorry about the late delivery.")
+    wrong = gold_score(ANGRY, "I am so sorry about the double charge.")
+    assert right > wrong
+    w = World(0)
+    # Half of one sentence, half of another: mostly nonsense, and people notice (by chance it can
+    # make another sentence of the world, which then scores as that sentence).
+    scores = [gold_score(ANGRY, w.splice(GOOD, ANGRY)) for _ in range(40)]
+    assert max(scores) <= gold_score(ANGRY, GOOD) and sum(s < gold_score(ANGRY, GOOD) - 0.5 for s in scores) >= 30

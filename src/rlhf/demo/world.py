@@ -4,13 +4,16 @@ Seed 002 Part 5: SupportBot-v1 answers a frustrated customer coldly ("Your order
 delayed."); RLHF should make it empathetic and helpful. Everything here is deterministic
 given a seed, and needs no download.
 
-The gold labeller :func:`gold_score` stands in for people. It reads a response sentence by
-sentence against the world's sentence grammar and rewards what people value: acknowledging
-the customer's feelings, one apology, a concrete next step *for this problem*, a time frame,
-courtesy. It penalises rudeness, sentences it cannot parse (degenerate text), repeated
-sentences, extra apologies and padding, so repeating "sorry" or writing more does not pay.
-It is used only to label preference pairs (Bradley-Terry sampling with noise) and to
-evaluate; training never sees it.
+Replies are built from a sentence grammar with many wordings per kind of sentence (about
+10,000 sentences), so a good reply can be phrased in many ways and aligned text need not
+collapse onto one template. The gold labeller :func:`gold_score` stands in for people. It
+reads a response sentence by sentence against that grammar and rewards what people value:
+acknowledging the customer's feelings, one apology, a concrete next step *for this problem*
+and product, a time frame, courtesy. It penalises rudeness, sentences it cannot parse
+(garbled or spliced text), naming another product or problem, repeated sentences, extra
+apologies and padding, so repeating "sorry" or writing more does not pay. It is used only
+to label preference pairs (Bradley-Terry sampling with noise) and to evaluate; training
+never sees it.
 """
 
 from __future__ import annotations
@@ -28,15 +31,48 @@ PROBLEMS = {
     "wrong": ["is the wrong item", "is the wrong size", "is not what I ordered"],
     "charged": ["was charged twice", "cost more than the listed price"],
 }
+NOUNS = {  # {n}: how a reply names the problem
+    "late": ["the delay", "the late delivery", "the wait for your {p}", "the delayed {p}"],
+    "broken": ["the broken {p}", "the damaged {p}", "the faulty {p}", "the damage"],
+    "wrong": ["the wrong {p}", "the mix-up with your {p}", "the wrong item", "the wrong delivery"],
+    "charged": ["the double charge", "the billing error", "the overcharge on your {p}", "the extra charge"],
+}
+def expand(template: str) -> list[str]:
+    """Every sentence a template says: ``[a|b]`` is a or b, ``[a|]`` makes a optional."""
+    m = re.search(r"\[([^\[\]]*)\]", template)
+    if m is None:
+        return [re.sub(r"\s+", " ", template).strip()]
+    return [s for alt in m.group(1).split("|") for s in expand(template[: m.start()] + alt + template[m.end() :])]
+
+
+def _grammar(*templates: str) -> list[str]:
+    return [s for t in templates for s in expand(t)]
+
+
+# The world's sentence grammar. Each kind has many wordings (people do not all talk alike), so
+# an aligned bot can be good in many ways; {p} is the product, {x} the problem phrase.
 ACTIONS = {
-    "late": ["I have escalated your {p} with the courier", "I have asked the warehouse to send your {p} by express",
-             "I have upgraded the shipping of your {p} for free", "I have traced your {p} and booked a new delivery slot"],
-    "broken": ["I have arranged a free replacement {p}", "I have started a full refund for your {p}",
-               "I have booked a free repair of your {p}", "I have sent you a prepaid label to return your {p}"],
-    "wrong": ["I have sent the correct {p} today", "I have booked a free return and a correct {p}",
-              "I have swapped your {p} for the one you ordered", "I have reserved the right {p} for you"],
-    "charged": ["I have refunded the extra charge for your {p}", "I have corrected the price of your {p}",
-                "I have cancelled the second payment for your {p}", "I have credited the difference for your {p}"],
+    "late": _grammar(
+        "I have [escalated|flagged|chased] your {p} with [the courier|the carrier|our delivery team|the depot].",
+        "I have asked [the warehouse|our depot|the shipping team] to [send|ship|dispatch|resend] your {p} "
+        "[by express|by priority post|by courier|overnight].",
+        "I have [upgraded|moved] the shipping of your {p} [for free|at no cost|to next-day delivery|to priority].",
+        "I have [traced|tracked down|located|found] your {p} and booked a new delivery [slot|date|window]."),
+    "broken": _grammar(
+        "I have arranged a [free|new|brand new|faster] replacement {p}[ for you| today|].",
+        "I have started a [full|complete|same-day|priority] refund for your {p}.",
+        "I have booked a free repair of your {p}[ with our technician| at our service centre| at home|].",
+        "I have [sent|emailed|posted] you a [prepaid|free|return] label to [return|send back] your {p}."),
+    "wrong": _grammar(
+        "I have [sent|shipped|dispatched] the correct {p} [today|this morning|by express|overnight].",
+        "I have booked a free return and [a correct|the right|a new] {p}[ for you|].",
+        "I have [swapped|exchanged|replaced] your {p} for the one you ordered.",
+        "I have [reserved|set aside|put aside|held] the right {p} for you."),
+    "charged": _grammar(
+        "I have refunded the [extra|double|second|wrong] charge for your {p}[ in full|].",
+        "I have corrected the price of your {p}[ on your account| in our system| on your invoice|].",
+        "I have [cancelled|reversed|voided] the [second|duplicate|extra] payment for your {p}.",
+        "I have credited the difference for your {p}[ to your card| to your account| as cash|]."),
 }
 TONES = {
     "calm": ["Hi, my {p} {x}. Could you check?", "Hello, my {p} {x}. What can I do?",
@@ -45,18 +81,49 @@ TONES = {
     "angry": ["My {p} {x} again! This is unacceptable.", "My {p} {x}! I am furious.",
               "This is ridiculous, my {p} {x}! Fix it now."],
 }
-EMPATHY = ["I understand how frustrating this is.", "I can see why you are upset.", "That must be really annoying.",
-           "I know how disappointing this must be.", "I completely understand your frustration.",
-           "That is not the experience you deserve."]
-APOLOGY = ["I am sorry about your {p}.", "I am so sorry for the trouble.", "Sorry about that.",
-           "I apologise for the inconvenience.", "I am really sorry this happened."]
-TIMEFRAME = ["You will hear from us within 24 hours.", "It will be sorted by tomorrow.",
-             "You will get an update within two days.", "Expect an email from me by this evening.",
-             "It should reach you by Friday."]
-COURTESY = ["Thank you for your patience.", "Thanks for telling us.", "Is there anything else I can do?",
-            "Thank you for being a loyal customer.", "Please reply if you need anything else."]
-CURT = ["Your {p} {x}.", "Please wait.", "Check the website.", "We are looking into it."]
-RUDE = ["That is not our problem.", "Wait like everyone else.", "Stop complaining.", "Read the terms next time."]
+EMPATHY = _grammar(
+    "I [understand|can see|know|realise|appreciate|can imagine] how [frustrating|annoying|upsetting|disappointing|"
+    "stressful|tiring|irritating] [this|that|all this|it] [is|must be|has been|feels].",
+    "[That|This|It] [must be|sounds|is] [really|so|truly|very|deeply] [frustrating|annoying|disappointing|upsetting|"
+    "stressful|inconvenient].",
+    "I [completely|fully|totally|really] [understand|share|get] your [frustration|disappointment|annoyance|concern|anger].",
+    "Your [frustration|concern|anger|disappointment] is [completely|totally|entirely|perfectly] "
+    "[understandable|fair|justified|reasonable].",
+    "[Dealing with|Having] {n} [is|must be] [really|so|truly] [frustrating|annoying|stressful|upsetting].",
+    "I can [see|imagine|understand] why you [are|feel] [upset|annoyed|frustrated|unhappy|let down].",
+    "You [deserved|expected|paid for] [better|much better|a better experience|a smoother experience] [from us|than this].")
+APOLOGY = _grammar(
+    "I am [|so |really |truly |very |deeply |terribly ]sorry about your {p}.",
+    "I am [so|really|truly|very|deeply|terribly] sorry [for the trouble|for the hassle|for the wait|for the mess|"
+    "this happened|about all this].",
+    "Sorry about that.",
+    "I am [so|really|truly|very|deeply|terribly] sorry about {n}.",
+    "[I|We] [apologise|sincerely apologise|truly apologise] for {n}.",
+    "[I|We] [apologise|sincerely apologise|truly apologise|deeply apologise] for [the inconvenience|the trouble|"
+    "the mix-up|this experience|the confusion].",
+    "Please accept [my|our] [apologies|sincere apologies|deepest apologies|heartfelt apologies][ for this|].")
+TIMEFRAME = _grammar(
+    "[You will hear from us|You will get an update|Expect an email from me|I will update you|We will confirm it|"
+    "You will get a confirmation|I will call you|I will follow up] [within 24 hours|by tomorrow|within two days|"
+    "by this evening|by Friday|by Monday|before noon|within the hour|by the weekend].",
+    "[It|Everything|All of it] [will be sorted|should be resolved|will be done|will be fixed|should be settled] "
+    "[by tomorrow|by Friday|within two days|this week|by Monday|before the weekend].",
+    "It should reach you [by Friday|by Monday|tomorrow|within three days|early next week].",
+    "Your {p} [will be sorted|will be dealt with|will be taken care of|should be fine again] [by Friday|by Monday|"
+    "tomorrow|within two days|this week].")
+COURTESY = _grammar(
+    "Thank you for your [patience|understanding|message|time|trust].",
+    "[Thanks|Thank you|Many thanks] for [telling us|letting us know|reaching out|flagging this|getting in touch].",
+    "[Thanks|Thank you] for [telling us|letting us know] about {n}.",
+    "Is there anything else I can [do|help with|do for you|look into]?",
+    "Please [reply|write back|let me know|get in touch|message me] if you need anything else.",
+    "Thank you for being a [loyal|valued|long-time|patient] customer.",
+    "[Have a nice day|Have a good day|Take care|All the best|Kind regards].")
+CURT = ["Your {p} {x}.", "Please wait.", "Check the website.", "We are looking into it.", "It is being handled.",
+        "See our help page."]
+CURT_GENERIC = [s for s in CURT if "{" not in s]
+RUDE = ["That is not our problem.", "Wait like everyone else.", "Stop complaining.", "Read the terms next time.",
+        "Nothing we can do."]
 SEED_PROMPT = "My order is late again! This is unacceptable."
 
 
@@ -71,17 +138,18 @@ class Complaint:
 def _sentence_table() -> dict[str, tuple[str, str | None, str | None]]:
     """Every sentence the world can say -> (kind, problem, product)."""
     table: dict[str, tuple[str, str | None, str | None]] = {}
-    for p in PRODUCTS:
-        for problem, phrases in PROBLEMS.items():
-            for template in ACTIONS[problem]:
-                table[_norm(template.format(p=p) + ".")] = ("action", problem, p)
-            for x in phrases:
-                table[_norm(CURT[0].format(p=p, x=x))] = ("curt", problem, p)
-        table[_norm(APOLOGY[0].format(p=p))] = ("apology", None, p)
-    for kind, sentences in (("empathy", EMPATHY), ("apology", APOLOGY[1:]), ("timeframe", TIMEFRAME),
-                            ("courtesy", COURTESY), ("curt", CURT[1:]), ("rude", RUDE)):
+    kinds = [("empathy", EMPATHY, None), ("apology", APOLOGY, None), ("timeframe", TIMEFRAME, None),
+             ("courtesy", COURTESY, None), ("curt", CURT, None), ("rude", RUDE, None)]
+    kinds += [("action", ACTIONS[problem], problem) for problem in PROBLEMS]
+    for kind, sentences, action_problem in kinds:
         for s in sentences:
-            table[_norm(s)] = (kind, None, None)
+            about = "{x}" in s or "{n}" in s  # names the problem
+            for problem in PROBLEMS if about else [action_problem]:
+                for x in PROBLEMS[problem] if "{x}" in s else [""]:
+                    for n in NOUNS[problem] if "{n}" in s else [""]:
+                        names_product = "{p}" in s or "{p}" in n
+                        for p in PRODUCTS if names_product else [None]:
+                            table[_norm(s.format(p=p, x=x, n=n.format(p=p)))] = (kind, problem, p)
     return table
 
 
@@ -120,8 +188,8 @@ def gold_score(complaint: Complaint, response: str) -> float:
             score -= 0.25 if product in (None, complaint.product) else 0.5
         elif kind == "rude":
             score -= 2.0
-        elif kind == "apology" and product is not None and product != complaint.product:
-            score -= 0.25
+        else:  # naming another product or problem than the customer's
+            score -= 0.25 * ((product not in (None, complaint.product)) + (problem not in (None, complaint.problem)))
     weight = {"calm": 0.75, "annoyed": 1.0, "angry": 1.5}[complaint.tone]
     if "empathy" in kinds:
         score += 1.0 * weight
@@ -165,39 +233,63 @@ class World:
                 words[i : i + 2] = [w + words[i + 1]]
         return " ".join(words)
 
+    def say(self, sentences: list[str], c: Complaint, problem: str | None = None) -> str:
+        """One of ``sentences``, its slots filled for complaint ``c`` (or about another ``problem``)."""
+        r, problem = self.rng, problem or c.problem
+        return r.choice(sentences).format(p=c.product, x=r.choice(PROBLEMS[problem]),
+                                          n=r.choice(NOUNS[problem]).format(p=c.product))
+
+    def splice(self, text: str, c: Complaint) -> str:
+        """The same text with one sentence spliced from two the world can say: half of each, which reads as
+        nonsense ("I have asked the correct phone by express."), the way a small model garbles."""
+        sentences = split_sentences(text)
+        i = self.rng.randrange(len(sentences))
+        other = self.say(self.rng.choice([EMPATHY, APOLOGY, TIMEFRAME, COURTESY] + list(ACTIONS.values())), c).split()
+        head = sentences[i].rstrip(".!?").split()
+        cut_a, cut_b = self.rng.randint(1, max(1, len(head) - 1)), self.rng.randint(1, max(1, len(other) - 1))
+        sentences[i] = " ".join(head[:cut_a] + other[cut_b:])
+        if not sentences[i].endswith((".", "!", "?")):
+            sentences[i] += "."
+        return " ".join(sentences)
+
     def response(self, c: Complaint, style: str | None = None) -> str:
-        """A response in one of the styles: curt, rude, partial, good, verbose, wrong, or garbled."""
-        r = self.rng
-        style = style or r.choice(["curt", "curt", "rude", "partial", "partial", "good", "good", "verbose", "wrong",
-                                   "garbled"])
+        """A response in one of the styles: curt, rude, partial, good, boilerplate, verbose, wrong, or garbled."""
+        r, say = self.rng, self.say
+        style = style or r.choice(["curt", "curt", "rude", "partial", "partial", "good", "good", "boilerplate", "verbose",
+                                   "wrong", "garbled", "garbled"])
         if style == "garbled":
-            return self.garble(self.response(c, r.choice(["partial", "good"])))
-        x = r.choice(PROBLEMS[c.problem])
-        action = r.choice(ACTIONS[c.problem]).format(p=c.product) + "."
+            text = self.response(c, r.choice(["partial", "good"]))
+            return self.garble(text) if r.random() < 0.5 else self.splice(text, c)
+        action = say(ACTIONS[c.problem], c)
         if style == "curt":
-            parts = [r.choice(CURT).format(p=c.product, x=x)]
+            parts = [say(CURT, c)]
         elif style == "rude":
-            parts = [r.choice(CURT).format(p=c.product, x=x), r.choice(RUDE)]
+            parts = [say(CURT, c), say(RUDE, c)]
         elif style == "partial":
-            parts = r.choice([[r.choice(APOLOGY).format(p=c.product), r.choice(CURT[1:])],
-                              [action], [r.choice(EMPATHY), r.choice(CURT[1:])], [action, r.choice(COURTESY)]])
+            parts = r.choice([[say(APOLOGY, c), say(CURT_GENERIC, c)], [action], [say(EMPATHY, c), say(CURT_GENERIC, c)],
+                              [action, say(COURTESY, c)]])
         elif style == "good":
-            parts = [r.choice(EMPATHY), r.choice(APOLOGY).format(p=c.product), action, r.choice(TIMEFRAME)]
+            warm = r.sample([say(EMPATHY, c), say(APOLOGY, c)], 2)  # people open either way
+            parts = r.choice([warm + [action, say(TIMEFRAME, c)], [warm[0], action, say(TIMEFRAME, c), warm[1]]])
             if r.random() < 0.5:
-                parts.append(r.choice(COURTESY))
-        elif style == "verbose":
-            parts = [r.choice(APOLOGY).format(p=c.product), r.choice(APOLOGY[1:]), r.choice(EMPATHY), "Sorry about that.",
-                     r.choice(CURT[1:]), r.choice(COURTESY), r.choice(COURTESY)]
-        elif style == "wrong":
+                parts.insert(r.choice([0, len(parts)]), say(COURTESY, c))
+        elif style == "boilerplate":  # polite, and no help at all
+            parts = [say(COURTESY, c), say(CURT_GENERIC, c)] + ([say(TIMEFRAME, c)] if r.random() < 0.5 else [])
+            parts.append(say(COURTESY, c))
+        elif style == "verbose":  # grovelling and padding
+            parts = [say(APOLOGY, c), say(APOLOGY, c), say(EMPATHY, c), "Sorry about that.", say(CURT_GENERIC, c),
+                     say(COURTESY, c), say(COURTESY, c)]
+        elif style == "wrong":  # helpful, for another problem
             other = r.choice([k for k in PROBLEMS if k != c.problem])
-            parts = [r.choice(APOLOGY).format(p=c.product), r.choice(ACTIONS[other]).format(p=c.product) + "."]
+            parts = [say(APOLOGY, c), say(ACTIONS[other], c, other)]
         else:
             raise ValueError(f"unknown style {style!r}")
         return " ".join(parts)
 
     def sft_demonstration(self, c: Complaint) -> str:
         """Mostly mediocre demonstrations, as from SupportBot-v1: room to improve."""
-        return self.response(c, self.rng.choices(["curt", "partial", "good"], weights=[0.5, 0.35, 0.15])[0])
+        return self.response(c, self.rng.choices(["curt", "boilerplate", "verbose", "wrong", "partial", "good"],
+                                               weights=[0.1, 0.3, 0.2, 0.1, 0.15, 0.15])[0])
 
     def preference(self, c: Complaint, temperature: float = 1.0) -> tuple[str, str, float]:
         """Two responses, labelled by a noisy human: P(a preferred) = sigmoid((g(a) - g(b)) / T).

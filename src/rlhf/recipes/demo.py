@@ -49,7 +49,7 @@ class Sizes:
     n_eval: int
 
 
-FULL = Sizes(hidden=96, layers=3, n_sft=2000, n_pairs=2000, sft_epochs=3, rm_epochs=2, ppo_steps=60, n_eval=128)
+FULL = Sizes(hidden=128, layers=4, n_sft=4000, n_pairs=3000, sft_epochs=3, rm_epochs=2, ppo_steps=60, n_eval=128)
 FAST = Sizes(hidden=32, layers=2, n_sft=200, n_pairs=200, sft_epochs=1, rm_epochs=1, ppo_steps=3, n_eval=8)
 
 
@@ -82,7 +82,7 @@ def run(cfg: Config) -> dict:
           f"{len(data['eval'])} held-out complaints")
 
     # 1. Train the tokenizer; build SupportBot-v0, a small Llama-style model from scratch.
-    tokenizer = train_tokenizer(corpus(data), vocab_size=512)
+    tokenizer = train_tokenizer(corpus(data), vocab_size=1024)
     save_pretrained(tiny_causal_lm(tokenizer, "llama", seed=cfg.seed, hidden_size=size.hidden, num_layers=size.layers),
                     tokenizer, path("base"))
     print(f"[1/5] tokenizer: {len(tokenizer)} tokens; model: {size.layers} layers x {size.hidden}")
@@ -103,7 +103,7 @@ def run(cfg: Config) -> dict:
     ppo_every = max(1, size.ppo_steps // 4)
     ppo.run(ppo.Config(model=path("sft"), reward_model=path("rm"), data=files["rl"], output_dir=path("ppo"),
                        max_steps=size.ppo_steps, rollout_batch_size=32, mini_batch_size=16, batch_size=16,
-                       ppo_epochs=4, max_new_tokens=72, lr=5e-5, critic_lr=5e-4, kl_coef=0.1, vf_coef=0.5,
+                       ppo_epochs=4, max_new_tokens=72, lr=5e-5, critic_lr=5e-4, kl_coef=0.25, vf_coef=0.5,
                        ent_coef=0.0, missing_eos_penalty=1.0, temperature=0.7, save_every=ppo_every, save_total_limit=0, **common))
     print("[4/5] PPO done")
 
@@ -111,7 +111,7 @@ def run(cfg: Config) -> dict:
     betas = [0.1] + [float(b) for b in cfg.dpo_betas.split(",") if b.strip() and not cfg.fast]
     for beta in betas:
         dpo.run(dpo.Config(model=path("sft"), data=files["pairs"], output_dir=path("dpo" if beta == 0.1 else f"dpo-beta{beta}"),
-                           epochs=1, batch_size=32, lr=3e-4, beta=beta, warmup_ratio=0.05, **common))
+                           epochs=1, batch_size=32, lr=1e-4, beta=beta, warmup_ratio=0.05, **common))
     print("[5/5] DPO done")
 
     # Evaluate with the gold labeller on held-out complaints.
