@@ -135,3 +135,17 @@ def test_killed_ppo_run_resumes_to_the_same_weights(tiny_dir, prompts_file, tmp_
             assert torch.equal(a[k], b[k]), (name, k)
     kl_coefs = [[r["objective/kl_coef"] for r in metrics_rows(tmp_path / d / "metrics.jsonl")] for d in ("full", "killed")]
     assert kl_coefs[0] == kl_coefs[1]
+
+
+def test_sampling_uses_the_full_softmax_unless_asked(tiny_dir, tokenizer, monkeypatch):
+    """generate must not slip in the model's default top_k=50: the losses score the full softmax."""
+    import transformers.generation.logits_process as lp
+
+    seen = []
+    original = lp.TopKLogitsWarper.__call__
+    monkeypatch.setattr(lp.TopKLogitsWarper, "__call__", lambda self, *a: seen.append(self.top_k) or original(self, *a))
+    rollout = HFRollout(load_causal_lm(tiny_dir), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rollout.generate([[5, 6, 7]], SamplingParams(temperature=1.0, max_new_tokens=3))
+    assert seen == []
+    rollout.generate([[5, 6, 7]], SamplingParams(temperature=1.0, max_new_tokens=3, top_k=5))
+    assert seen and set(seen) == {5}

@@ -44,16 +44,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
     """Logits of a causal LM with positions counted from the first real token.
 
+    ``keep > 0`` computes the LM head on the last ``keep`` positions only (transformers'
+    ``logits_to_keep``): a response's log-probs need ``R + 1`` of them, not the prompt's.
+
     Shape:
-        input_ids, attention_mask: (B, L) -> (B, L, V).
+        input_ids, attention_mask: (B, L) -> (B, L, V), or (B, keep, V).
     """
     if isinstance(model, Reference):
-        return model(input_ids, attention_mask)
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+        return model(input_ids, attention_mask, keep=keep)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                 use_cache=False, logits_to_keep=keep).logits
 
 
 class Reference:
@@ -70,7 +73,7 @@ class Reference:
         self.model = None if self.shares_base else frozen_copy(policy)
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask, position_ids=None, keep: int = 0) -> torch.Tensor:
         model = self.model if not self.shares_base else self.policy
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -79,7 +82,7 @@ class Reference:
         try:
             with self.policy.disable_adapter() if self.shares_base else contextlib.nullcontext():
                 return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+                             use_cache=False, logits_to_keep=keep).logits
         finally:
             model.train(was_training)
 

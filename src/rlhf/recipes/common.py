@@ -315,15 +315,16 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
                       with_entropy: bool = False):
     """Log-probs (and entropy) of the response tokens of a prompt + response batch.
 
-    ``logits[:, t]`` predicts token ``t + 1``, so positions ``P-1 .. L-2`` score the response.
+    ``logits[:, t]`` predicts token ``t + 1``, so positions ``P-1 .. L-2`` score the response:
+    the last ``R + 1`` positions, which is all that ``causal_logits(..., keep=R + 1)`` computes.
     Logits are divided by the sampling temperature, as when the response was sampled.
 
     Shape:
-        logits: (B, P + R, V), input_ids: (B, P + R) -> (B, R) and (B, R) or None.
+        logits: (B, P + R, V) or (B, R + 1, V), input_ids: (B, P + R) -> (B, R) and (B, R) or None.
     """
     from rlhf.algos import entropy_from_logits, logprobs_from_logits
 
-    logits = logits[:, prompt_len - 1 : -1]
+    logits = logits[:, -(input_ids.shape[1] - prompt_len + 1) : -1]
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     entropy = entropy_from_logits(logits) if with_entropy else None

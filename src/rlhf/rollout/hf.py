@@ -31,7 +31,9 @@ class HFRollout:
         greedy = params.temperature == 0
         gen_config = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
+            # 0 and 1.0, not None: None lets generate fill in the model's defaults (top_k=50), which would
+            # sample from a truncated distribution while the losses score the full softmax.
+            top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else (params.top_k or 0),
             max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             use_cache=True,
         )
