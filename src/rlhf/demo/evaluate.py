@@ -9,8 +9,8 @@ import torch
 
 from rlhf.data import Encoder
 from rlhf.demo.world import gold_score, parse_complaint
-from rlhf.models import causal_logits, sequence_scores
-from rlhf.recipes.common import response_logprobs
+from rlhf.models import sequence_scores
+from rlhf.recipes.common import model_response_logprobs
 from rlhf.rollout import HFRollout, SamplingParams
 
 
@@ -39,8 +39,8 @@ def evaluate_policy(policy, sft, reward_model, tokenizer, complaints: list[str],
         chunk = complaints[i : i + batch_size]
         batch = rollout.generate([encoder.prompt_ids([{"role": "user", "content": c}]) for c in chunk], params)
         ids, mask, P = batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1]
-        lp, _ = response_logprobs(causal_logits(policy, ids, mask), ids, P, temperature)
-        lp_sft, _ = response_logprobs(causal_logits(sft, ids, mask), ids, P, temperature)
+        lp, _ = model_response_logprobs(policy, ids, mask, P, temperature)
+        lp_sft, _ = model_response_logprobs(sft, ids, mask, P, temperature)
         kl += ((lp - lp_sft) * batch.response_mask).sum(1).tolist()  # k1 per response, sampled from the policy
         rm += sequence_scores(reward_model, ids, mask).tolist()
         out = tokenizer.batch_decode(batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id),

@@ -329,3 +329,19 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
         logits = logits / temperature
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy
+
+
+def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                            temperature: float = 1.0, with_entropy: bool = False):
+    """:func:`response_logprobs` of a causal LM (or a ``Reference``) run on the batch, with the LM
+    head computed on the ``R + 1`` positions that score the response only.
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.models import causal_logits
+
+    keep = input_ids.shape[1] - prompt_len + 1
+    return response_logprobs(causal_logits(model, input_ids, attention_mask, keep), input_ids, prompt_len, temperature,
+                             with_entropy)
+

@@ -21,7 +21,7 @@ from rlhf.models import (
     PolicyWithValueHead, Reference, disable_dropout, freeze, load_causal_lm, load_sequence_classifier, load_tokenizer,
 )
 from rlhf.models.heads import VALUE_HEAD_FILE
-from rlhf.recipes.common import UserError, response_logprobs
+from rlhf.recipes.common import UserError, model_response_logprobs
 from rlhf.recipes.ppo import policy_forward
 from rlhf.recipes.scoring import Scorer, load_reward_fns
 from rlhf.rollout import HFRollout, SamplingParams
@@ -56,7 +56,7 @@ def explain_rollout(model: PolicyWithValueHead, ref: Reference, scorer: Scorer, 
     model.eval()
     with torch.no_grad():
         old_lp, values, _ = policy_forward(model, None, ids, mask, P, temperature)
-        ref_lp, _ = response_logprobs(ref(ids, mask), ids, P, temperature)
+        ref_lp, _ = model_response_logprobs(ref, ids, mask, P, temperature)
     completion = tokenizer.decode(ids[0, P:], skip_special_tokens=True)
     score = float(scorer(batch, [prompt], [completion], {})[0][0])
     # Step 3: R_t = r_t - beta (log pi_old - log pi_ref), r only at the last token.

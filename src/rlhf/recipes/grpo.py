@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode
+from rlhf.models import Reference, disable_dropout, eval_mode
 from rlhf.recipes.common import (
     StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
-    response_logprobs, save_final, shard, start,
+    model_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
 from rlhf.rollout import HFRollout
@@ -73,9 +73,8 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
                 with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
-                    logits = causal_logits(model, ids, buf["attention_mask"][mi], keep=ids.shape[1] - P + 1)
-                    logprobs, entropy = response_logprobs(logits, ids, P,
-                                                          cfg.temperature, with_entropy=True)
+                    logprobs, entropy = model_response_logprobs(model, ids, buf["attention_mask"][mi], P, cfg.temperature,
+                                                                with_entropy=True)
                     # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).
                     old = buf["old_logprobs"][mi] if buf["old_logprobs"] is not None else logprobs.detach()
                     loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
@@ -127,16 +126,14 @@ def run(cfg: Config) -> dict[str, float]:
         # 2-3. G samples of each prompt (contiguous), and their rewards.
         batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
                                                                        accelerator.device)
-        mask, P, keep = batch.response_mask, batch.prompt_ids.shape[1], batch.response_ids.shape[1] + 1
+        mask, P = batch.response_mask, batch.prompt_ids.shape[1]
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
         old_logprobs = ref_logprobs = None
         with torch.no_grad(), eval_mode(model):
             if not reuse_old or (cfg.beta > 0 and cfg.kl_in_reward):
-                old_logprobs, _ = response_logprobs(causal_logits(model, batch.input_ids, batch.attention_mask, keep),
-                                                    batch.input_ids, P, cfg.temperature)
+                old_logprobs, _ = model_response_logprobs(model, batch.input_ids, batch.attention_mask, P, cfg.temperature)
             if ref is not None:
-                ref_logprobs, _ = response_logprobs(ref(batch.input_ids, batch.attention_mask, keep=keep), batch.input_ids, P,
-                                                    cfg.temperature)
+                ref_logprobs, _ = model_response_logprobs(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
         if cfg.beta > 0 and cfg.kl_in_reward:
             scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
         # 4. Group-relative advantages.

@@ -24,8 +24,8 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, response_logprobs,
-    save_final, shard, start,
+    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
+    response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
 from rlhf.recipes.scoring import RLConfig, generate_and_score
@@ -112,8 +112,7 @@ def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
             t0 = time.perf_counter()
             lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
             t1 = time.perf_counter()
-            ref_lp, _ = response_logprobs(ref(ids[i : i + chunk], mask[i : i + chunk]), ids[i : i + chunk],
-                                          prompt_len, cfg.temperature)
+            ref_lp, _ = model_response_logprobs(ref, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
             seconds["time/policy_value_pass"] += t1 - t0
             seconds["time/reference_pass"] += time.perf_counter() - t1
             old.append(lp)
