@@ -1,4 +1,4 @@
-"""HF ``generate`` behind the Rollout interface."""
+"""transformers models behind the Rollout interface: a lean sampling loop, or ``generate``."""
 
 from __future__ import annotations
 
@@ -12,20 +12,96 @@ from rlhf.rollout.base import RolloutBatch, SamplingParams, response_mask_from_i
 
 
 class HFRollout:
-    """Sample with transformers' ``generate``: KV cache, left padding, stop when all are done."""
+    """Sample from a transformers causal LM: KV cache, left padding, stop when all are done.
 
-    def __init__(self, model, pad_id: int, eos_id: int, device=None):
+    By default a short decode loop over the model's forward does the sampling, with
+    transformers' own ``DynamicCache`` and logits warpers (temperature, top-k, top-p, in
+    ``generate``'s order). Each distinct prompt is encoded once and its cache copied for its
+    ``num_samples`` responses. On this project's CPU benchmark the loop takes about a fifth
+    less time per token than ``generate``, whose per-step bookkeeping (input preparation,
+    stopping criteria, processor lists) costs as much as a small model's forward.
+    ``use_generate=True`` (and any encoder-decoder model) calls ``model.generate`` instead.
+    """
+
+    def __init__(self, model, pad_id: int, eos_id: int, device=None, use_generate: bool = False):
         self.model = model  # the live policy (peft or plain causal LM), shared with training
         self.pad_id, self.eos_id = pad_id, eos_id
         self.device = device
+        self.use_generate = use_generate or bool(getattr(model.config, "is_encoder_decoder", False))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the very module being trained."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        prompts = [p for p in prompts for _ in range(params.num_samples)]
         device = self.device or next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sample = self._generate if self.use_generate else self._decode
+            prompt_ids, prompt_mask, response_ids = sample(prompts, params, device)
+        finally:
+            self.model.train(was_training)
+        response_mask, finished = response_mask_from_ids(response_ids, self.eos_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_id)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, finished)
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams, device):
+        """Prefill each prompt once, then sample token by token until all rows end or the limit.
+
+        Shapes: -> prompt_ids, prompt_mask (B*G, P), response_ids (B*G, R) with R >= 1.
+        """
+        from transformers import DynamicCache
+
+        G = params.num_samples
+        ids = pad(prompts, self.pad_id, side="left").to(device)  # (B, P)
+        mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+        if G > 1:  # the G samples of a prompt share its prefill
+            cache.batch_repeat_interleave(G)
+            ids, mask, logits = (t.repeat_interleave(G, dim=0) for t in (ids, mask, logits))
+        warpers = self._warpers(params)
+        position = mask.sum(1, keepdim=True)  # (B*G, 1): where the next token sits
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        tokens = []
+        full_mask = mask
+        for step in range(params.max_new_tokens):
+            if params.temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                scores = logits.float()
+                for warp in warpers:
+                    scores = warp(None, scores)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+            token = token.masked_fill(finished, self.pad_id)
+            tokens.append(token)
+            finished |= token == self.eos_id
+            if step == params.max_new_tokens - 1 or bool(finished.all()):
+                break
+            full_mask = torch.cat([full_mask, full_mask.new_ones(full_mask.shape[0], 1)], dim=1)
+            logits = self.model(input_ids=token[:, None], attention_mask=full_mask, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+            position = position + 1
+        return ids, mask, torch.stack(tokens, dim=1)
+
+    @staticmethod
+    def _warpers(params: SamplingParams) -> list:
+        """transformers' warpers, in ``generate``'s order; none at temperature 1 with top-k 0, top-p 1."""
+        from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        out = []
+        if params.temperature not in (0, 1.0):
+            out.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            out.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            out.append(TopPLogitsWarper(params.top_p))
+        return out
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, device):
+        prompts = [p for p in prompts for _ in range(params.num_samples)]
         prompt_ids = pad(prompts, self.pad_id, side="left").to(device)  # (B, P)
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
         greedy = params.temperature == 0
@@ -37,13 +113,5 @@ class HFRollout:
             max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             use_cache=True,
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
-        finally:
-            self.model.train(was_training)
-        response_ids = out[:, prompt_ids.shape[1]:]  # (B, R), R >= 1
-        response_mask, finished = response_mask_from_ids(response_ids, self.eos_id)
-        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_id)
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, finished)
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        return prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:]
