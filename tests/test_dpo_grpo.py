@@ -126,3 +126,54 @@ def test_shared_prompt_packing_gives_the_concatenated_logps(tiny_dir, tokenizer)
         c2, r2 = dpo.pair_logps(model, shared)
     torch.testing.assert_close(c2, c1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(r2, r1, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_shared_prefixes_layout_by_hand():
+    from rlhf.data import pack_shared_prefixes
+
+    b = pack_shared_prefixes([([1, 2], [[3], [4, 5]])], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 2, 3]]  # both replies continue the prefix's positions
+    assert b["attention_mask"][0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                                        [1, 1, 0, 0, 0],
+                                                        [1, 1, 1, 0, 0],   # reply 1 sees the prefix and itself
+                                                        [1, 1, 0, 1, 0],   # reply 2 does not see reply 1
+                                                        [1, 1, 0, 1, 1]]
+    assert b["src"].tolist() == [1, 1, 3]  # the prefix's last token predicts both replies' first tokens
+    assert b["tgt"].tolist() == [2, 3, 4]
+    assert b["owner"].tolist() == [0, 1, 1] and b["col"].tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="empty prefix"):
+        pack_shared_prefixes([([], [[3]])], pad_id=0)
+
+
+@pytest.mark.parametrize("row_tokens", [0, 40])
+def test_packed_response_logprobs_match_the_padded_batch(tiny_dir, row_tokens):
+    """G samples per prompt, left-padded prompts, EOS-shortened replies: same log-probs,
+    entropies and gradients as the padded forward, on the response mask."""
+    from rlhf.data import pad
+    from rlhf.models import Reference, load_causal_lm
+    from rlhf.recipes.common import model_response_logprobs, packed_response_logprobs
+
+    model = load_causal_lm(tiny_dir)
+    rng = random.Random(0)
+    prompts = [[rng.randint(3, 250) for _ in range(rng.randint(1, 6))] for _ in range(3)]
+    replies = [[rng.randint(3, 250) for _ in range(rng.randint(1, 7))] for _ in range(3 * 2)]
+    prompt_ids = pad([p for p in prompts for _ in range(2)], 0, side="left")
+    prompt_mask = pad([[1] * len(p) for p in prompts for _ in range(2)], 0, side="left")
+    ids = torch.cat([prompt_ids, pad(replies, 0)], 1)
+    mask = torch.cat([prompt_mask, pad([[1] * len(r) for r in replies], 0)], 1)
+    P, on = prompt_ids.shape[1], pad([[1] * len(r) for r in replies], 0).bool()
+    results = []
+    for fn in (model_response_logprobs, lambda *a, **k: packed_response_logprobs(*a, row_tokens=row_tokens, **k)):
+        model.zero_grad()
+        lp, ent = fn(model, ids, mask, P, 0.7, with_entropy=True)
+        (lp[on].sum() + ent[on].sum()).backward()
+        results.append((lp.detach(), ent.detach(), model.model.embed_tokens.weight.grad.clone()))
+    (lp1, e1, g1), (lp2, e2, g2) = results
+    torch.testing.assert_close(lp2[on], lp1[on], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e2[on], e1[on], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+    assert (lp2[~on] == 0).all()
+    ref = Reference(model)
+    torch.testing.assert_close(packed_response_logprobs(ref, ids, mask, P)[0][on], model_response_logprobs(ref, ids, mask, P)[0][on],
+                               atol=1e-5, rtol=1e-5)

@@ -72,55 +72,77 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
             "attention_mask": pad([[1] * len(s) for s in ids], 0, side="left")}
 
 
-def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """Pairs as ``[prompt | chosen | rejected]`` segments packed into rows: the prompt is encoded once.
+def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                         row_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """Groups ``(prefix, [continuation, ...])`` laid out as ``[prefix | c1 | c2 | ...]`` segments:
+    each prefix is encoded once, however many continuations share it.
 
-    Rejected tokens continue the prompt's positions and cannot see the chosen ones, so each
-    reply is scored exactly as in its own sequence. Segments are packed first-fit decreasing
-    into rows of at most ``row_tokens`` (padding-free but for the row ends), with a
-    (R, 1, L, L) boolean mask. ``src[k]``/``tgt[k]`` are flat indices (into R*L) of the logits
-    that predict reply token ``tgt[k]``; ``owner[k]`` is its sequence: pair i's chosen is i,
-    its rejected B + i.
+    Every continuation continues its prefix's positions and sees the prefix and itself only,
+    so each is scored exactly as in its own sequence. Groups are packed first-fit decreasing
+    into rows of at most ``row_tokens`` (a longer group gets a row of its own), padding-free
+    but for the row ends, under a (N, 1, L, L) boolean mask. Continuations are numbered in
+    the order given, group by group; for each continuation token, ``src``/``tgt`` are the flat
+    indices (into N*L) of the logits that predict it and of the token itself, ``owner`` its
+    continuation's number and ``col`` its index within the continuation. Prefixes must not be
+    empty (their last token predicts each continuation's first).
     """
-    # First-fit decreasing: longest segments first, each into the first row with room.
-    size = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]
-    rows: list[list[dict]] = []
+    size = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
+    first = [0]  # number of each group's first continuation
+    for _, cs in groups:
+        first.append(first[-1] + len(cs))
+    rows: list[list[int]] = []
     fills: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda k: -size[k]):
-        r = next((r for r, f in enumerate(fills) if f + size[i] <= row_tokens), None)
+    for g in sorted(range(len(groups)), key=lambda k: -size[k]):
+        r = next((r for r, f in enumerate(fills) if f + size[g] <= row_tokens), None)
         if r is None:
             rows.append([])
             fills.append(0)
             r = len(rows) - 1
-        rows[r].append({"i": i, **examples[i]})
-        fills[r] += size[i]
-    width = max(sum(len(s["prompt_ids"]) + len(s["chosen_ids"]) + len(s["rejected_ids"]) for s in r) for r in rows)
-    B = len(examples)
+        rows[r].append(g)
+        fills[r] += size[g]
+    width = max(fills)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
-    src, tgt, owner = [], [], []
+    src, tgt, owner, col = [], [], [], []
     for r, row in enumerate(rows):
         at = 0
-        for s in row:
-            P, C, J = len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
+        for g in row:
+            prefix, conts = groups[g]
+            P = len(prefix)
+            if P == 0:
+                raise ValueError("pack_shared_prefixes: an empty prefix cannot predict its continuations' first token")
             base = r * width + at
-            ids[r, at : at + P + C + J] = torch.tensor(s["prompt_ids"] + s["chosen_ids"] + s["rejected_ids"])
-            pos[r, at : at + P + C] = torch.arange(P + C)
-            pos[r, at + P + C : at + P + C + J] = torch.arange(P, P + J)
-            causal = torch.tril(torch.ones(P + C + J, P + C + J, dtype=torch.bool))
-            causal[P + C :, P : P + C] = False  # rejected never sees chosen
-            mask[r, 0, at : at + P + C + J, at : at + P + C + J] = causal
-            for k in range(C):  # chosen token k is predicted from the token before it
-                src.append(base + P + k - 1)
-                tgt.append(base + P + k)
-                owner.append(s["i"])
-            for k in range(J):  # rejected token 0 is predicted from the prompt's last token
-                src.append(base + (P - 1 if k == 0 else P + C + k - 1))
-                tgt.append(base + P + C + k)
-                owner.append(B + s["i"])
-            at += P + C + J
+            ids[r, at : at + P] = torch.tensor(prefix)
+            pos[r, at : at + P] = torch.arange(P)
+            mask[r, 0, at : at + P, at : at + P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+            end = at + P
+            for j, c in enumerate(conts):
+                C = len(c)
+                ids[r, end : end + C] = torch.tensor(c, dtype=torch.long)
+                pos[r, end : end + C] = torch.arange(P, P + C)
+                mask[r, 0, end : end + C, at : at + P] = True  # sees the prefix...
+                mask[r, 0, end : end + C, end : end + C] = torch.tril(torch.ones(C, C, dtype=torch.bool))  # ...and itself
+                src += [base + P - 1] + list(range(r * width + end, r * width + end + C - 1))
+                tgt += list(range(r * width + end, r * width + end + C))
+                owner += [first[g] + j] * C
+                col += list(range(C))
+                end += C
+            at = end
         for t in range(at, width):
             mask[r, 0, t, t] = True  # padding attends to itself only (no empty softmax rows)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "src": torch.tensor(src),
-            "tgt": torch.tensor(tgt), "owner": torch.tensor(owner), "n_pairs": torch.tensor(B)}
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "src": torch.tensor(src, dtype=torch.long),
+            "tgt": torch.tensor(tgt, dtype=torch.long), "owner": torch.tensor(owner, dtype=torch.long),
+            "col": torch.tensor(col, dtype=torch.long)}
+
+
+def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """Pairs as ``[prompt | chosen | rejected]`` segments (:func:`pack_shared_prefixes`): the prompt
+    is encoded once. ``owner[k]`` is the sequence of token k: pair i's chosen is i, its rejected B + i.
+    """
+    B = len(examples)
+    batch = pack_shared_prefixes([(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]]) for e in examples], pad_id,
+                                 row_tokens)
+    owner = batch.pop("owner")
+    batch.pop("col")
+    return {**batch, "owner": (owner % 2) * B + owner // 2, "n_pairs": torch.tensor(B)}

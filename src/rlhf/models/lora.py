@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -22,11 +23,10 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
+    """Whether ``model`` carries peft adapters; without importing peft (a quarter second on CPU)
+    when nothing has imported it yet, since no model can be a ``PeftModel`` then."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -44,19 +44,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """Logits of a causal LM with positions counted from the first real token.
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a causal LM (or a :class:`Reference`), positions counted from the first real token.
 
     ``keep > 0`` computes the LM head on the last ``keep`` positions only (transformers'
     ``logits_to_keep``): a response's log-probs need ``R + 1`` of them, not the prompt's.
+    Packed batches pass their own ``position_ids`` and a (B, 1, L, L) boolean ``attention_mask``.
 
     Shape:
-        input_ids, attention_mask: (B, L) -> (B, L, V), or (B, keep, V).
+        input_ids: (B, L), attention_mask: (B, L) or (B, 1, L, L) -> (B, L, V), or (B, keep, V).
     """
     if isinstance(model, Reference):
-        return model(input_ids, attention_mask, keep=keep)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                 use_cache=False, logits_to_keep=keep).logits
+        return model(input_ids, attention_mask, position_ids, keep=keep)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=keep).logits
 
 
 class Reference:

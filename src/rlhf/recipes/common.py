@@ -345,3 +345,41 @@ def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     return response_logprobs(causal_logits(model, input_ids, attention_mask, keep), input_ids, prompt_len, temperature,
                              with_entropy)
 
+
+
+def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                             temperature: float = 1.0, with_entropy: bool = False, row_tokens: int = 0):
+    """:func:`model_response_logprobs` on a padding-free layout in which the rows that share a
+    prompt (GRPO's G samples of it) encode it once (:func:`rlhf.data.pack_shared_prefixes`).
+
+    The same numbers up to float rounding, on fewer tokens; positions off the response mask
+    hold 0. Not for flash-attention kernels, which take no (N, 1, L, L) mask. By default
+    (``row_tokens=0``) each prompt's group gets a row of its own: under a dense mask, longer
+    rows cost more in attention than they save in padding (measured in ``BENCHMARKS.md``).
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.algos import entropy_from_logits, logprobs_from_logits
+    from rlhf.data import pack_shared_prefixes
+    from rlhf.models import causal_logits
+
+    B, P = input_ids.shape[0], prompt_len
+    ids, keep = input_ids.tolist(), attention_mask.bool().tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in range(B):
+        by_prompt.setdefault(tuple(t for t, k in zip(ids[i][:P], keep[i][:P]) if k), []).append(i)
+    groups = [(list(p), [[t for t, k in zip(ids[i][P:], keep[i][P:]) if k] for i in rows]) for p, rows in by_prompt.items()]
+    packed = {k: v.to(input_ids.device) for k, v in pack_shared_prefixes(groups, 0, row_tokens).items()}
+    logits = causal_logits(model, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
+    logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    rows = torch.tensor([i for r in by_prompt.values() for i in r], device=input_ids.device)[packed["owner"]]
+    where = (rows, packed["col"])
+
+    def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R), zeros off the mask
+        return per_token.new_zeros(B, input_ids.shape[1] - P).index_put(where, per_token)
+
+    logprobs = unpack(logprobs_from_logits(logits, packed["input_ids"].reshape(-1)[packed["tgt"]]))
+    return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None

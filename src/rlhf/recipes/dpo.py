@@ -67,11 +67,7 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                                batch["response_mask"])
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
-    if isinstance(model, Reference):
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, L, V)
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"])
     flat = logits.reshape(-1, logits.shape[-1])
     lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
     B = int(batch["n_pairs"])

@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf.models import Reference, disable_dropout, eval_mode
+from rlhf.models import Reference, disable_dropout, eval_mode, uses_flash_attention
 from rlhf.recipes.common import (
     StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
-    model_response_logprobs, save_final, shard, start,
+    model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
 from rlhf.rollout import HFRollout
@@ -49,6 +49,8 @@ class Config(RLConfig):
     """Ratio clip epsilon (low side)."""
     clip_eps_high: float | None = None
     """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps)."""
+    share_prompt: bool = True
+    """Score the G responses of a prompt padding-free, the prompt encoded once (off under flash attention)."""
 
     def check(self) -> None:
         super().check()
@@ -56,8 +58,13 @@ class Config(RLConfig):
             raise UserError("--estimator rloo needs --num-generations of at least 2")
 
 
-def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict) -> dict[str, float]:
-    """Clipped policy loss (+ beta k3 KL) over shuffled minibatches; returns mean metrics."""
+def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict, logprobs_fn=model_response_logprobs
+                ) -> dict[str, float]:
+    """Clipped policy loss (+ beta k3 KL) over shuffled minibatches; returns mean metrics.
+
+    ``logprobs_fn`` computes the response log-probs and entropy (:func:`model_response_logprobs` or
+    :func:`packed_response_logprobs`).
+    """
     world, n, P = accelerator.num_processes, buf["input_ids"].shape[0], buf["prompt_len"]
     mb = max(1, cfg.mini_batch_size // world)
     sums: dict[str, torch.Tensor] = {}
@@ -73,8 +80,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
                 with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
-                    logprobs, entropy = model_response_logprobs(model, ids, buf["attention_mask"][mi], P, cfg.temperature,
-                                                                with_entropy=True)
+                    logprobs, entropy = logprobs_fn(model, ids, buf["attention_mask"][mi], P, cfg.temperature, with_entropy=True)
                     # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).
                     old = buf["old_logprobs"][mi] if buf["old_logprobs"] is not None else logprobs.detach()
                     loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
@@ -116,6 +122,7 @@ def run(cfg: Config) -> dict[str, float]:
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
+    logprobs_fn = packed_response_logprobs if cfg.share_prompt and not uses_flash_attention(policy) else model_response_logprobs
     metrics: dict[str, float] = {}
 
     while state.step < total:
@@ -131,9 +138,9 @@ def run(cfg: Config) -> dict[str, float]:
         old_logprobs = ref_logprobs = None
         with torch.no_grad(), eval_mode(model):
             if not reuse_old or (cfg.beta > 0 and cfg.kl_in_reward):
-                old_logprobs, _ = model_response_logprobs(model, batch.input_ids, batch.attention_mask, P, cfg.temperature)
+                old_logprobs, _ = logprobs_fn(model, batch.input_ids, batch.attention_mask, P, cfg.temperature)
             if ref is not None:
-                ref_logprobs, _ = model_response_logprobs(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
+                ref_logprobs, _ = logprobs_fn(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
         if cfg.beta > 0 and cfg.kl_in_reward:
             scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
         # 4. Group-relative advantages.
@@ -143,7 +150,7 @@ def run(cfg: Config) -> dict[str, float]:
         buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
                "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
                "ref_logprobs": ref_logprobs, "advantages": advantages, "prompt_len": P}
-        train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf)
+        train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf, logprobs_fn)
         t_train = time.perf_counter()
         state.step += 1
         logger.advance()
