@@ -3,7 +3,8 @@
     make bench                      # or: .venv/bin/python benchmarks/compare.py --json bench.json
 
 Same model and tokenizer (built here, no download), same SupportBot data, same batch size,
-lengths, generations and steps. Each job runs in its own subprocess so its peak RSS is its own.
+lengths, generations and steps. Each job runs in its own subprocess so its peak RSS is its own;
+its clock starts once the libraries are imported (the same set for both).
 Prints pairs/s (DPO) and completions/s (GRPO), each the median of ``--repeat`` interleaved runs,
 with our/TRL ratios; for
 PPO (TRL no longer ships it) the split of our step time against a lower bound timed in the

@@ -1,15 +1,16 @@
-"""Generation behind one small interface, so an inference engine can replace HF ``generate``.
+"""Generation behind one small interface, so an inference engine (vLLM) can replace ours.
 
 A :class:`Rollout` needs two things (see ``docs/rollout.md``):
 
 * ``generate(prompts, params)``: token-id prompts in, a :class:`RolloutBatch` out;
 * ``load_weights(named_tensors)``: take the policy's new weights after an update.
 
-:class:`HFRollout` is the one used today: transformers' ``generate`` with a KV cache, left
-padding, and early stop once every sequence has produced EOS. It shares the live policy
-module, so ``load_weights`` has nothing to copy. A vLLM engine would implement the same two
-methods (``LLM.generate`` with ``SamplingParams``; weights pushed through its model runner's
-``load_weights``) without any change to the recipes.
+:class:`HFRollout` is the one used today: a KV-cache sampling loop over a transformers
+causal LM (or its ``generate``), left padding, one prefill per prompt, and early stop once
+every sequence has produced EOS. It shares the live policy module, so ``load_weights`` has
+nothing to copy. A vLLM engine would implement the same two methods (``LLM.generate``
+with ``SamplingParams``; weights pushed through its model runner's ``load_weights``)
+without any change to the recipes.
 """
 
 from rlhf.rollout.base import Rollout, RolloutBatch, SamplingParams, response_mask_from_ids
