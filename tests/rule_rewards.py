@@ -9,3 +9,9 @@ def vowel_fraction(prompts, completions, **columns):
 def has_answer(prompts, completions, answer=None, **columns):
     """1.0 where the completion contains the dataset's ``answer`` column."""
     return [float(a in text) for text, a in zip(completions, answer)]
+
+
+def total_length(prompts, completions, **columns):
+    """Characters of prompt and completion together, over 20: it differs across prompts even
+    where an untrained model gives every prompt the same completion."""
+    return [(len(str(p)) + len(text)) / 20 for p, text in zip(prompts, completions)]

@@ -169,6 +169,9 @@ def test_masked_stats_by_hand():
     w = masked_whiten(x, m)
     assert w.flatten().tolist() == pytest.approx([-1.0, 0.0, 0.0, 1.0, 0.0, 0.0], abs=1e-4)
     assert masked_whiten(x, m, shift_mean=False)[0, 0].item() == pytest.approx(1.0, abs=1e-4)  # -1 + 2
+    # Two processes holding the same rows: the sums double. Mean 2, sum of squares 4 over 6 - 1.
+    w2 = masked_whiten(x, m, reduce_sum=lambda t: 2 * t)
+    assert w2.flatten().tolist() == pytest.approx([-1 / 0.8 ** 0.5, 0.0, 0.0, 1 / 0.8 ** 0.5, 0.0, 0.0], abs=1e-4)
 
 
 def test_all_masked_row_gives_no_nans():

@@ -6,6 +6,8 @@ response tokens, 0 on prompt and padding. These helpers never let padding leak i
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -49,18 +51,24 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to zero mean and unit variance over masked positions.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as for rewards in
-    OpenAI's lm-human-preferences. Masked positions come out as 0.
+    OpenAI's lm-human-preferences. Masked positions come out as 0. ``reduce_sum`` (a sum across
+    processes, such as an all-reduce) makes the mean and the unbiased variance those of the
+    global batch rather than of this process's rows.
 
     Shape:
         x, mask: (B, T) -> (B, T).
     """
+    total = reduce_sum or (lambda t: t)
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    n, s = total(torch.stack([mask.sum(), (x * mask).sum()]))
+    mean = s / n.clamp(min=1.0)
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1.0)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

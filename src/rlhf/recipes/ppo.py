@@ -242,10 +242,11 @@ def run(cfg: Config) -> dict[str, float]:
         mask = batch.response_mask
         # 5. Per-token rewards: the score at the last token minus beta KL at every token.
         rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages.
+        # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages
+        #    with the statistics of the global batch (all processes).
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, reduce_sum=lambda t: reduce_sum(accelerator, t))
         # 7. The experience buffer, and ppo_epochs over it.
         buffer = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
                   "old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
