@@ -100,7 +100,7 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
             r = len(rows) - 1
         rows[r].append(g)
         fills[r] += size[g]
-    width = max(fills)
+    width = max(fills, default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)

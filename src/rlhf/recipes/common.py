@@ -348,14 +348,16 @@ def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
 
 
 def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                             temperature: float = 1.0, with_entropy: bool = False, row_tokens: int = 0):
+                             temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024):
     """:func:`model_response_logprobs` on a padding-free layout in which the rows that share a
     prompt (GRPO's G samples of it) encode it once (:func:`rlhf.data.pack_shared_prefixes`).
 
     The same numbers up to float rounding, on fewer tokens; positions off the response mask
-    hold 0. Not for flash-attention kernels, which take no (N, 1, L, L) mask. By default
-    (``row_tokens=0``) each prompt's group gets a row of its own: under a dense mask, longer
-    rows cost more in attention than they save in padding (measured in ``BENCHMARKS.md``).
+    hold 0. Not for flash-attention kernels, which take no (N, 1, L, L) mask. Each prompt's
+    group gets a row of its own (under a dense mask, rows holding several groups cost more in
+    attention than they save in padding; measured in ``BENCHMARKS.md``). A group longer than
+    ``max_row_tokens`` is cut into rows that each repeat the prompt, so no row's mask exceeds
+    ``max(max_row_tokens, P + R)`` squared.
 
     Shape:
         input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
@@ -369,14 +371,26 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i in range(B):
         by_prompt.setdefault(tuple(t for t, k in zip(ids[i][:P], keep[i][:P]) if k), []).append(i)
-    groups = [(list(p), [[t for t, k in zip(ids[i][P:], keep[i][P:]) if k] for i in rows]) for p, rows in by_prompt.items()]
-    packed = {k: v.to(input_ids.device) for k, v in pack_shared_prefixes(groups, 0, row_tokens).items()}
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    order: list[int] = []  # the batch row of each packed response, in packing order
+    for prompt, rows in by_prompt.items():
+        chunk: list[list[int]] = []
+        size = len(prompt)
+        for i in rows:
+            response = [t for t, k in zip(ids[i][P:], keep[i][P:]) if k]
+            if chunk and size + len(response) > max_row_tokens:
+                groups.append((list(prompt), chunk))
+                chunk, size = [], len(prompt)
+            chunk.append(response)
+            size += len(response)
+            order.append(i)
+        groups.append((list(prompt), chunk))
+    packed = {k: v.to(input_ids.device) for k, v in pack_shared_prefixes(groups, 0, row_tokens=0).items()}
     logits = causal_logits(model, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
     logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    rows = torch.tensor([i for r in by_prompt.values() for i in r], device=input_ids.device)[packed["owner"]]
-    where = (rows, packed["col"])
+    where = (torch.tensor(order, device=input_ids.device)[packed["owner"]], packed["col"])
 
     def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R), zeros off the mask
         return per_token.new_zeros(B, input_ids.shape[1] - P).index_put(where, per_token)
