@@ -346,7 +346,6 @@ def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
                              with_entropy)
 
 
-
 def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                              temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024):
     """:func:`model_response_logprobs` on a padding-free layout in which the rows that share a
