@@ -128,22 +128,36 @@ def test_shared_prompt_packing_gives_the_concatenated_logps(tiny_dir, tokenizer)
     torch.testing.assert_close(r2, r1, atol=1e-4, rtol=1e-4)
 
 
-def test_pack_shared_prefixes_layout_by_hand():
+def test_pack_shared_prefixes_layout_by_hand(tiny_dir):
     from rlhf.data import pack_shared_prefixes
+    from rlhf.models import load_causal_lm, shared_prefix_mask
 
-    b = pack_shared_prefixes([([1, 2], [[3], [4, 5]])], pad_id=0)
+    b = pack_shared_prefixes([([1, 2], [[3], [4, 5]])], pad_id=0, row_tokens=6)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 2, 3]]  # both replies continue the prefix's positions
-    assert b["attention_mask"][0, 0].int().tolist() == [[1, 0, 0, 0, 0],
-                                                        [1, 1, 0, 0, 0],
-                                                        [1, 1, 1, 0, 0],   # reply 1 sees the prefix and itself
-                                                        [1, 1, 0, 1, 0],   # reply 2 does not see reply 1
-                                                        [1, 1, 0, 1, 1]]
+    assert b["segment_ids"].tolist() == [[0, 0, 0, 0, 0]] and b["branch_ids"].tolist() == [[0, 0, 1, 2, 2]]
+    # transformers' create_causal_mask, given the layout, writes the SDPA mask:
+    model = load_causal_lm(tiny_dir)
+    mask = shared_prefix_mask(model, b["position_ids"], b["segment_ids"], b["branch_ids"])
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0],
+                                         [1, 1, 1, 0, 0],   # reply 1 sees the prefix and itself
+                                         [1, 1, 0, 1, 0],   # reply 2 does not see reply 1
+                                         [1, 1, 0, 1, 1]]
     assert b["src"].tolist() == [1, 1, 3]  # the prefix's last token predicts both replies' first tokens
     assert b["tgt"].tolist() == [2, 3, 4]
     assert b["owner"].tolist() == [0, 1, 1] and b["col"].tolist() == [0, 0, 1]
     with pytest.raises(ValueError, match="empty prefix"):
         pack_shared_prefixes([([], [[3]])], pad_id=0)
+    # two groups in one row, then row padding: another group and the padding are never seen
+    b = pack_shared_prefixes([([1], [[2]]), ([3], [[4], [5]])], pad_id=0, row_tokens=6)
+    assert b["input_ids"].tolist() == [[3, 4, 5, 1, 2]]
+    assert b["segment_ids"].tolist() == [[0, 0, 0, 1, 1]] and b["position_ids"].tolist() == [[0, 1, 1, 0, 1]]
+    mask = shared_prefix_mask(model, b["position_ids"], b["segment_ids"], b["branch_ids"])
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0],
+                                         [0, 0, 0, 1, 1]]
+    plain = pack_shared_prefixes([([1], [[2]]), ([3], [[4]])], pad_id=0, row_tokens=6, shared=False)
+    assert plain["position_ids"].tolist() == [[0, 1, 0, 1]] and "branch_ids" not in plain
 
 
 @pytest.mark.parametrize("max_row_tokens", [1024, 12])  # 12: some groups are cut into rows that repeat the prompt

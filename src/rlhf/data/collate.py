@@ -25,27 +25,20 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "labels": pad([e["labels"] for e in examples], -100)}
 
 
-def collate_packed(examples: list[dict], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Padding-free SFT batch: all examples in one row, positions restarting per example.
 
-    Flash-attention kernels read the boundaries from the restarting ``position_ids``
-    (``block_mask=False``). Other kernels (SDPA, eager) get a (1, 1, L, L) boolean
-    block-diagonal causal mask, so no example attends to another. ``labels`` carry -100 on
-    each example's first token, so none is trained to predict the next one's start.
+    No attention mask: transformers reads the sequence boundaries from the restarting
+    ``position_ids`` (its packed-sequence masks for SDPA, eager and flex; the varlen kernel
+    for flash attention; see :mod:`rlhf.models.packing`). ``labels`` carry -100 on each
+    example's first token, so none is trained to predict the next one's start.
     """
-    ids, labels, positions, segments = [], [], [], []
-    for k, e in enumerate(examples):
+    ids, labels, positions = [], [], []
+    for e in examples:
         ids += e["input_ids"]
         labels += [-100] + e["labels"][1:]
         positions += list(range(len(e["input_ids"])))
-        segments += [k] * len(e["input_ids"])
-    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-             "position_ids": torch.tensor([positions])}
-    if block_mask:
-        seg = torch.tensor(segments)
-        causal = torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool))
-        batch["attention_mask"] = (causal & (seg[:, None] == seg[None, :]))[None, None]
-    return batch
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
 
 
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -73,23 +66,29 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
 
 
 def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id: int,
-                         row_tokens: int = 512) -> dict[str, torch.Tensor]:
+                         row_tokens: int = 512, shared: bool = True) -> dict[str, torch.Tensor]:
     """Groups ``(prefix, [continuation, ...])`` laid out as ``[prefix | c1 | c2 | ...]`` segments:
     each prefix is encoded once, however many continuations share it.
 
-    Every continuation continues its prefix's positions and sees the prefix and itself only,
-    so each is scored exactly as in its own sequence. Groups are packed first-fit decreasing
-    into rows of at most ``row_tokens`` (a longer group gets a row of its own), padding-free
-    but for the row ends, under a (N, 1, L, L) boolean mask. Continuations are numbered in
-    the order given, group by group; for each continuation token, ``src``/``tgt`` are the flat
-    indices (into N*L) of the logits that predict it and of the token itself, ``owner`` its
-    continuation's number and ``col`` its index within the continuation. Prefixes must not be
-    empty (their last token predicts each continuation's first).
+    Every continuation continues its prefix's positions and is to see the prefix and itself
+    only, so each is scored exactly as in its own sequence: ``segment_ids`` numbers the groups
+    of a row and ``branch_ids`` marks the prefix 0 and continuation j as j + 1, from which
+    :func:`rlhf.models.packing.shared_prefix_mask` builds the mask (row padding: -1 in both).
+    With ``shared=False`` every group must hold one continuation, and the row is plain packed
+    sequences, positions restarting per group, with no layout ids: transformers masks it from
+    the positions alone (as flash attention needs). Groups are packed first-fit decreasing
+    into rows of at most ``row_tokens`` (a longer group gets a row of its own). Continuations
+    are numbered in the order given, group by group; for each continuation token, ``src``/``tgt``
+    are the flat indices (into N*L) of the logits that predict it and of the token itself,
+    ``owner`` its continuation's number and ``col`` its index within the continuation.
+    Prefixes must not be empty (their last token predicts each continuation's first).
     """
     size = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
     first = [0]  # number of each group's first continuation
     for _, cs in groups:
         first.append(first[-1] + len(cs))
+    if not shared and any(len(cs) != 1 for _, cs in groups):
+        raise ValueError("pack_shared_prefixes(shared=False) takes one continuation per group")
     rows: list[list[int]] = []
     fills: list[int] = []
     for g in sorted(range(len(groups)), key=lambda k: -size[k]):
@@ -103,11 +102,12 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
     width = max(fills, default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch = torch.full((len(rows), width), -1, dtype=torch.long)
     src, tgt, owner, col = [], [], [], []
     for r, row in enumerate(rows):
         at = 0
-        for g in row:
+        for s, g in enumerate(row):
             prefix, conts = groups[g]
             P = len(prefix)
             if P == 0:
@@ -115,34 +115,38 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
             base = r * width + at
             ids[r, at : at + P] = torch.tensor(prefix)
             pos[r, at : at + P] = torch.arange(P)
-            mask[r, 0, at : at + P, at : at + P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+            segment[r, at : at + P], branch[r, at : at + P] = s, 0
             end = at + P
             for j, c in enumerate(conts):
                 C = len(c)
                 ids[r, end : end + C] = torch.tensor(c, dtype=torch.long)
                 pos[r, end : end + C] = torch.arange(P, P + C)
-                mask[r, 0, end : end + C, at : at + P] = True  # sees the prefix...
-                mask[r, 0, end : end + C, end : end + C] = torch.tril(torch.ones(C, C, dtype=torch.bool))  # ...and itself
+                segment[r, end : end + C], branch[r, end : end + C] = s, j + 1
                 src += [base + P - 1] + list(range(r * width + end, r * width + end + C - 1))
                 tgt += list(range(r * width + end, r * width + end + C))
                 owner += [first[g] + j] * C
                 col += list(range(C))
                 end += C
             at = end
-        for t in range(at, width):
-            mask[r, 0, t, t] = True  # padding attends to itself only (no empty softmax rows)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "src": torch.tensor(src, dtype=torch.long),
-            "tgt": torch.tensor(tgt, dtype=torch.long), "owner": torch.tensor(owner, dtype=torch.long),
-            "col": torch.tensor(col, dtype=torch.long)}
+    batch = {"input_ids": ids, "position_ids": pos, "src": torch.tensor(src, dtype=torch.long),
+             "tgt": torch.tensor(tgt, dtype=torch.long), "owner": torch.tensor(owner, dtype=torch.long),
+             "col": torch.tensor(col, dtype=torch.long)}
+    if shared:
+        batch.update(segment_ids=segment, branch_ids=branch)
+    return batch
 
 
-def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512) -> dict[str, torch.Tensor]:
+def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512,
+                              shared: bool = True) -> dict[str, torch.Tensor]:
     """Pairs as ``[prompt | chosen | rejected]`` segments (:func:`pack_shared_prefixes`): the prompt
     is encoded once. ``owner[k]`` is the sequence of token k: pair i's chosen is i, its rejected B + i.
+    ``shared=False`` packs ``[prompt | chosen]`` and ``[prompt | rejected]`` as two sequences
+    instead (flash attention's padding-free layout, as in TRL).
     """
     B = len(examples)
-    batch = pack_shared_prefixes([(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]]) for e in examples], pad_id,
-                                 row_tokens)
-    owner = batch.pop("owner")
+    pairs = [(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]]) for e in examples]
+    groups = pairs if shared else [(p, [c]) for p, cs in pairs for c in cs]
+    batch = pack_shared_prefixes(groups, pad_id, row_tokens, shared=shared)
+    owner = batch.pop("owner")  # 2i + 0 for pair i's chosen, 2i + 1 for its rejected, either way
     batch.pop("col")
     return {**batch, "owner": (owner % 2) * B + owner // 2, "n_pairs": torch.tensor(B)}

@@ -11,13 +11,14 @@ from rlhf.models.loading import (
 from rlhf.models.lora import (
     Reference, apply_lora, causal_logits, disable_dropout, eval_mode, is_peft_model, merge_lora, set_gradient_checkpointing,
 )
+from rlhf.models.packing import check_packing, default_tolerance, packed_logits, packing_support, shared_prefix_mask
 from rlhf.models.saving import save_pretrained
 from rlhf.models.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_config, train_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE", "Critic", "ModelLoadError", "PolicyWithValueHead", "Reference", "apply_lora",
-    "causal_logits", "disable_dropout", "eval_mode", "freeze", "frozen_copy", "gather_last", "get_score_stats", "is_peft_model",
-    "load_causal_lm", "load_sequence_classifier", "load_tokenizer", "merge_lora", "position_ids_from_mask",
-    "resolve_dtype", "save_pretrained", "sequence_scores", "set_gradient_checkpointing", "set_score_stats",
+    "causal_logits", "check_packing", "default_tolerance", "disable_dropout", "eval_mode", "freeze", "frozen_copy", "gather_last", "get_score_stats", "is_peft_model",
+    "load_causal_lm", "load_sequence_classifier", "load_tokenizer", "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask",
+    "resolve_dtype", "save_pretrained", "sequence_scores", "set_gradient_checkpointing", "set_score_stats", "shared_prefix_mask",
     "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer", "uses_flash_attention",
 ]

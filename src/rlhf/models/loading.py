@@ -48,18 +48,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` with our dtype/device options."""
+def _attn(attn_implementation: str | None) -> dict:
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` with our dtype/device/attention-kernel options."""
     _check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **_attn(attn_implementation))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load causal LM ({str(e).splitlines()[0]})") from None
     return model.to(device) if device else model
 
 
-def load_sequence_classifier(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
+def load_sequence_classifier(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
+                             attn_implementation: str | None = None):
     """A one-label ``AutoModelForSequenceClassification``: a reward model, or a critic body.
 
     Loading a causal-LM checkpoint this way keeps its body and adds a fresh scalar head
@@ -73,7 +79,8 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+            path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            **_attn(attn_implementation))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
     finally:

@@ -1,8 +1,8 @@
 """Tiny models and a tokenizer trained on our own text: tests and the demo need no hub.
 
 A byte-level BPE tokenizer (GPT-2's scheme) is trained with ``tokenizers``; it has a BOS,
-an end-of-turn EOS, a distinct PAD and a chat template. Small configs exist for the Llama,
-Qwen2, GPT-2 and GPT-NeoX architectures.
+an end-of-turn EOS, a distinct PAD and a chat template. Small configs exist for the
+architectures of :data:`ARCHITECTURES` (the test zoo, ``tests/test_zoo.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     return fast
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "gptj", "opt",
+                 "qwen3_moe", "mixtral")
+
+
 def tiny_config(
     arch: str,
     vocab_size: int,
@@ -61,27 +65,51 @@ def tiny_config(
     pad_token_id: int = 0,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
+    sliding_window: int | None = None,
+    **extra,
 ) -> PretrainedConfig:
-    """A small config of ``arch`` in ``{"llama", "qwen2", "gpt2", "gpt_neox"}``."""
-    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-    if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                           num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                           num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
-                           tie_word_embeddings=True, **ids)
-    if arch == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                           num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                           num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
-                           tie_word_embeddings=True, **ids)
+    """A small config of ``arch`` (one of :data:`ARCHITECTURES`), built with transformers' own
+    config class. ``sliding_window`` sets the window of Mistral, Mixtral, Qwen3-MoE (all layers)
+    and Gemma 2/3 (their sliding layers; Gemma 3's second layer is full). ``extra`` goes to the
+    config as is (``attn_implementation``, ``initializer_range``, ...)."""
+    import transformers
+
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **extra)
+    kv = max(1, num_heads // 2)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_positions)
+    if arch in ("llama", "qwen2", "qwen3", "phi3"):
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "phi3": transformers.Phi3Config}[arch]
+        head = {"head_dim": hidden_size // num_heads} if arch == "qwen3" else {}
+        return cls(**common, num_key_value_heads=kv, tie_word_embeddings=arch != "phi3", **head, **ids)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, num_key_value_heads=kv, sliding_window=sliding_window,
+                                          head_dim=hidden_size // num_heads, **ids)
+    if arch in ("gemma2", "gemma3"):
+        cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+        types = [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)]
+        return cls(**common, num_key_value_heads=kv, head_dim=hidden_size // num_heads,
+                   sliding_window=sliding_window or 4096, layer_types=types, **ids)
+    if arch in ("qwen3_moe", "mixtral"):
+        moe = (dict(moe_intermediate_size=hidden_size, num_experts=4, num_experts_per_tok=2, head_dim=hidden_size // num_heads,
+                    use_sliding_window=sliding_window is not None, decoder_sparse_step=1)
+               if arch == "qwen3_moe" else dict(num_local_experts=4, num_experts_per_tok=2, head_dim=hidden_size // num_heads))
+        cls = transformers.Qwen3MoeConfig if arch == "qwen3_moe" else transformers.MixtralConfig
+        return cls(**common, num_key_value_heads=kv, sliding_window=sliding_window, **moe, **ids)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
                           n_positions=max_positions, **ids)
     if arch == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             max_position_embeddings=max_positions, **ids)
-    raise ValueError(f"unknown tiny architecture {arch!r}; valid: gpt2, gpt_neox, llama, qwen2")
+        return GPTNeoXConfig(**common, **ids)
+    if arch == "gptj":
+        return transformers.GPTJConfig(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                                       n_positions=max_positions, rotary_dim=hidden_size // num_heads // 2, **ids)
+    if arch == "opt":
+        return transformers.OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, ffn_dim=4 * hidden_size,
+                                      num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                      max_position_embeddings=max_positions, word_embed_proj_dim=hidden_size, **ids)
+    raise ValueError(f"unknown tiny architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
 
 
 def tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0, **kwargs):

@@ -92,6 +92,8 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
     """Allow model code from the hub (off: only transformers' own architectures)."""
+    attn_implementation: str | None = None
+    """Attention kernel of the models: eager, sdpa, flex_attention, flash_attention_2 (default: transformers' choice)."""
     max_consecutive_skips: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     report_to: str = "tensorboard"
@@ -134,7 +136,7 @@ def load_policy(cfg: TrainConfig, path: str | None = None):
 
     path = path or cfg.model
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets())
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
@@ -347,23 +349,25 @@ def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
 
 
 def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                             temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024):
-    """:func:`model_response_logprobs` on a padding-free layout in which the rows that share a
-    prompt (GRPO's G samples of it) encode it once (:func:`rlhf.data.pack_shared_prefixes`).
+                             temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024,
+                             layout: str = "shared"):
+    """:func:`model_response_logprobs` on a padding-free layout (:mod:`rlhf.models.packing`).
 
-    The same numbers up to float rounding, on fewer tokens; positions off the response mask
-    hold 0. Not for flash-attention kernels, which take no (N, 1, L, L) mask. Each prompt's
-    group gets a row of its own (under a dense mask, rows holding several groups cost more in
-    attention than they save in padding; measured in ``BENCHMARKS.md``). A group longer than
-    ``max_row_tokens`` is cut into rows that each repeat the prompt, so no row's mask exceeds
-    ``max(max_row_tokens, P + R)`` squared.
+    ``layout="shared"``: the rows that share a prompt (GRPO's G samples of it) encode it once
+    (:func:`rlhf.data.pack_shared_prefixes`). Each prompt's group gets a row of its own (under a
+    dense mask, rows holding several groups cost more in attention than they save in padding;
+    measured in ``BENCHMARKS.md``). A group longer than ``max_row_tokens`` is cut into rows that
+    each repeat the prompt, so no row's mask exceeds ``max(max_row_tokens, P + R)`` squared.
+    ``layout="packed"``: every prompt + response is its own sequence, packed into rows of up
+    to ``max_row_tokens`` with restarting positions (flash attention's layout). The same numbers
+    up to float rounding, on fewer tokens; positions off the response mask hold 0.
 
     Shape:
         input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
     """
     from rlhf.algos import entropy_from_logits, logprobs_from_logits
     from rlhf.data import pack_shared_prefixes
-    from rlhf.models import causal_logits
+    from rlhf.models import packed_logits
 
     B, P = input_ids.shape[0], prompt_len
     ids, keep = input_ids.tolist(), attention_mask.bool().tolist()
@@ -372,20 +376,22 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
         by_prompt.setdefault(tuple(t for t, k in zip(ids[i][:P], keep[i][:P]) if k), []).append(i)
     groups: list[tuple[list[int], list[list[int]]]] = []
     order: list[int] = []  # the batch row of each packed response, in packing order
+    shared = layout == "shared"
     for prompt, rows in by_prompt.items():
         chunk: list[list[int]] = []
         size = len(prompt)
         for i in rows:
             response = [t for t, k in zip(ids[i][P:], keep[i][P:]) if k]
-            if chunk and size + len(response) > max_row_tokens:
+            if chunk and (not shared or size + len(response) > max_row_tokens):
                 groups.append((list(prompt), chunk))
                 chunk, size = [], len(prompt)
             chunk.append(response)
             size += len(response)
             order.append(i)
         groups.append((list(prompt), chunk))
-    packed = {k: v.to(input_ids.device) for k, v in pack_shared_prefixes(groups, 0, row_tokens=0).items()}
-    logits = causal_logits(model, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
+    packed = pack_shared_prefixes(groups, 0, row_tokens=0 if shared else max_row_tokens, shared=shared)
+    packed = {k: v.to(input_ids.device) for k, v in packed.items()}
+    logits = packed_logits(model, packed)
     logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -396,3 +402,30 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
 
     logprobs = unpack(logprobs_from_logits(logits, packed["input_ids"].reshape(-1)[packed["tgt"]]))
     return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
+
+
+def choose_layout(model, wanted: bool, kind: str, log=print) -> str | None:
+    """The padding-free layout a recipe uses on ``model``, said once in the log.
+
+    ``kind`` is what the recipe would like: ``"shared"`` (a prompt encoded once for several
+    replies) or ``"packed"`` (whole sequences side by side). Returns ``"shared"``,
+    ``"packed"`` or None (padded batches): a layout is used only where the model supports it
+    and a probe gives the padded batch's log-probs (:func:`rlhf.models.check_packing`).
+    Flash attention gets ``"packed"`` for a ``"shared"`` request: it takes no custom mask.
+    """
+    from rlhf.models import check_packing, default_tolerance, packing_support
+
+    if not wanted:
+        return None
+    support, why = packing_support(model)
+    if support is None:
+        log(f"padding-free batches: off ({why}); batches are padded")
+        return None
+    layout = "packed" if kind == "packed" or support == "packed" else "shared"
+    error, tolerance = check_packing(model, layout), default_tolerance(model)
+    if not error <= tolerance:
+        log(f"padding-free batches: off: on this model the {layout} layout's log-probs differ from the padded "
+            f"batch's by {error:.3g} of their spread (tolerance {tolerance:g}); batches are padded")
+        return None
+    log(f"padding-free batches: {layout} layout ({why}; probe within {error:.1g} of the padded batch)")
+    return layout

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.algos import dpo_loss, logprobs_from_logits
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, causal_logits, eval_mode, uses_flash_attention
+from rlhf.models import Reference, causal_logits, eval_mode, packed_logits
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
+    StepPlan, TrainConfig, choose_layout, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
 )
 
@@ -43,7 +43,8 @@ class Config(TrainConfig):
     precompute_ref: bool = True
     """Compute the reference log-probs once before training and cache them beside the run."""
     share_prompt: bool = True
-    """Encode each prompt once for chosen and rejected, packed padding-free (off under flash attention)."""
+    """Encode each prompt once for chosen and rejected, packed padding-free (flash attention: packed without
+    sharing; off where a probe finds the model's result differs from the padded one)."""
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                                batch["response_mask"])
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
-    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"])
+    logits = packed_logits(model, batch)
     flat = logits.reshape(-1, logits.shape[-1])
     lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
     B = int(batch["n_pairs"])
@@ -126,9 +127,10 @@ def run(cfg: Config) -> dict[str, float]:
     held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, log) if cfg.eval_data else None
     for i, e in enumerate(train.examples):
         e["index"] = i
-    flash = uses_flash_attention(policy)
-    collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length))
-               if cfg.share_prompt and not flash else partial(collate_preference, pad_id=tokenizer.pad_token_id))
+    layout = choose_layout(policy, cfg.share_prompt, "shared", log)
+    collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length),
+                       shared=layout == "shared")
+               if layout else partial(collate_preference, pad_id=tokenizer.pad_token_id))
 
     # 2. Reference log-probs: once, in one pass, cached beside the run (held-out ones too).
     ref_logps = cached_reference_logps(cfg, accelerator, ref, train.examples, collate) if cfg.precompute_ref else None

@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf.models import Reference, disable_dropout, eval_mode, uses_flash_attention
+from rlhf.models import Reference, disable_dropout, eval_mode
 from rlhf.recipes.common import (
-    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    StepPlan, UserError, choose_layout, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
     model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
@@ -50,7 +51,8 @@ class Config(RLConfig):
     clip_eps_high: float | None = None
     """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps)."""
     share_prompt: bool = True
-    """Score the G responses of a prompt padding-free, the prompt encoded once (off under flash attention)."""
+    """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
+    without sharing; off where a probe finds the model's result differs from the padded one)."""
 
     def check(self) -> None:
         super().check()
@@ -122,7 +124,8 @@ def run(cfg: Config) -> dict[str, float]:
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
-    logprobs_fn = packed_response_logprobs if cfg.share_prompt and not uses_flash_attention(policy) else model_response_logprobs
+    layout = choose_layout(policy, cfg.share_prompt, "shared", accelerator.print)
+    logprobs_fn = partial(packed_response_logprobs, layout=layout) if layout else model_response_logprobs
     metrics: dict[str, float] = {}
 
     while state.step < total:

@@ -193,7 +193,8 @@ def build_models(cfg: Config, accelerator):
         model = PolicyWithValueHead(policy)
     else:
         model = policy
-        critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model)))
+        critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model,
+                                                                attn_implementation=cfg.attn_implementation)))
     return tokenizer, model, critic, ref
 
 

@@ -74,7 +74,8 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     log = accelerator.print
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    classifier = load_sequence_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    classifier = load_sequence_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                          attn_implementation=cfg.attn_implementation)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora:
         classifier = apply_lora(classifier, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(),

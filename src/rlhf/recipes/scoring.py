@@ -141,7 +141,8 @@ class RLConfig(TrainConfig):
             if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
                                 "the reward model must share the policy's tokenizer")
-            reward_model = freeze(load_sequence_classifier(self.reward_model)).to(device)
+            reward_model = freeze(load_sequence_classifier(self.reward_model,
+                                                           attn_implementation=self.attn_implementation)).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
 

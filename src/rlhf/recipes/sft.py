@@ -14,9 +14,8 @@ import torch
 
 from rlhf.algos import sft_loss
 from rlhf.data import collate_packed, collate_sft
-from rlhf.models import uses_flash_attention
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
+    StepPlan, TrainConfig, choose_layout, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
 )
 
@@ -28,7 +27,8 @@ class Config(TrainConfig):
     lr: float = 2e-5
     """Peak learning rate of AdamW."""
     packing: bool = False
-    """Pack each micro-batch into one padding-free row (positions restart per example)."""
+    """Pack each micro-batch into one padding-free row (positions restart per example; off where a probe
+    finds the model's result differs from the padded one)."""
     completion_only_loss: bool = True
     """Loss on the response tokens only; off: on the prompt tokens too."""
 
@@ -74,9 +74,8 @@ def run(cfg: Config) -> dict[str, float]:
     if not cfg.completion_only_loss:
         for e in train.examples:
             e["labels"] = list(e["input_ids"])
-    flash = uses_flash_attention(model)
-    collate = (partial(collate_packed, pad_id=tokenizer.pad_token_id, block_mask=not flash) if cfg.packing
-               else partial(collate_sft, pad_id=tokenizer.pad_token_id))
+    packed = choose_layout(model, cfg.packing, "packed", log)
+    collate = partial(collate_packed if packed else collate_sft, pad_id=tokenizer.pad_token_id)
 
     # 2. Optimiser, schedule, checkpoints (resume restores all of it).
     plan = StepPlan(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)

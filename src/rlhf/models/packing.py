@@ -1,0 +1,190 @@
+"""Padding-free layouts, masked by transformers' own masking utilities.
+
+Two layouts are run padding-free:
+
+- **Packed sequences** (SFT ``--packing``; DPO and GRPO under flash attention): independent
+  sequences side by side in one row, positions restarting at 0 for each. The model gets the
+  ``position_ids`` and no attention mask; transformers then finds the sequence boundaries itself
+  (``masking_utils.find_packed_sequence_indices`` for SDPA, eager and flex; the varlen kernel
+  for flash attention), with each model's sliding windows applied as usual.
+- **Shared prefixes** (DPO's prompt with its chosen and rejected replies, GRPO's prompt with its
+  G samples): ``[prefix | c1 | c2 | ...]`` where every continuation sees its prefix and itself
+  only and continues the prefix's positions. No position-id convention expresses that, so the
+  mask is built here, but by ``masking_utils.create_causal_mask`` itself, with the layout as its
+  ``and_mask_function``: transformers then writes it in the form the model's attention kernel
+  takes (boolean for SDPA, additive in the model's dtype for eager, a ``BlockMask`` for flex).
+  A continuation token sits further from its prefix in the row than in its own sequence, so a
+  sliding window is applied on positions, through transformers' ``sliding_window_overlay``.
+  Models whose layers mix full and sliding attention get one mask per layer type, as their
+  forward accepts (``{"full_attention": ..., "sliding_attention": ...}``).
+
+:func:`packing_support` says which of these a model can run, and :func:`check_packing` runs a
+small probe layout both ways, so a recipe uses a padding-free layout only where it gives the
+padded result on the model at hand (seen in ``tests/test_zoo.py`` across architectures).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from rlhf.models.lora import Reference, causal_logits, eval_mode
+
+
+def _inner(model) -> nn.Module:
+    """The transformers model behind a :class:`Reference` or a peft wrapper."""
+    if isinstance(model, Reference):
+        model = model.model if model.model is not None else model.policy
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model):
+    config = _inner(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_mask_per_layer_type(model_class: type) -> bool:
+    """Whether the decoder's forward accepts ``{"full_attention": mask, "sliding_attention": mask}``."""
+    for cls in model_class.__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is not None:
+            try:
+                return "isinstance(causal_mask_mapping := attention_mask, dict)" in inspect.getsource(forward)
+            except (OSError, TypeError):
+                return False
+    return False
+
+
+def _layer_types(config) -> set[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return set(types)
+    return {"sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"}
+
+
+def packing_support(model) -> tuple[str | None, str]:
+    """How ``model`` runs padding-free layouts: ``("shared", why)`` for both layouts,
+    ``("packed", why)`` for packed sequences only (flash attention), ``(None, why)`` for neither."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    inner = _inner(model)
+    config = _text_config(model)
+    attn = str(getattr(config, "_attn_implementation", None) or "eager")
+    if attn.startswith("flash"):
+        return "packed", f"{attn}: sequence boundaries from position ids"
+    if getattr(config, "attention_chunk_size", None):
+        return None, "chunked attention is not supported padding-free"
+    if attn not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return None, f"attention implementation {attn!r} has no transformers mask function"
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+    if len(_layer_types(config)) > 1 and not _takes_mask_per_layer_type(type(decoder)):
+        return None, f"{type(decoder).__name__} mixes layer types but takes one mask"
+    return "shared", f"{attn}: masks from transformers' create_causal_mask"
+
+
+def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The attention mask of a shared-prefix layout, in the form ``model``'s kernel takes.
+
+    Token ``q`` sees token ``kv`` when ``kv`` is not after it, both lie in the same segment
+    (``segment_ids``), ``kv`` is in the prefix (``branch_ids == 0``) or in ``q``'s own
+    continuation, and, on a sliding-window layer, ``kv``'s position is within the window of
+    ``q``'s. Row padding (segment -1, branch -1) sees only padding, so no softmax row is empty.
+
+    Shape:
+        position_ids, segment_ids, branch_ids: (N, L) -> (N, 1, L, L) or a ``BlockMask``, or a
+        dict of those by layer type for models that take one.
+    """
+    from transformers.masking_utils import and_masks, create_causal_mask, sliding_window_overlay
+
+    config = _text_config(model)
+    embeds = _inner(model).get_input_embeddings().weight
+    shape = torch.empty(position_ids.shape[0], position_ids.shape[1], 0, dtype=embeds.dtype, device=position_ids.device)
+
+    def layout(batch_idx, head_idx, q_idx, kv_idx):
+        q_branch, kv_branch = branch_ids[batch_idx, q_idx], branch_ids[batch_idx, kv_idx]
+        same = segment_ids[batch_idx, q_idx] == segment_ids[batch_idx, kv_idx]
+        return same & ((kv_branch == 0) | (kv_branch == q_branch))
+
+    def build(mask_fn):
+        return create_causal_mask(config=config, inputs_embeds=shape, attention_mask=None, past_key_values=None,
+                                  position_ids=None, and_mask_function=mask_fn, allow_is_causal_skip=False)
+
+    masks = {}
+    for kind in _layer_types(config):
+        if kind == "sliding_attention":
+            window = sliding_window_overlay(config.sliding_window)
+
+            def in_window(batch_idx, head_idx, q_idx, kv_idx, window=window):
+                return window(batch_idx, head_idx, position_ids[batch_idx, q_idx], position_ids[batch_idx, kv_idx])
+
+            masks[kind] = build(and_masks(layout, in_window))
+        else:
+            masks[kind] = build(layout)
+    decoder = _inner(model).get_decoder() if hasattr(_inner(model), "get_decoder") else _inner(model)
+    if len(masks) == 1 and not _takes_mask_per_layer_type(type(decoder)):
+        return next(iter(masks.values()))
+    return masks
+
+
+def packed_logits(model, batch: dict[str, torch.Tensor], keep: int = 0) -> torch.Tensor:
+    """Logits of a padding-free batch from :func:`rlhf.data.pack_shared_prefixes` (or
+    ``collate_packed``): with its layout mask if it carries ``branch_ids``, else from its
+    restarting ``position_ids`` alone.
+
+    Shape:
+        batch["input_ids"]: (N, L) -> (N, L, V)
+    """
+    if "branch_ids" in batch:
+        mask = shared_prefix_mask(model, batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
+    else:
+        mask = None
+    return causal_logits(model, batch["input_ids"], mask, keep, position_ids=batch["position_ids"])
+
+
+@torch.no_grad()
+def check_packing(model, layout: str, tolerance: float | None = None) -> float:
+    """Run a small probe both padded and padding-free; return the largest difference of the
+    response log-probs, relative to their spread. ``layout`` is ``"shared"`` or ``"packed"``.
+
+    The probe has two prompts, one with two continuations, all in one row, so a continuation
+    that saw another one, or another sequence, would show. Where the model has a short sliding
+    window the probe is longer than it, so a window applied on row indices would show too.
+    """
+    from rlhf.data import pack_shared_prefixes, pad
+
+    config = _text_config(model)
+    device = _inner(model).get_input_embeddings().weight.device
+    window = getattr(config, "sliding_window", None) or 0
+    n = window + 3 if 0 < window < 64 else 6
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(config.vocab_size)
+
+    def rand(k: int) -> list[int]:
+        return torch.randint(3, vocab, (k,), generator=gen).tolist()
+
+    groups = [(rand(n), [rand(n + 1), rand(3)]), (rand(2), [rand(n + 2)])]
+    if layout == "packed":
+        groups = [(p, [c]) for p, cs in groups for c in cs]
+    batch = {k: v.to(device) for k, v in pack_shared_prefixes(groups, 0, row_tokens=10_000, shared=layout == "shared").items()}
+    with eval_mode(_inner(model)):
+        logits = packed_logits(model, batch).float()
+        got = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[batch["src"]], -1)  # (K, V)
+        seqs = [p + c for p, cs in groups for c in cs]
+        ids = pad(seqs, 0).to(device)
+        mask = pad([[1] * len(s) for s in seqs], 0).to(device)
+        full = torch.log_softmax(causal_logits(model, ids, mask).float(), -1)  # (S, L, V)
+    prefix_len = torch.tensor([len(p) for p, cs in groups for _ in cs], device=device)
+    owner = batch["owner"]  # continuation of each packed token, in the order of ``seqs``
+    want = full[owner, prefix_len[owner] - 1 + batch["col"]]  # (K, V)
+    spread = (want - want.mean(-1, keepdim=True)).abs().max().clamp(min=1e-12)
+    return float((got - want).abs().max() / spread)
+
+
+def default_tolerance(model) -> float:
+    """What :func:`check_packing` accepts: float32 rounding, or half-precision rounding."""
+    dtype = _inner(model).get_input_embeddings().weight.dtype
+    return 1e-3 if dtype == torch.float32 else 5e-2
