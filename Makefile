@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-zoo bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The whole model zoo: every architecture under every attention kernel that runs on CPU.
+test-zoo: setup
+	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py
 
 bench: setup
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'

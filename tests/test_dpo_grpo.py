@@ -156,8 +156,8 @@ def test_pack_shared_prefixes_layout_by_hand(tiny_dir):
     mask = shared_prefix_mask(model, b["position_ids"], b["segment_ids"], b["branch_ids"])
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0],
                                          [0, 0, 0, 1, 1]]
-    plain = pack_shared_prefixes([([1], [[2]]), ([3], [[4]])], pad_id=0, row_tokens=6, shared=False)
-    assert plain["position_ids"].tolist() == [[0, 1, 0, 1]] and "branch_ids" not in plain
+    plain = pack_shared_prefixes([([1], [[2]]), ([3], [[4]])], pad_id=0, row_tokens=6)  # two plain sequences
+    assert plain["position_ids"].tolist() == [[0, 1, 0, 1]] and plain["segment_ids"].tolist() == [[0, 0, 1, 1]]
 
 
 @pytest.mark.parametrize("max_row_tokens", [1024, 12])  # 12: some groups are cut into rows that repeat the prompt

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.algos import logprobs_from_logits, sft_loss
 from rlhf.data import collate_packed, collate_preference, collate_preference_shared, collate_sft, pad
 from rlhf.models import (
-    Reference, apply_lora, causal_logits, check_packing, load_sequence_classifier, packed_logits, packing_support,
+    Critic, PolicyWithValueHead, Reference, apply_lora, causal_logits, check_packing, load_sequence_classifier, packed_logits, packing_support,
     save_pretrained, sequence_scores, tiny_causal_lm,
 )
 from rlhf.models.tiny import ARCHITECTURES
@@ -46,6 +46,12 @@ def cases(*, grad: bool = False):
 
 
 _MODELS: dict = {}
+
+# torch's inductor writes C++ that does not compile for flex attention on CPU once it turns to
+# dynamic shapes (seen with torch 2.13: "cur_qSplitSize2 was not declared"); one static
+# compile per shape avoids that path. Flex attention has no CPU backward anyway.
+torch._dynamo.config.automatic_dynamic_shapes = False
+torch._dynamo.config.recompile_limit = 256
 
 
 def zoo_model(tokenizer, arch: str, kernel: str):
@@ -99,21 +105,30 @@ def test_packed_equals_padded_for_sft_dpo_and_grpo(arch, kernel, tokenizer):
 
 
 @pytest.mark.parametrize("arch,kernel", cases())
-def test_left_padded_prompts_score_as_alone(arch, kernel, tokenizer):
+def test_left_padded_prompts_score_as_alone(arch, kernel, tokenizer, tmp_path):
     """The rollout's batch (prompts of different lengths, left-padded) gives each response the
-    log-probs it has alone: what makes the first PPO ratio exactly 1 against the sampler."""
+    log-probs and values it has alone: what makes the first PPO ratio exactly 1 against the
+    sampler, and puts V(s_t) on the state before response token t, for the value head on the
+    policy and for a separate critic."""
+    from rlhf.recipes.ppo import policy_forward
+
     model = zoo_model(tokenizer, arch, kernel)
+    save_pretrained(model, tokenizer, str(tmp_path))
+    critic = Critic(load_sequence_classifier(str(tmp_path), attn_implementation=kernel).eval())
+    shared = PolicyWithValueHead(model).eval()
     rng = random.Random(1)
     seqs = [(rand_ids(rng, 1, 9), rand_ids(rng, 2, 6)) for _ in range(4)]
     P = max(len(p) for p, _ in seqs)
     ids = torch.cat([pad([p for p, _ in seqs], 0, side="left"), pad([r for _, r in seqs], 0)], 1)
     mask = torch.cat([pad([[1] * len(p) for p, _ in seqs], 0, side="left"), pad([[1] * len(r) for _, r in seqs], 0)], 1)
     with torch.no_grad():
-        batch, _ = model_response_logprobs(model, ids, mask, P)
-        for i, (p, r) in enumerate(seqs):
-            one = torch.tensor([p + r])
-            alone, _ = model_response_logprobs(model, one, torch.ones_like(one), len(p))
-            torch.testing.assert_close(batch[i, : len(r)], alone[0], atol=1e-5, rtol=1e-5)
+        for body, head in ((shared, None), (model, critic)):
+            logprobs, values, _ = policy_forward(body, head, ids, mask, P, 1.0)
+            for i, (p, r) in enumerate(seqs):
+                one = torch.tensor([p + r])
+                lp, v, _ = policy_forward(body, head, one, torch.ones_like(one), len(p), 1.0)
+                torch.testing.assert_close(logprobs[i, : len(r)], lp[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(values[i, : len(r)], v[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch,kernel", cases())
@@ -218,3 +233,21 @@ def test_one_step_of_every_recipe(arch, kernel, tokenizer, zoo_data, tmp_path):
                          mini_batch_size=4, max_new_tokens=6, **common))
     for out in ("sft", "rm", "dpo", "ppo", "grpo"):
         assert (tmp_path / out / "model.safetensors").exists(), out
+
+
+def test_a_layout_that_differs_from_padded_is_not_used(tokenizer, monkeypatch):
+    """The start-up probe: where the padding-free result differs (here a mask that forgets the
+    layout, as the eager kernel once did), the recipe gets padded batches and says why, once."""
+    from rlhf.models import packing
+    from rlhf.recipes.common import choose_layout
+
+    model = zoo_model(tokenizer, "llama", "eager")
+    said: list[str] = []
+    assert choose_layout(model, True, "shared", said.append) == "shared" and "probe within" in said[-1]
+    real = packing.shared_prefix_mask
+    monkeypatch.setattr(packing, "shared_prefix_mask",
+                        lambda m, pos, seg, branch: real(m, pos, torch.zeros_like(seg), torch.zeros_like(branch)))
+    for kind in ("shared", "packed"):
+        assert choose_layout(model, True, kind, said.append) is None
+        assert said[-1].startswith("padding-free batches: off: on this model the") and "batches are padded" in said[-1]
+    assert choose_layout(model, False, "shared", said.append) is None and len(said) == 3

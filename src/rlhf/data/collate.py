@@ -28,17 +28,19 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_packed(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Padding-free SFT batch: all examples in one row, positions restarting per example.
 
-    No attention mask: transformers reads the sequence boundaries from the restarting
-    ``position_ids`` (its packed-sequence masks for SDPA, eager and flex; the varlen kernel
-    for flash attention; see :mod:`rlhf.models.packing`). ``labels`` carry -100 on each
+    ``segment_ids`` numbers the examples, for the block-diagonal mask that
+    :func:`rlhf.models.packed_logits` has transformers build; flash attention reads the
+    boundaries from the restarting ``position_ids`` instead. ``labels`` carry -100 on each
     example's first token, so none is trained to predict the next one's start.
     """
-    ids, labels, positions = [], [], []
-    for e in examples:
+    ids, labels, positions, segments = [], [], [], []
+    for k, e in enumerate(examples):
         ids += e["input_ids"]
         labels += [-100] + e["labels"][1:]
         positions += list(range(len(e["input_ids"])))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+        segments += [k] * len(e["input_ids"])
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "segment_ids": torch.tensor([segments]), "branch_ids": torch.zeros(1, len(ids), dtype=torch.long)}
 
 
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,7 +68,7 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
 
 
 def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id: int,
-                         row_tokens: int = 512, shared: bool = True) -> dict[str, torch.Tensor]:
+                         row_tokens: int = 512) -> dict[str, torch.Tensor]:
     """Groups ``(prefix, [continuation, ...])`` laid out as ``[prefix | c1 | c2 | ...]`` segments:
     each prefix is encoded once, however many continuations share it.
 
@@ -74,9 +76,8 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
     only, so each is scored exactly as in its own sequence: ``segment_ids`` numbers the groups
     of a row and ``branch_ids`` marks the prefix 0 and continuation j as j + 1, from which
     :func:`rlhf.models.packing.shared_prefix_mask` builds the mask (row padding: -1 in both).
-    With ``shared=False`` every group must hold one continuation, and the row is plain packed
-    sequences, positions restarting per group, with no layout ids: transformers masks it from
-    the positions alone (as flash attention needs). Groups are packed first-fit decreasing
+    Groups of one continuation each are plain packed sequences, positions restarting per
+    group, which flash attention reads from the positions alone. Groups are packed first-fit decreasing
     into rows of at most ``row_tokens`` (a longer group gets a row of its own). Continuations
     are numbered in the order given, group by group; for each continuation token, ``src``/``tgt``
     are the flat indices (into N*L) of the logits that predict it and of the token itself,
@@ -87,8 +88,6 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
     first = [0]  # number of each group's first continuation
     for _, cs in groups:
         first.append(first[-1] + len(cs))
-    if not shared and any(len(cs) != 1 for _, cs in groups):
-        raise ValueError("pack_shared_prefixes(shared=False) takes one continuation per group")
     rows: list[list[int]] = []
     fills: list[int] = []
     for g in sorted(range(len(groups)), key=lambda k: -size[k]):
@@ -128,12 +127,9 @@ def pack_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]], pad_id
                 col += list(range(C))
                 end += C
             at = end
-    batch = {"input_ids": ids, "position_ids": pos, "src": torch.tensor(src, dtype=torch.long),
-             "tgt": torch.tensor(tgt, dtype=torch.long), "owner": torch.tensor(owner, dtype=torch.long),
-             "col": torch.tensor(col, dtype=torch.long)}
-    if shared:
-        batch.update(segment_ids=segment, branch_ids=branch)
-    return batch
+    return {"input_ids": ids, "position_ids": pos, "segment_ids": segment, "branch_ids": branch,
+            "src": torch.tensor(src, dtype=torch.long), "tgt": torch.tensor(tgt, dtype=torch.long),
+            "owner": torch.tensor(owner, dtype=torch.long), "col": torch.tensor(col, dtype=torch.long)}
 
 
 def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int = 512,
@@ -146,7 +142,7 @@ def collate_preference_shared(examples: list[dict], pad_id: int, row_tokens: int
     B = len(examples)
     pairs = [(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]]) for e in examples]
     groups = pairs if shared else [(p, [c]) for p, cs in pairs for c in cs]
-    batch = pack_shared_prefixes(groups, pad_id, row_tokens, shared=shared)
+    batch = pack_shared_prefixes(groups, pad_id, row_tokens)
     owner = batch.pop("owner")  # 2i + 0 for pair i's chosen, 2i + 1 for its rejected, either way
     batch.pop("col")
     return {**batch, "owner": (owner % 2) * B + owner // 2, "n_pairs": torch.tensor(B)}

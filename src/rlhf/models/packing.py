@@ -3,10 +3,11 @@
 Two layouts are run padding-free:
 
 - **Packed sequences** (SFT ``--packing``; DPO and GRPO under flash attention): independent
-  sequences side by side in one row, positions restarting at 0 for each. The model gets the
-  ``position_ids`` and no attention mask; transformers then finds the sequence boundaries itself
-  (``masking_utils.find_packed_sequence_indices`` for SDPA, eager and flex; the varlen kernel
-  for flash attention), with each model's sliding windows applied as usual.
+  sequences side by side in one row, positions restarting at 0 for each. Under flash attention
+  the model gets the ``position_ids`` and no mask, and transformers' varlen kernel finds the
+  sequence boundaries itself. Other kernels get the block-diagonal mask below (transformers'
+  own detection of restarting positions is not used: some models, OPT among them, fill in a
+  padding mask first and so never run it).
 - **Shared prefixes** (DPO's prompt with its chosen and rejected replies, GRPO's prompt with its
   G samples): ``[prefix | c1 | c2 | ...]`` where every continuation sees its prefix and itself
   only and continues the prefix's positions. No position-id convention expresses that, so the
@@ -35,7 +36,10 @@ from rlhf.models.lora import Reference, causal_logits, eval_mode
 
 
 def _inner(model) -> nn.Module:
-    """The transformers model behind a :class:`Reference` or a peft wrapper."""
+    """The transformers model behind a :class:`Reference`, a DDP/FSDP or a peft wrapper."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model) if not isinstance(model, Reference) else model
     if isinstance(model, Reference):
         model = model.model if model.model is not None else model.policy
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -131,17 +135,17 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
 
 
 def packed_logits(model, batch: dict[str, torch.Tensor], keep: int = 0) -> torch.Tensor:
-    """Logits of a padding-free batch from :func:`rlhf.data.pack_shared_prefixes` (or
-    ``collate_packed``): with its layout mask if it carries ``branch_ids``, else from its
-    restarting ``position_ids`` alone.
+    """Logits of a padding-free batch from :func:`rlhf.data.pack_shared_prefixes` or
+    ``collate_packed``: under its layout mask (:func:`shared_prefix_mask`), or, under flash
+    attention, from its restarting ``position_ids`` alone.
 
     Shape:
         batch["input_ids"]: (N, L) -> (N, L, V)
     """
-    if "branch_ids" in batch:
-        mask = shared_prefix_mask(model, batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
-    else:
+    if packing_support(model)[0] == "packed":
         mask = None
+    else:
+        mask = shared_prefix_mask(model, batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
     return causal_logits(model, batch["input_ids"], mask, keep, position_ids=batch["position_ids"])
 
 
@@ -169,7 +173,7 @@ def check_packing(model, layout: str, tolerance: float | None = None) -> float:
     groups = [(rand(n), [rand(n + 1), rand(3)]), (rand(2), [rand(n + 2)])]
     if layout == "packed":
         groups = [(p, [c]) for p, cs in groups for c in cs]
-    batch = {k: v.to(device) for k, v in pack_shared_prefixes(groups, 0, row_tokens=10_000, shared=layout == "shared").items()}
+    batch = {k: v.to(device) for k, v in pack_shared_prefixes(groups, 0, row_tokens=10_000).items()}
     with eval_mode(_inner(model)):
         logits = packed_logits(model, batch).float()
         got = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[batch["src"]], -1)  # (K, V)

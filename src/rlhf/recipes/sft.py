@@ -14,6 +14,7 @@ import torch
 
 from rlhf.algos import sft_loss
 from rlhf.data import collate_packed, collate_sft
+from rlhf.models import packed_logits
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, choose_layout, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
@@ -39,8 +40,10 @@ def count_tokens(batch: dict) -> int:
 
 
 def loss_fn(model, batch: dict):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits  # (B, L, V)
+    if "segment_ids" in batch:  # packed: the layout's mask (rlhf.models.packing)
+        logits = packed_logits(model, batch)  # (1, L, V)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     loss, m = sft_loss(logits, batch["labels"])
     return loss, {"train/token_accuracy": m["accuracy"]}
 
