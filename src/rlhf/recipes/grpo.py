@@ -20,7 +20,7 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, disable_dropout, eval_mode, uses_flash_attention
 from rlhf.recipes.common import (
-    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    StepPlan, UserError, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
     model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
@@ -94,7 +94,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                 for name, value in (("clip_ratio", m["clipfrac"] * share), ("entropy", masked_mean(entropy.detach(), mask) * share),
                                     ("loss/policy", loss.detach())):
                     sums[name] = sums.get(name, 0.0) + value
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(accelerator, params, cfg.max_grad_norm)
             if torch.isfinite(torch.as_tensor(grad_norm)):
                 optimizer.step()
                 scheduler.step()

@@ -24,7 +24,7 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
+    StepPlan, UserError, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
     response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
@@ -168,7 +168,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
                                     ("loss/policy", pg_loss.detach()), ("val/loss", vf_loss.detach()),
                                     ("objective/entropy", ent.detach())):
                     sums[name] = sums.get(name, 0.0) + value
-            norms = [accelerator.clip_grad_norm_(g, cfg.max_grad_norm) for g in param_groups if g]
+            norms = [clip_grad_norm(accelerator, g, cfg.max_grad_norm) for g in param_groups if g]
             if all(torch.isfinite(torch.as_tensor(x)) for x in norms):
                 optimizer.step()
                 scheduler.step()

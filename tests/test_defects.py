@@ -1,0 +1,54 @@
+"""Issue 13, "Smaller defects": one recipe-level test per defect, on tiny models (no hub)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.recipes import grpo, ppo
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"prompt": f"Say something about item {i}."} for i in range(16)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def rl_kwargs(tiny_dir, prompts_file, tmp_path, **over):
+    kw = dict(model=tiny_dir, data=prompts_file, reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "o"),
+              max_steps=1, rollout_batch_size=8, mini_batch_size=8, batch_size=8, max_new_tokens=8, lr=1e-2,
+              report_to="none", seed=0)
+    kw.update(over)
+    return kw
+
+
+def moved(before_dir, after_dir) -> float:
+    """Largest absolute change of any weight between two saved models."""
+    a, b = load_file(f"{before_dir}/model.safetensors"), load_file(f"{after_dir}/model.safetensors")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ---- 1. --max-grad-norm 0 means no clipping ---------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_max_grad_norm_0_is_no_clipping_and_the_weights_move(recipe, tiny_dir, prompts_file, tmp_path):
+    """0 used to clip every gradient to norm 0: one step left every weight where it was."""
+    if recipe == "ppo":
+        ppo.run(ppo.Config(**rl_kwargs(tiny_dir, prompts_file, tmp_path, max_grad_norm=0)))
+    else:
+        grpo.run(grpo.Config(**rl_kwargs(tiny_dir, prompts_file, tmp_path, max_grad_norm=0, num_generations=4,
+                                         rollout_batch_size=4, mini_batch_size=16, batch_size=16)))
+    assert moved(tiny_dir, tmp_path / "o") > 1e-3
+
+
+@pytest.mark.parametrize("recipe", ["sft", "ppo", "grpo", "dpo"])
+def test_negative_max_grad_norm_is_one_clear_error(recipe, tiny_dir, tmp_path, capsys):
+    from rlhf.cli import main
+
+    code = main([recipe, "--model", tiny_dir, "--data", "x.jsonl", "--max-grad-norm", "-1",
+                 "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--max-grad-norm" in err[0], err
