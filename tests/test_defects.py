@@ -1,6 +1,7 @@
 """Issue 13, "Smaller defects": one recipe-level test per defect, on tiny models (no hub)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -52,3 +53,43 @@ def test_negative_max_grad_norm_is_one_clear_error(recipe, tiny_dir, tmp_path, c
                  "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--max-grad-norm" in err[0], err
+
+
+# ---- 2. DPO turns dropout off in the policy ---------------------------------------------------
+
+def pref_file(tmp_path, n=8, name="pref.jsonl"):
+    rows = [{"prompt": f"Please help with my order {i}.", "chosen": " Of course, here is the fix for you.",
+             "rejected": " Not my problem."} for i in range(n)]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def dpo_kwargs(model_dir, tmp_path, **over):
+    kw = dict(model=model_dir, data=pref_file(tmp_path), output_dir=str(tmp_path / "dpo"), batch_size=8, lr=1e-3,
+              max_steps=1, beta=0.1, max_length=48, report_to="none", seed=0)
+    kw.update(over)
+    return kw
+
+
+@pytest.fixture
+def gpt2_dropout_dir(tmp_path, tokenizer):
+    """A tiny GPT-2 with GPT-2's dropout of 0.1 (embeddings, attention, residual)."""
+    from rlhf.models import save_pretrained, tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, "gpt2", hidden_size=32, num_layers=2)
+    assert model.config.resid_pdrop == model.config.attn_pdrop == model.config.embd_pdrop == 0.1
+    save_pretrained(model, tokenizer, str(tmp_path / "gpt2"))
+    return str(tmp_path / "gpt2")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_dpo_first_step_loss_is_exact_with_a_dropout_model(loss_type, gpt2_dropout_dir, tmp_path):
+    """Policy == reference at step 1, so h = 0: sigmoid gives ln 2 and hinge 1, unless dropout
+    perturbs the policy (it used to: 0.69 but not ln 2 to 1e-6)."""
+    from rlhf.recipes import dpo
+
+    dpo.run(dpo.Config(**dpo_kwargs(gpt2_dropout_dir, tmp_path, loss_type=loss_type)))
+    row = [json.loads(x) for x in open(tmp_path / "dpo" / "metrics.jsonl") if "train/loss" in x][0]
+    assert row["train/loss"] == pytest.approx(math.log(2) if loss_type == "sigmoid" else 1.0, abs=1e-6)
+    assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-6)

@@ -1,7 +1,8 @@
 """Direct Preference Optimization and its variants, straight from preference pairs (seed 002 Part 6).
 
 Loss types: ``sigmoid`` (DPO), ``ipo``, ``hinge``, and ``--label-smoothing`` for cDPO. The
-reference is a frozen copy, or the LoRA base with adapters disabled. Its log-probabilities
+reference is a frozen copy, or the LoRA base with adapters disabled. Dropout is off in the
+policy (TRL's ``disable_dropout=True``), so at step 1 the policy and reference agree exactly. Its log-probabilities
 are computed once before training in one pass and cached beside the run
 (``ref_logps.safetensors``), or on the fly with ``--no-precompute-ref``. Chosen and rejected
 go through one concatenated forward.
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.algos import dpo_loss, logprobs_from_logits
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, causal_logits, eval_mode, uses_flash_attention
+from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, uses_flash_attention
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
@@ -119,6 +120,7 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     log = accelerator.print
     tokenizer, policy = load_policy(cfg)
+    disable_dropout(policy)  # as TRL's DPOTrainer by default: the reference is scored without dropout too
     ref = Reference(policy).to(accelerator.device)  # LoRA: base with adapters off; else a frozen copy
 
     # 1. Preference pairs, checked before training; each example remembers its index.
