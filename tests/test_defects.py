@@ -93,3 +93,43 @@ def test_dpo_first_step_loss_is_exact_with_a_dropout_model(loss_type, gpt2_dropo
     row = [json.loads(x) for x in open(tmp_path / "dpo" / "metrics.jsonl") if "train/loss" in x][0]
     assert row["train/loss"] == pytest.approx(math.log(2) if loss_type == "sigmoid" else 1.0, abs=1e-6)
     assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- 3. IPO on per-token mean log-probs -------------------------------------------------------
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_ipo_is_fed_per_token_mean_logprobs(share_prompt, tiny_dir, tmp_path, monkeypatch):
+    """What reaches the IPO loss is, per reply, the mean log-prob of its tokens (policy and
+    reference), computed here the naive way: one reply at a time, its log-probs averaged."""
+    from rlhf.algos import logprobs_from_logits
+    from rlhf.data import Encoder, prepare
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.recipes import dpo
+
+    rows = [{"prompt": f"Please help with order {i}.", "chosen": " Of course" + ", here is the fix" * (i % 4),
+             "rejected": " No" + " way" * i} for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fed = []
+    real_loss = dpo.dpo_loss
+
+    def spy(chosen, rejected, ref_c, ref_r, *args, **kw):
+        n_c, n_r = kw.get("chosen_lengths", 1.0), kw.get("rejected_lengths", 1.0)  # no lengths: summed log-probs
+        fed.append([t.detach().float() for t in (chosen / n_c, rejected / n_r, ref_c / n_c, ref_r / n_r)])
+        return real_loss(chosen, rejected, ref_c, ref_r, *args, **kw)
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    dpo.run(dpo.Config(**dpo_kwargs(tiny_dir, tmp_path, data=str(data), loss_type="ipo", share_prompt=share_prompt)))
+
+    model, tok = load_causal_lm(tiny_dir).eval(), load_tokenizer(tiny_dir)
+    naive = {"chosen_ids": [], "rejected_ids": []}
+    with torch.no_grad():
+        for e in prepare(str(data), "preference", Encoder(tok, 48)).examples:
+            for key in naive:
+                ids = torch.tensor([e["prompt_ids"] + e[key]])
+                lp = logprobs_from_logits(model(ids).logits[:, :-1], ids[:, 1:])[0, len(e["prompt_ids"]) - 1:]
+                naive[key].append(float(lp.mean()))
+    chosen, rejected, ref_c, ref_r = fed[0]
+    for got, want in ((chosen, naive["chosen_ids"]), (ref_c, naive["chosen_ids"]), (rejected, naive["rejected_ids"]),
+                      (ref_r, naive["rejected_ids"])):
+        assert sorted(got.tolist()) == pytest.approx(sorted(want), abs=1e-4)
