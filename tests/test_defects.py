@@ -133,3 +133,33 @@ def test_ipo_is_fed_per_token_mean_logprobs(share_prompt, tiny_dir, tmp_path, mo
     for got, want in ((chosen, naive["chosen_ids"]), (ref_c, naive["chosen_ids"]), (rejected, naive["rejected_ids"]),
                       (ref_r, naive["rejected_ids"])):
         assert sorted(got.tolist()) == pytest.approx(sorted(want), abs=1e-4)
+
+
+# ---- 4. top-k / top-p in PPO and GRPO: refused unless asked, and then a warning ----------------
+
+@pytest.mark.parametrize("recipe,flags", [("ppo", ["--top-k", "5"]), ("grpo", ["--top-p", "0.9"]),
+                                          ("grpo", ["--top-k", "5", "--top-p", "0.9"])])
+def test_truncated_sampling_in_rl_is_refused_unless_asked(recipe, flags, tiny_dir, prompts_file, tmp_path, capsys):
+    from rlhf.cli import main
+
+    code = main([recipe, "--model", tiny_dir, "--data", prompts_file, "--reward-fn", "rule_rewards:vowel_fraction",
+                 "--output-dir", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "--allow-truncated-sampling" in err[0] and "full softmax" in err[0] and flags[0] in err[0], err[0]
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_truncated_sampling_when_asked_runs_with_one_warning(recipe, tiny_dir, prompts_file, tmp_path):
+    from rlhf.recipes.common import UserError
+
+    module = ppo if recipe == "ppo" else grpo
+    kw = rl_kwargs(tiny_dir, prompts_file, tmp_path, top_k=5)
+    if recipe == "grpo":
+        kw.update(num_generations=2, rollout_batch_size=4, mini_batch_size=8)
+    with pytest.raises(UserError, match="--allow-truncated-sampling"):  # the Python API refuses it too
+        module.run(module.Config(**kw))
+    module.run(module.Config(**kw, allow_truncated_sampling=True))
+    events = [json.loads(x)["event"] for x in open(tmp_path / "o" / "metrics.jsonl") if '"event"' in x]
+    warnings = [e for e in events if "truncated" in e]
+    assert len(warnings) == 1 and "off-policy" in warnings[0] and "\n" not in warnings[0], events

@@ -104,6 +104,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
 
 
 def run(cfg: Config) -> dict[str, float]:
+    cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
@@ -117,6 +118,7 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, policy.parameters(), updates)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"reward": "reward", "kl": "kl"})
+    cfg.warn_truncated_sampling(logger, state.step)
     rollout = HFRollout(accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
                         accelerator.device)
     G = cfg.num_generations

@@ -198,6 +198,7 @@ def build_models(cfg: Config, accelerator):
 
 
 def run(cfg: Config) -> dict[str, float]:
+    cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
     scorer = cfg.scorer(tokenizer, accelerator.device)
@@ -221,6 +222,7 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator.register_for_checkpointing(kl_ctl)
     model, optimizer, state, checkpointer, logger = start(
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
+    cfg.warn_truncated_sampling(logger, state.step)
     unwrapped = accelerator.unwrap_model(model)
     rollout = HFRollout(unwrapped.policy if critic is None else unwrapped, tokenizer.pad_token_id,
                         tokenizer.eos_token_id, accelerator.device)
