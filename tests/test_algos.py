@@ -150,6 +150,10 @@ def test_group_advantages_and_rloo_by_hand():
     assert group_advantages(scores, 2, scale=None).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
     # RLOO, G = 3: r = (1, 2, 6): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5.
     assert rloo_advantages(T([1.0, 2.0, 6.0]), 3).tolist() == pytest.approx([-3.0, -1.5, 4.5])
+    # One sample per prompt has no group to compare with: grpo's std would be NaN, dr_grpo's advantage 0.
+    for scale in ("std", None):
+        with pytest.raises(ValueError, match="group_size >= 2"):
+            group_advantages(T([1.0, 3.0]), 1, scale=scale)
 
 
 def test_rloo_advantages_sum_to_zero_per_group():

@@ -163,3 +163,17 @@ def test_truncated_sampling_when_asked_runs_with_one_warning(recipe, tiny_dir, p
     events = [json.loads(x)["event"] for x in open(tmp_path / "o" / "metrics.jsonl") if '"event"' in x]
     warnings = [e for e in events if "truncated" in e]
     assert len(warnings) == 1 and "off-policy" in warnings[0] and "\n" not in warnings[0], events
+
+
+# ---- 5. GRPO needs a group: --num-generations 1 is one clear error -----------------------------
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_one_generation_per_prompt_is_one_clear_error(estimator, tiny_dir, prompts_file, tmp_path, capsys):
+    """G = 1 gave NaN advantages (grpo: the std of one score), every step skipped, exit 0."""
+    from rlhf.cli import main
+
+    code = main(["grpo", "--model", tiny_dir, "--data", prompts_file, "--reward-fn", "rule_rewards:vowel_fraction",
+                 "--estimator", estimator, "--num-generations", "1", "--max-steps", "1", "--max-new-tokens", "4",
+                 "--output-dir", str(tmp_path / "o"), "--report-to", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--num-generations" in err[0] and "at least 2" in err[0], err

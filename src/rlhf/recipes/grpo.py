@@ -36,7 +36,7 @@ class Config(RLConfig):
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     """Group baseline: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out mean)."""
     num_generations: int = 4
-    """G: responses sampled per prompt."""
+    """G: responses sampled per prompt (at least 2: the group is the baseline)."""
     rollout_batch_size: int = 8
     """Prompts per step, across all processes (each gives G responses)."""
     mini_batch_size: int = 32
@@ -54,8 +54,9 @@ class Config(RLConfig):
 
     def check(self) -> None:
         super().check()
-        if self.estimator == "rloo" and self.num_generations < 2:
-            raise UserError("--estimator rloo needs --num-generations of at least 2")
+        if self.num_generations < 2:  # grpo: the std of one score is NaN; dr_grpo: every advantage 0
+            raise UserError(f"--estimator {self.estimator} needs --num-generations of at least 2: its baseline "
+                            f"is the other samples of the same prompt (got {self.num_generations})")
 
 
 def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict, logprobs_fn=model_response_logprobs
