@@ -177,3 +177,36 @@ def test_one_generation_per_prompt_is_one_clear_error(estimator, tiny_dir, promp
                  "--output-dir", str(tmp_path / "o"), "--report-to", "none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--num-generations" in err[0] and "at least 2" in err[0], err
+
+
+# ---- 6. DPO's reference-log-prob cache follows the reference's weights ----------------------
+
+def test_reference_cache_is_not_reused_after_the_reference_is_retrained_in_place(tokenizer, tmp_path, monkeypatch):
+    """Retrain the SFT model into the same directory: the cached log-probs (keyed on the path
+    before) must be recomputed under the new weights; an unchanged rerun still reuses them."""
+    from rlhf.data import Encoder, collate_preference, prepare
+    from rlhf.models import load_causal_lm, save_pretrained, tiny_causal_lm
+    from rlhf.recipes import dpo
+
+    sft_dir = str(tmp_path / "sft")
+    save_pretrained(tiny_causal_lm(tokenizer, "llama", seed=0, hidden_size=32), tokenizer, sft_dir)
+    cfg = dpo.Config(**dpo_kwargs(sft_dir, tmp_path))
+    dpo.run(cfg)
+    cache = tmp_path / "dpo" / "ref_logps.safetensors"
+    first = load_file(cache)["logps"]
+
+    save_pretrained(tiny_causal_lm(tokenizer, "llama", seed=1, hidden_size=32), tokenizer, sft_dir)  # "retrained"
+    dpo.run(cfg)
+    second = load_file(cache)["logps"]
+    examples = prepare(cfg.data, "preference", Encoder(tokenizer, cfg.max_length)).examples
+    with torch.no_grad():
+        chosen, rejected = dpo.pair_logps(load_causal_lm(sft_dir).eval(), collate_preference(examples, tokenizer.pad_token_id))
+    expected = torch.stack([chosen, rejected], dim=1)
+    assert (first - expected).abs().max() > 0.1  # the two references really differ
+    torch.testing.assert_close(second, expected, atol=1e-4, rtol=1e-4)
+
+    computed = []
+    real = dpo.all_pair_logps
+    monkeypatch.setattr(dpo, "all_pair_logps", lambda *a, **k: computed.append(1) or real(*a, **k))
+    dpo.run(cfg)  # nothing changed: the cache serves
+    assert computed == [] and torch.equal(load_file(cache)["logps"], second)

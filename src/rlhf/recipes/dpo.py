@@ -3,7 +3,8 @@
 Loss types: ``sigmoid`` (DPO), ``ipo`` (on per-token mean log-probs, as TRL), ``hinge``, and
 ``--label-smoothing`` for cDPO. The reference is a frozen copy, or the LoRA base with adapters
 disabled. Its log-probabilities are computed once before training in one pass and cached
-beside the run (``ref_logps.safetensors``), or on the fly with ``--no-precompute-ref``. Chosen
+beside the run (``ref_logps.safetensors``, keyed on a hash of the reference's weights and of
+the tokenised pairs), or on the fly with ``--no-precompute-ref``. Chosen
 and rejected go through one concatenated forward. Dropout is off in the policy (TRL's
 ``disable_dropout=True``), so at step 1 policy and reference agree exactly.
 """
@@ -94,10 +95,28 @@ def count_pairs(batch: dict) -> int:
     return int(batch["n_pairs"]) if "n_pairs" in batch else batch["input_ids"].shape[0] // 2
 
 
-def _fingerprint(cfg: Config, n: int) -> str:
-    blob = json.dumps([cfg.model, cfg.data, os.path.getmtime(cfg.data) if os.path.exists(cfg.data) else 0, n,
-                       cfg.max_length, cfg.max_prompt_length])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def reference_fingerprint(ref: Reference, examples: list[dict]) -> str:
+    """What the reference log-probs depend on, hashed: the reference's weights (names, dtypes,
+    shapes and bytes; a LoRA policy's base without its adapters), its config, and the token ids
+    of every pair (so the data, tokenizer, chat template and length limits). Not the model's
+    path: a model retrained into the same directory gets a new fingerprint, a moved one keeps it.
+
+    Hashing reads each weight once (SHA-256, about a second per GB on CPU), far less than the
+    reference pass it saves.
+    """
+    model = ref.model if ref.model is not None else ref.policy.get_base_model()
+    h = hashlib.sha256(b"ref_logps v2")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if "lora_" in name:  # the adapters are off in the reference
+                continue
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    return h.hexdigest()[:32]
 
 
 @torch.no_grad()
@@ -119,9 +138,10 @@ def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size
 
 
 def cached_reference_logps(cfg: Config, accelerator, ref: Reference, examples, collate) -> torch.Tensor:
-    """Reference log-probs from ``OUTPUT_DIR/ref_logps.safetensors`` if it matches, else computed and saved."""
+    """Reference log-probs from ``OUTPUT_DIR/ref_logps.safetensors`` if its fingerprint
+    (:func:`reference_fingerprint`) matches, else computed and saved."""
     path = os.path.join(cfg.output_dir, "ref_logps.safetensors")
-    key = _fingerprint(cfg, len(examples))
+    key = reference_fingerprint(ref, examples)
     if os.path.exists(path):
         saved = load_file(path)
         if saved.get("fingerprint") is not None and bytes(saved["fingerprint"].tolist()).decode() == key:
