@@ -200,8 +200,8 @@ def run(cfg: Config) -> dict[str, float]:
     def evaluate() -> dict[str, float]:
         with eval_mode(model):
             pol, n = all_pair_logps(accelerator, model, held_out.examples, collate, cfg.batch_size, with_lengths=True)
-        _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
-                        chosen_lengths=n[:, 0], rejected_lengths=n[:, 1])
+        _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type,
+                        cfg.label_smoothing, chosen_lengths=n[:, 0], rejected_lengths=n[:, 1])
         return {"eval/rewards/accuracies": float(m["accuracy"]), "eval/rewards/margins": float(m["margin"]),
                 "eval/rewards/chosen": float(m["rewards_chosen"]), "eval/rewards/rejected": float(m["rewards_rejected"])}
 

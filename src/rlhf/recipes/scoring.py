@@ -120,7 +120,8 @@ class RLConfig(TrainConfig):
     top_k: int = 0
     """Sample among the k likeliest tokens (0: all; above 0 needs --allow-truncated-sampling)."""
     allow_truncated_sampling: bool = False
-    """Let --top-k/--top-p truncate sampling although every log-prob scores the full softmax, so updates are off-policy."""
+    """Let --top-k/--top-p truncate sampling although every log-prob scores the full softmax
+    (the updates are then off-policy)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"

@@ -122,7 +122,8 @@ class HFRollout:
             max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             use_cache=True,
         )
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft: the HF model
+        # peft wrappers read and write the generation_config of the HF model inside.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         own = base.generation_config
         base.generation_config = GenerationConfig()
         try:
