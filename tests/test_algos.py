@@ -150,6 +150,10 @@ def test_group_advantages_and_rloo_by_hand():
     assert group_advantages(scores, 2, scale=None).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
     # RLOO, G = 3: r = (1, 2, 6): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5.
     assert rloo_advantages(T([1.0, 2.0, 6.0]), 3).tolist() == pytest.approx([-3.0, -1.5, 4.5])
+    # One sample per prompt has no group to compare with: grpo's std would be NaN, dr_grpo's advantage 0.
+    for scale in ("std", None):
+        with pytest.raises(ValueError, match="group_size >= 2"):
+            group_advantages(T([1.0, 3.0]), 1, scale=scale)
 
 
 def test_rloo_advantages_sum_to_zero_per_group():
@@ -297,9 +301,9 @@ def test_bradley_terry_by_hand():
 
 
 def test_dpo_loss_is_log2_when_policy_equals_reference():
-    lp = T([-3.0, -7.0])
+    lp, n = T([-3.0, -7.0]), T([2.0, 5.0])
     for lt, expected in (("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2), ("hinge", 1.0)):
-        loss, m = dpo_loss(lp, lp - 1, lp, lp - 1, beta=0.1, loss_type=lt)
+        loss, m = dpo_loss(lp, lp - 1, lp, lp - 1, beta=0.1, loss_type=lt, chosen_lengths=n, rejected_lengths=n)
         assert loss.item() == pytest.approx(expected)
     assert m["margin"].item() == 0.0 and m["accuracy"].item() == 0.0
 
@@ -307,7 +311,8 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     for lt in ("sigmoid", "ipo", "hinge"):
         chosen, rejected = T([-5.0], requires_grad=True), T([-5.0], requires_grad=True)
-        loss, _ = dpo_loss(chosen, rejected, T([-5.0]), T([-5.0]), beta=0.1, loss_type=lt)
+        loss, _ = dpo_loss(chosen, rejected, T([-5.0]), T([-5.0]), beta=0.1, loss_type=lt,
+                           chosen_lengths=T([3.0]), rejected_lengths=T([4.0]))
         loss.backward()
         assert chosen.grad.item() < 0 < rejected.grad.item(), lt  # descent raises chosen
 
@@ -323,6 +328,31 @@ def test_dpo_by_hand_and_label_smoothing():
     assert loss.item() == pytest.approx(0.9 * 0.313262 + 0.1 * 1.313262, abs=1e-6)
     with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
         dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), loss_type="kto")
+
+
+def test_ipo_by_hand_uses_per_token_mean_logprobs():
+    # Azar et al. 2023 on length-averaged log-probs, as TRL's loss_type="ipo".
+    # chosen: policy -6 and reference -9 over 3 tokens -> means -2 and -3, ratio +1;
+    # rejected: policy -8 and reference -6 over 2 tokens -> means -4 and -3, ratio -1.
+    # h = 1 - (-1) = 2; beta 0.5: (h - 1 / (2 beta))^2 = (2 - 1)^2 = 1 (summed log-probs: h = 5, loss 16).
+    loss, m = dpo_loss(T([-6.0]), T([-8.0]), T([-9.0]), T([-6.0]), beta=0.5, loss_type="ipo",
+                       chosen_lengths=T([3.0]), rejected_lengths=T([2.0]))
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
+    assert m["margin"].item() == pytest.approx(1.0)
+    # The same per-token numbers on a response 10 times longer: the same loss and the same
+    # gradient per token (summed log-probs made both grow with the length).
+    grads = []
+    for k in (1.0, 10.0):
+        chosen = T([-6.0 * k], requires_grad=True)
+        loss, _ = dpo_loss(chosen, T([-8.0 * k]), T([-9.0 * k]), T([-6.0 * k]), beta=0.5, loss_type="ipo",
+                           chosen_lengths=T([3.0 * k]), rejected_lengths=T([2.0 * k]))
+        loss.backward()
+        assert loss.item() == pytest.approx(1.0, abs=1e-5)
+        grads.append(chosen.grad.item() * 3.0 * k)  # d loss / d (mean log-prob of the chosen reply)
+    assert grads[0] == pytest.approx(grads[1]) == pytest.approx(2 * (2 - 1))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), loss_type="ipo")
 
 
 def test_dual_clip_and_asymmetric_clip():

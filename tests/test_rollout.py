@@ -40,3 +40,31 @@ def test_decode_loop_stops_once_every_row_has_ended(tiny_dir, tokenizer):
     stop = first.response_ids[0].tolist().index(eos)  # the first EOS (an earlier token may equal it)
     assert ours.response_ids.shape == (1, stop + 1) and bool(ours.finished[0])
     assert torch.equal(ours.response_ids, theirs.response_ids) and torch.equal(ours.response_mask, theirs.response_mask)
+
+
+@pytest.mark.parametrize("defaults", [
+    {"repetition_penalty": 1.05, "top_k": 50},  # what Qwen2.5-Instruct ships, and transformers' old top_k default
+    {"no_repeat_ngram_size": 1, "min_new_tokens": 6, "bad_words_ids": [[20], [21]], "suppress_tokens": [22, 23],
+     "temperature": 0.7, "top_p": 0.8},
+], ids=["repetition_penalty", "many"])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_new_tokens=12),
+    SamplingParams(temperature=1.0, max_new_tokens=12, num_samples=3),
+], ids=["greedy", "sampled"])
+def test_generate_ignores_the_models_own_generation_config(tiny_dir, tokenizer, defaults, params):
+    """use_generate=True samples the policy (with our sampling params only), not the model's
+    shipped generation defaults: token for token what our decode loop samples."""
+    model = load_causal_lm(tiny_dir)
+    with torch.no_grad():  # logits 30 times larger, as a trained model's: a 1.05 penalty then changes tokens
+        model.model.norm.weight.mul_(30.0)
+    for key, value in defaults.items():
+        setattr(model.generation_config, key, value)
+    saved = model.generation_config.to_dict()
+    ours = HFRollout(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    theirs = HFRollout(model, tokenizer.pad_token_id, tokenizer.eos_token_id, use_generate=True)
+    torch.manual_seed(3)
+    a = ours.generate(PROMPTS * 3, params)
+    torch.manual_seed(3)
+    b = theirs.generate(PROMPTS * 3, params)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert model.generation_config.to_dict() == saved  # the model's own config is left as it was

@@ -76,11 +76,14 @@ def group_advantages(
 
     ``A_i = (r_i - mean(group)) / (std(group) + eps)``; with ``scale=None`` the std division
     is dropped, which is Dr. GRPO (Liu et al. 2025). The G samples of one prompt must be
-    contiguous. The std is unbiased (``torch.std``), as in TRL.
+    contiguous. The std is unbiased (``torch.std``), as in TRL. Needs ``group_size >= 2``
+    (with one sample the std is NaN and every advantage 0).
 
     Shape:
         scores: (B,) with B = n_prompts * G -> (B,).
     """
+    if group_size < 2:
+        raise ValueError("group advantages need group_size >= 2")
     grouped = scores.float().view(-1, group_size)  # (n_prompts, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "std":

@@ -151,6 +151,8 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct Preference Optimization and its variants (seed 002 Part 6).
 
@@ -161,8 +163,14 @@ def dpo_loss(
         ``ipo``      (h - 1 / (2 beta))^2                         Azar et al. 2023, eq. (17)
         ``hinge``    relu(1 - beta h)                             SLiC, Zhao et al. 2023
 
+    ``sigmoid`` and ``hinge`` take the summed log-probs of each reply. ``ipo`` takes its
+    per-token mean, as TRL's ``loss_type="ipo"`` does: each sum is divided by its reply's
+    token count (``chosen_lengths``, ``rejected_lengths``, required for ``ipo`` and ignored
+    otherwise), so the target margin ``1 / (2 beta)`` and the gradient do not grow with the
+    response length.
+
     Shape:
-        the four log-probability sums: (B,) -> scalar.
+        the four log-probability sums and the two lengths: (B,) -> scalar.
 
     Returns:
         ``(loss, metrics)`` with ``rewards_chosen`` and ``rewards_rejected`` (the implicit
@@ -170,6 +178,12 @@ def dpo_loss(
     """
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type 'ipo' averages log-probs over each reply's tokens: "
+                             "pass chosen_lengths and rejected_lengths")
+        chosen_logratios = chosen_logratios / chosen_lengths.float()
+        rejected_logratios = rejected_logratios / rejected_lengths.float()
     h = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)

@@ -54,8 +54,8 @@ class TrainConfig:
     """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value (0: no clipping)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (0 or none: no clipping)."""
     seed: int = 42
     """Seed of the model init, data order and sampling."""
     save_every: int = 0
@@ -111,6 +111,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UserError(f"--max-grad-norm must be 0 or more (0: no clipping), got {self.max_grad_norm}")
 
 
 # ---- setup ----------------------------------------------------------------------------------
@@ -209,6 +211,18 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def clip_grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm of ``params``, after clipping it to ``max_norm``.
+
+    ``max_norm`` 0 or None means no clipping: the norm is still measured (through
+    ``accelerator.clip_grad_norm_`` with an infinite bound, so it unscales and gathers
+    sharded gradients as clipping would) but no gradient is scaled.
+    """
+    if max_norm is not None and max_norm < 0:
+        raise UserError(f"--max-grad-norm must be 0 or more (0: no clipping), got {max_norm}")
+    return accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+
+
 def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
     value = value.detach().float().to(accelerator.device)
     return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
@@ -248,8 +262,7 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             for name, v in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + v.detach().float() * weight
             tokens_seen += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else \
-            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        grad_norm = clip_grad_norm(accelerator, params, cfg.max_grad_norm)
         loss_total = reduce_sum(accelerator, loss_sum)
         finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:

@@ -1,10 +1,12 @@
 """Direct Preference Optimization and its variants, straight from preference pairs (seed 002 Part 6).
 
-Loss types: ``sigmoid`` (DPO), ``ipo``, ``hinge``, and ``--label-smoothing`` for cDPO. The
-reference is a frozen copy, or the LoRA base with adapters disabled. Its log-probabilities
-are computed once before training in one pass and cached beside the run
-(``ref_logps.safetensors``), or on the fly with ``--no-precompute-ref``. Chosen and rejected
-go through one concatenated forward.
+Loss types: ``sigmoid`` (DPO), ``ipo`` (on per-token mean log-probs, as TRL), ``hinge``, and
+``--label-smoothing`` for cDPO. The reference is a frozen copy, or the LoRA base with adapters
+disabled. Its log-probabilities are computed once before training in one pass and cached
+beside the run (``ref_logps.safetensors``, keyed on a hash of the reference's weights and of
+the tokenised pairs), or on the fly with ``--no-precompute-ref``. Chosen
+and rejected go through one concatenated forward. Dropout is off in the policy (TRL's
+``disable_dropout=True``), so at step 1 policy and reference agree exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.algos import dpo_loss, logprobs_from_logits
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, causal_logits, eval_mode, packed_logits
+from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, packed_logits
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, choose_layout, fit, load_data, load_policy, make_accelerator, make_optimizer, save_final, shard, start,
     to_device,
@@ -37,7 +39,7 @@ class Config(TrainConfig):
     beta: float = 0.1
     """beta: strength of the implicit KL constraint (higher stays closer to the reference)."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    """DPO (sigmoid), IPO or SLiC hinge."""
+    """DPO (sigmoid), IPO (on per-token mean log-probs, as TRL) or SLiC hinge."""
     label_smoothing: float = 0.0
     """cDPO: the assumed fraction of flipped labels (sigmoid loss only)."""
     precompute_ref: bool = True
@@ -76,34 +78,71 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sums[:B], sums[B:]
 
 
+def pair_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens scored in each chosen and rejected reply (what :func:`pair_logps` sums over).
+
+    Shapes: (B,), (B,).
+    """
+    if "src" not in batch:
+        n = batch["response_mask"][:, 1:].sum(-1).float()
+        half = n.shape[0] // 2
+        return n[:half], n[half:]
+    B = int(batch["n_pairs"])
+    n = torch.bincount(batch["owner"], minlength=2 * B).float()
+    return n[:B], n[B:]
+
+
 def count_pairs(batch: dict) -> int:
     return int(batch["n_pairs"]) if "n_pairs" in batch else batch["input_ids"].shape[0] // 2
 
 
-def _fingerprint(cfg: Config, n: int) -> str:
-    blob = json.dumps([cfg.model, cfg.data, os.path.getmtime(cfg.data) if os.path.exists(cfg.data) else 0, n,
-                       cfg.max_length, cfg.max_prompt_length])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def reference_fingerprint(ref: Reference, examples: list[dict]) -> str:
+    """What the reference log-probs depend on, hashed: the reference's weights (names, dtypes,
+    shapes and bytes; a LoRA policy's base without its adapters), its config, and the token ids
+    of every pair (so the data, tokenizer, chat template and length limits). Not the model's
+    path: a model retrained into the same directory gets a new fingerprint, a moved one keeps it.
+
+    Hashing reads each weight once (SHA-256, about a second per GB on CPU), far less than the
+    reference pass it saves.
+    """
+    model = ref.model if ref.model is not None else ref.policy.get_base_model()
+    h = hashlib.sha256(b"ref_logps v2")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if "lora_" in name:  # the adapters are off in the reference
+                continue
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    return h.hexdigest()[:32]
 
 
 @torch.no_grad()
-def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size: int) -> torch.Tensor:
-    """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass."""
-    out = torch.zeros(len(examples), 2)
+def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size: int,
+                   with_lengths: bool = False):
+    """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass;
+    with ``with_lengths`` also (n, 2) of their token counts (:func:`pair_lengths`)."""
+    out, lengths = torch.zeros(len(examples), 2), torch.zeros(len(examples), 2)
     mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
     for i in range(0, len(mine), batch_size):
         idx = mine[i : i + batch_size]
-        c, r = pair_logps(model, to_device(collate([examples[j] for j in idx]), accelerator.device))
-        out[idx] = torch.stack([c, r], dim=1).float().cpu()
+        batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
+        out[idx] = torch.stack(pair_logps(model, batch), dim=1).float().cpu()
+        lengths[idx] = torch.stack(pair_lengths(batch), dim=1).cpu()
     if accelerator.num_processes > 1:
         out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
-    return out
+        lengths = accelerator.reduce(lengths.to(accelerator.device), reduction="sum").cpu()
+    return (out, lengths) if with_lengths else out
 
 
 def cached_reference_logps(cfg: Config, accelerator, ref: Reference, examples, collate) -> torch.Tensor:
-    """Reference log-probs from ``OUTPUT_DIR/ref_logps.safetensors`` if it matches, else computed and saved."""
+    """Reference log-probs from ``OUTPUT_DIR/ref_logps.safetensors`` if its fingerprint
+    (:func:`reference_fingerprint`) matches, else computed and saved."""
     path = os.path.join(cfg.output_dir, "ref_logps.safetensors")
-    key = _fingerprint(cfg, len(examples))
+    key = reference_fingerprint(ref, examples)
     if os.path.exists(path):
         saved = load_file(path)
         if saved.get("fingerprint") is not None and bytes(saved["fingerprint"].tolist()).decode() == key:
@@ -120,6 +159,7 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     log = accelerator.print
     tokenizer, policy = load_policy(cfg)
+    disable_dropout(policy)  # as TRL's DPOTrainer by default: the reference is scored without dropout too
     ref = Reference(policy).to(accelerator.device)  # LoRA: base with adapters off; else a frozen copy
 
     # 1. Preference pairs, checked before training; each example remembers its index.
@@ -151,7 +191,9 @@ def run(cfg: Config) -> dict[str, float]:
         else:
             with torch.no_grad():
                 ref_c, ref_r = pair_logps(ref, batch)
-        loss, m = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        n_c, n_r = pair_lengths(batch)  # IPO averages over these
+        loss, m = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                           chosen_lengths=n_c, rejected_lengths=n_r)
         return loss, {"rewards/chosen": m["rewards_chosen"], "rewards/rejected": m["rewards_rejected"],
                       "rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
                       "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
@@ -159,8 +201,9 @@ def run(cfg: Config) -> dict[str, float]:
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         with eval_mode(model):
-            pol = all_pair_logps(accelerator, model, held_out.examples, collate, cfg.batch_size)
-        _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            pol, n = all_pair_logps(accelerator, model, held_out.examples, collate, cfg.batch_size, with_lengths=True)
+        _, m = dpo_loss(pol[:, 0], pol[:, 1], ref_eval[:, 0], ref_eval[:, 1], cfg.beta, cfg.loss_type,
+                        cfg.label_smoothing, chosen_lengths=n[:, 0], rejected_lengths=n[:, 1])
         return {"eval/rewards/accuracies": float(m["accuracy"]), "eval/rewards/margins": float(m["margin"]),
                 "eval/rewards/chosen": float(m["rewards_chosen"]), "eval/rewards/rejected": float(m["rewards_rejected"])}
 

@@ -21,7 +21,8 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, disable_dropout, eval_mode
 from rlhf.recipes.common import (
-    StepPlan, UserError, choose_layout, reduce_sum, load_data, load_policy, make_accelerator, make_optimizer,
+    StepPlan, UserError, choose_layout, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator,
+    make_optimizer,
     model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, generate_and_score
@@ -37,7 +38,7 @@ class Config(RLConfig):
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     """Group baseline: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out mean)."""
     num_generations: int = 4
-    """G: responses sampled per prompt."""
+    """G: responses sampled per prompt (at least 2: the group is the baseline)."""
     rollout_batch_size: int = 8
     """Prompts per step, across all processes (each gives G responses)."""
     mini_batch_size: int = 32
@@ -56,8 +57,9 @@ class Config(RLConfig):
 
     def check(self) -> None:
         super().check()
-        if self.estimator == "rloo" and self.num_generations < 2:
-            raise UserError("--estimator rloo needs --num-generations of at least 2")
+        if self.num_generations < 2:  # grpo: the std of one score is NaN; dr_grpo: every advantage 0
+            raise UserError(f"--estimator {self.estimator} needs --num-generations of at least 2: its baseline "
+                            f"is the other samples of the same prompt (got {self.num_generations})")
 
 
 def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict, logprobs_fn=model_response_logprobs
@@ -96,7 +98,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                 for name, value in (("clip_ratio", m["clipfrac"] * share), ("entropy", masked_mean(entropy.detach(), mask) * share),
                                     ("loss/policy", loss.detach())):
                     sums[name] = sums.get(name, 0.0) + value
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(accelerator, params, cfg.max_grad_norm)
             if torch.isfinite(torch.as_tensor(grad_norm)):
                 optimizer.step()
                 scheduler.step()
@@ -106,6 +108,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
 
 
 def run(cfg: Config) -> dict[str, float]:
+    cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
@@ -119,6 +122,7 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, policy.parameters(), updates)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"reward": "reward", "kl": "kl"})
+    cfg.warn_truncated_sampling(logger, state.step)
     rollout = HFRollout(accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
                         accelerator.device)
     G = cfg.num_generations

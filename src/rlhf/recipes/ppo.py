@@ -24,7 +24,7 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, UserError, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
+    StepPlan, UserError, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
     response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
@@ -168,7 +168,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
                                     ("loss/policy", pg_loss.detach()), ("val/loss", vf_loss.detach()),
                                     ("objective/entropy", ent.detach())):
                     sums[name] = sums.get(name, 0.0) + value
-            norms = [accelerator.clip_grad_norm_(g, cfg.max_grad_norm) for g in param_groups if g]
+            norms = [clip_grad_norm(accelerator, g, cfg.max_grad_norm) for g in param_groups if g]
             if all(torch.isfinite(torch.as_tensor(x)) for x in norms):
                 optimizer.step()
                 scheduler.step()
@@ -199,6 +199,7 @@ def build_models(cfg: Config, accelerator):
 
 
 def run(cfg: Config) -> dict[str, float]:
+    cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
     scorer = cfg.scorer(tokenizer, accelerator.device)
@@ -222,6 +223,7 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator.register_for_checkpointing(kl_ctl)
     model, optimizer, state, checkpointer, logger = start(
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
+    cfg.warn_truncated_sampling(logger, state.step)
     unwrapped = accelerator.unwrap_model(model)
     rollout = HFRollout(unwrapped.policy if critic is None else unwrapped, tokenizer.pad_token_id,
                         tokenizer.eos_token_id, accelerator.device)

@@ -20,7 +20,8 @@ class HFRollout:
     ``num_samples`` responses. On this project's CPU benchmark the loop takes about a fifth
     less time per token than ``generate``, whose per-step bookkeeping (input preparation,
     stopping criteria, processor lists) costs as much as a small model's forward.
-    ``use_generate=True`` (and any encoder-decoder model) calls ``model.generate`` instead.
+    ``use_generate=True`` (and any encoder-decoder model) calls ``model.generate`` instead,
+    with our sampling parameters only: none of the model's ``generation_config`` defaults.
     """
 
     def __init__(self, model, pad_id: int, eos_id: int, device=None, use_generate: bool = False):
@@ -101,17 +102,32 @@ class HFRollout:
         return out
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, device):
+        """``model.generate`` with our sampling parameters and nothing else.
+
+        generate fills every field our ``GenerationConfig`` leaves unset (``None``) from the
+        model's own ``generation_config``: a shipped ``repetition_penalty``, ``top_k=50``,
+        ``no_repeat_ngram_size``, ``bad_words_ids``, ``min_new_tokens``... would then reshape
+        the samples while the losses score the policy's softmax. So the model's config is
+        replaced by a blank one for the call (and restored after), and ours is built from
+        scratch: only temperature, top-k/top-p, length and the special tokens.
+        """
         prompts = [p for p in prompts for _ in range(params.num_samples)]
         prompt_ids = pad(prompts, self.pad_id, side="left").to(device)  # (B, P)
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
         greedy = params.temperature == 0
         gen_config = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else params.temperature,
-            # 0 and 1.0, not None: None lets generate fill in the model's defaults (top_k=50), which would
-            # sample from a truncated distribution while the losses score the full softmax.
+            # 0 and 1.0, not None: None lets generate fill in its defaults (top_k=50).
             top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else (params.top_k or 0),
             max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             use_cache=True,
         )
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        # peft wrappers read and write the generation_config of the HF model inside.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        own = base.generation_config
+        base.generation_config = GenerationConfig()
+        try:
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        finally:
+            base.generation_config = own
         return prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:]
