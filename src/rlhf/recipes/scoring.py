@@ -121,6 +121,8 @@ class RLConfig(TrainConfig):
     """Sample among the k likeliest tokens (0: all)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
+    """Sampler: static (static KV cache, CUDA-graph decode, own bf16 copy of the policy), loop (our KV-cache loop), generate (transformers'); auto: static on CUDA, loop elsewhere."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
 
@@ -144,6 +146,11 @@ class RLConfig(TrainConfig):
             reward_model = freeze(load_sequence_classifier(self.reward_model)).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the policy's weights are split across processes (FSDP, DeepSpeed): no whole-model engine copy."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
 _NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")

@@ -5,7 +5,9 @@ A :class:`Rollout` needs two things (see ``docs/rollout.md``):
 * ``generate(prompts, params)``: token-id prompts in, a :class:`RolloutBatch` out;
 * ``load_weights(named_tensors)``: take the policy's new weights after an update.
 
-:class:`HFRollout` is the one used today: a KV-cache sampling loop over a transformers
+:class:`StaticRollout` is the default on a CUDA device: a static KV cache whose decode step is
+replayed as a CUDA graph, on its own bf16 copy of the policy that ``load_weights`` refreshes
+after every update. :class:`HFRollout` is the default elsewhere: a KV-cache sampling loop over a transformers
 causal LM (or its ``generate``), left padding, one prefill per prompt, and early stop once
 every sequence has produced EOS. It shares the live policy module, so ``load_weights`` has
 nothing to copy. A vLLM engine would implement the same two methods (``LLM.generate``
@@ -15,5 +17,8 @@ without any change to the recipes.
 
 from rlhf.rollout.base import Rollout, RolloutBatch, SamplingParams, response_mask_from_ids
 from rlhf.rollout.hf import HFRollout
+from rlhf.rollout.select import make_rollout
+from rlhf.rollout.static import StaticRollout, merged_named_weights
 
-__all__ = ["HFRollout", "Rollout", "RolloutBatch", "SamplingParams", "response_mask_from_ids"]
+__all__ = ["HFRollout", "Rollout", "RolloutBatch", "SamplingParams", "StaticRollout", "make_rollout",
+           "merged_named_weights", "response_mask_from_ids"]
