@@ -122,7 +122,7 @@ class RLConfig(TrainConfig):
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
-    """Sampler: static (static KV cache, CUDA-graph decode, own bf16 copy of the policy), loop (our KV-cache loop), generate (transformers'); auto: static on CUDA, loop elsewhere."""
+    """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
 

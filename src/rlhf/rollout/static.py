@@ -19,6 +19,10 @@ temperature / top-k / top-p warpers in ``generate``'s order, then the exponentia
 sampler draws the same way). The draws differ from ``torch.multinomial``'s, so the tokens are
 not ``generate``'s under a seed, but their law is (``tests/test_static_rollout.py``).
 
+Status: the CPU path (eager, same cache, masks, attention and sampler) is tested here; the
+CUDA-graph capture and the engine's speed on a GPU have not been run yet (no device was lent to
+the task that wrote it), so ``--rollout-engine auto`` does not pick it on CUDA (``select.py``).
+
 The engine runs its own inference copy of the policy (bf16 on CUDA, LoRA adapters merged), as
 vLLM does, so the training copy can stay in fp32 under autocast. ``load_weights`` copies the
 policy's updated weights into that copy *in place*, so the captured graphs read them on the
@@ -29,6 +33,7 @@ next replay; the recipes call it after every update. Without CUDA the same code 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -255,13 +260,24 @@ class StaticRollout:
         return slot
 
     def _capture(self, slot: _Slot) -> None:
-        """Warm the step up on a side stream (allocating the cache), then capture it as a CUDA graph."""
+        """Warm the step up on a side stream (allocating the cache), then capture it as a CUDA graph.
+
+        A model whose forward cannot be captured (a host sync, a data-dependent branch) keeps
+        the same static-cache step, run eagerly, and says so once.
+        """
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._forward(slot)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        slot.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(slot.graph):
-            slot.logits = self._forward(slot)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                slot.logits = self._forward(slot)
+        except RuntimeError as e:
+            warnings.warn(f"StaticRollout: the decode step could not be captured as a CUDA graph, running it "
+                          f"eagerly ({str(e).splitlines()[0]})", stacklevel=2)
+            self.cuda_graphs = False
+            return
+        slot.graph = graph
