@@ -108,3 +108,29 @@ def test_grpo_with_the_static_engine_raises_the_rule_reward(tiny_dir, tmp_path):
     rows = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl") if '"reward"' in x]
     first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
     assert last > first + 0.1, (first, last)
+
+
+def test_engine_copy_drops_a_wrapped_forward(tiny_dir, tokenizer):
+    """accelerate's bf16 autocast wrapper sits on the prepared model's instance: the copy runs the class forward."""
+    import types
+
+    model = load_causal_lm(tiny_dir)
+    plain = greedy(StaticRollout(model, tokenizer.pad_token_id, tokenizer.eos_token_id)).response_ids
+    model._original_forward = model.forward
+    model.forward = types.MethodType(lambda self, *a, **k: 1 / 0, model)
+    assert torch.equal(greedy(StaticRollout(model, tokenizer.pad_token_id, tokenizer.eos_token_id)).response_ids, plain)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_ppo_with_the_static_engine_first_ratio_is_one(tiny_dir, tmp_path, critic):
+    """The losses score the engine's samples with the training forward, so the first ratio is 1 whatever the engine."""
+    from rlhf.recipes import ppo
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about item {i}."}) + "\n" for i in range(16)))
+    cfg = ppo.Config(model=tiny_dir, data=str(prompts), reward_fn="rule_rewards:vowel_fraction", critic=critic,
+                     output_dir=str(tmp_path / "p"), max_steps=2, rollout_batch_size=8, mini_batch_size=8, batch_size=4,
+                     ppo_epochs=1, max_new_tokens=8, report_to="none", seed=0, rollout_engine="static")
+    ppo.run(cfg)
+    rows = [json.loads(x) for x in open(tmp_path / "p" / "metrics.jsonl") if "policy/ratio_mean" in x]
+    assert len(rows) == 2 and abs(rows[0]["policy/ratio_mean"] - 1) < 1e-5, rows[0]

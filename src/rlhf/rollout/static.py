@@ -108,6 +108,10 @@ def inference_copy(policy: torch.nn.Module, dtype: torch.dtype | None, device) -
 
     # A peft copy folds its adapters into plain Linear weights.
     model = copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else copy.deepcopy(policy)
+    # accelerate's mixed precision wraps the prepared model's forward (autocast, outputs cast to
+    # fp32) on the instance; the bf16 copy needs neither, so it gets its class's forward back.
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_original_forward", None)
     model = model.to(device=device, dtype=dtype or next(policy.parameters()).dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
