@@ -388,6 +388,7 @@ def job_ppo(a, p):
     split = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k.startswith("time/")}
     # The bound: the same engine once (warmed up), the update's forward + backward, two scoring forwards.
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    reset_peak()  # the recipe's models are gone: the bound's model gets the card to itself
     tok, model = load_tokenizer(p["model"]), load_causal_lm(p["model"], device=device)
     prompts = [tok.apply_chat_template(json.loads(x)["prompt"], add_generation_prompt=True, tokenize=True)
                for x in list(open(p["rl"]))[: a.rl_batch]]
