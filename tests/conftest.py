@@ -32,3 +32,14 @@ def tiny_dir(tmp_path_factory, tokenizer):
     d = str(tmp_path_factory.mktemp("tiny-llama"))
     save_pretrained(tiny_causal_lm(tokenizer, "llama", hidden_size=32, num_layers=2), tokenizer, d)
     return d
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The GPU suite's measurements (peak memory per recipe, bf16 invariants), after its results."""
+    import sys
+
+    gpu = sys.modules.get("test_gpu")
+    if gpu is not None and gpu.REPORT:
+        terminalreporter.write_sep("-", f"GPU report ({gpu.SHAPE})")
+        for line in gpu.REPORT:
+            terminalreporter.write_line(line)

@@ -6,7 +6,7 @@ from rlhf.models.heads import (
 )
 from rlhf.models.loading import (
     ModelLoadError, freeze, frozen_copy, load_causal_lm, load_sequence_classifier, load_tokenizer,
-    resolve_dtype, uses_flash_attention,
+    resolve_dtype,
 )
 from rlhf.models.lora import (
     Reference, apply_lora, causal_logits, disable_dropout, eval_mode, is_peft_model, merge_lora, set_gradient_checkpointing,
@@ -20,5 +20,5 @@ __all__ = [
     "causal_logits", "check_packing", "default_tolerance", "disable_dropout", "eval_mode", "freeze", "frozen_copy", "gather_last", "get_score_stats", "is_peft_model",
     "load_causal_lm", "load_sequence_classifier", "load_tokenizer", "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask",
     "resolve_dtype", "save_pretrained", "sequence_scores", "set_gradient_checkpointing", "set_score_stats", "shared_prefix_mask",
-    "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer", "uses_flash_attention",
+    "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer",
 ]

@@ -101,8 +101,3 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen deep copy (the usual reference policy)."""
     return freeze(copy.deepcopy(model))
-
-
-def uses_flash_attention(model) -> bool:
-    """True under a flash-attention kernel, which reads packed sequences from position ids alone."""
-    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash")

@@ -25,8 +25,8 @@ from rlhf.recipes.common import (
     make_optimizer,
     model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
-from rlhf.recipes.scoring import RLConfig, generate_and_score
-from rlhf.rollout import HFRollout
+from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
+from rlhf.rollout import merged_named_weights
 
 
 @dataclass
@@ -123,8 +123,7 @@ def run(cfg: Config) -> dict[str, float]:
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"reward": "reward", "kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
-    rollout = HFRollout(accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                        accelerator.device)
+    rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
@@ -158,6 +157,7 @@ def run(cfg: Config) -> dict[str, float]:
                "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
                "ref_logprobs": ref_logprobs, "advantages": advantages, "prompt_len": P}
         train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf, logprobs_fn)
+        rollout.load_weights(merged_named_weights(accelerator.unwrap_model(model)))  # the sampler follows the policy
         t_train = time.perf_counter()
         state.step += 1
         logger.advance()

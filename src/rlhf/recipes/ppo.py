@@ -28,8 +28,8 @@ from rlhf.recipes.common import (
     response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
-from rlhf.recipes.scoring import RLConfig, generate_and_score
-from rlhf.rollout import HFRollout, RolloutBatch
+from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
+from rlhf.rollout import RolloutBatch, merged_named_weights
 
 
 @dataclass
@@ -225,8 +225,8 @@ def run(cfg: Config) -> dict[str, float]:
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     unwrapped = accelerator.unwrap_model(model)
-    rollout = HFRollout(unwrapped.policy if critic is None else unwrapped, tokenizer.pad_token_id,
-                        tokenizer.eos_token_id, accelerator.device)
+    sampled_policy = unwrapped.policy if critic is None else unwrapped
+    rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
     sampling = cfg.sampling()
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics: dict[str, float] = {}
@@ -256,6 +256,7 @@ def run(cfg: Config) -> dict[str, float]:
                   "returns": returns, "prompt_len": batch.prompt_ids.shape[1]}
         groups = [actor_params, critic_params]
         train_metrics = ppo_update(cfg, accelerator, model, critic, optimizer, scheduler, buffer, groups)
+        rollout.load_weights(merged_named_weights(sampled_policy))  # the sampler follows the policy
         t_train = time.perf_counter()
         # 8. Adapt beta to the measured KL.
         kl_per_seq = float(reduce_sum(accelerator, kl.sum(1).sum()) / (len(examples) * world))

@@ -124,6 +124,8 @@ class RLConfig(TrainConfig):
     (the updates are then off-policy)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
+    """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
 
@@ -171,6 +173,22 @@ class RLConfig(TrainConfig):
                                                            attn_implementation=self.attn_implementation)).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
+
+
+def build_rollout(cfg: RLConfig, policy, tokenizer, accelerator):
+    """The sampler named by ``--rollout-engine`` (:func:`rlhf.rollout.make_rollout`) over ``policy``."""
+    from rlhf.rollout import make_rollout
+
+    try:
+        return make_rollout(cfg.rollout_engine, policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                            accelerator.device, sharded=is_sharded(accelerator))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the policy's weights are split across processes (FSDP, DeepSpeed): no whole-model engine copy."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
 _NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")
