@@ -2,6 +2,7 @@
 error line naming what and where, and that nothing of a previous run changed."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,40 @@ def test_messages_without_chat_template_keep_bos_once(tokenizer):
     assert Encoder(tok, 64).prompt_ids([{"role": "user", "content": "Hello"}]) == [bos] + ids(tok, "Hello")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # a template without BOS
     assert Encoder(tok, 64).prompt_ids([{"role": "user", "content": "Hello"}]) == ids(tok, "Hello")
+
+
+# ---- 4. a reward model scores where transformers scores it, PAD == EOS included --------------------
+
+def test_reward_model_with_pad_equal_eos_scores_as_transformers(tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.data import collate_preference
+    from rlhf.models import Critic, load_sequence_classifier, save_pretrained, sequence_scores, tiny_causal_lm
+    from rlhf.recipes import reward
+
+    tok = bos_adding_copy(tokenizer)
+    tok.pad_token = tok.eos_token  # GPT-2's usual setup: PAD is EOS
+    lm = tiny_causal_lm(tok, "gpt2", hidden_size=32, num_layers=2)
+    save_pretrained(lm, tok, str(tmp_path / "lm"))
+    ours = load_sequence_classifier(str(tmp_path / "lm")).eval()  # a fresh score head, saved with it
+    assert ours.config.pad_token_id == tok.eos_token_id
+    ours.save_pretrained(str(tmp_path / "rm"))
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+
+    enc = Encoder(tok, 64)
+    ex = enc.encode_preference({"prompt": "My order is late again!", "chosen": " I am truly sorry.",
+                                "rejected": " Late."})
+    batch = collate_preference([ex], pad_id=tok.pad_token_id)  # right-padded with PAD == EOS
+    with torch.no_grad():
+        expected = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        chosen, rejected = reward.pair_scores(Critic(ours), batch, tok.pad_token_id)  # training reads here
+        scored = sequence_scores(ours, batch["input_ids"], batch["attention_mask"])  # PPO reads here
+        # Left padding (PPO's rollouts) reads the same score as the unpadded sequence in transformers.
+        row = batch["input_ids"][1:, : batch["attention_mask"][1].sum()]
+        left = torch.cat([torch.full((1, 3), tok.pad_token_id), row], dim=1)
+        left_score = sequence_scores(ours, left, (torch.arange(left.shape[1]) >= 3).long()[None])
+        alone = hf(input_ids=row).logits[:, 0]
+    torch.testing.assert_close(torch.stack([chosen, rejected]).flatten(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left_score, alone, rtol=1e-5, atol=1e-5)
