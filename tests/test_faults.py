@@ -95,6 +95,106 @@ def test_messages_without_chat_template_keep_bos_once(tokenizer):
     assert Encoder(tok, 64).prompt_ids([{"role": "user", "content": "Hello"}]) == ids(tok, "Hello")
 
 
+# ---- 1. an output directory holds one run --------------------------------------------------------
+
+def snapshot(directory):
+    """Every file under ``directory`` and its bytes."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def cli(capsys, *args):
+    """``rlhf ARGS`` in this process; returns (exit status, stderr lines)."""
+    from rlhf.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    progress_bars = ("Loading weights", "Writing model")
+    return rc, [line for line in err if line.strip() and not line.startswith(progress_bars)]
+
+
+def sft_args(tiny_dir, data, out, *extra):
+    return ["sft", "--model", tiny_dir, "--data", data, "--output-dir", out, "--batch-size", 4, "--lr", "1e-2",
+            "--max-length", 48, "--report-to", "none", *extra]
+
+
+def sft_data(tmp_path, name="d.jsonl"):
+    return write_jsonl(tmp_path / name, [{"prompt": f"Paint the box {c}.", "completion": f" The box is {c}."}
+                                         for c in ["red", "blue", "green", "pink"] * 4])
+
+
+def test_second_run_in_a_directory_is_refused_then_replaces_it_only_when_asked(tmp_path, tiny_dir, capsys):
+    data, out = sft_data(tmp_path), tmp_path / "out"
+    assert cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 6, "--save-every", 1))[0] == 0
+    run_a = snapshot(out)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000005", "step-00000006"]
+
+    # Run B, same directory: refused before anything is loaded or written.
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 3))
+    assert rc == 1 and err == [f"rlhf sft: error: --output-dir {out} holds another run's results (checkpoints/"
+                               "step-00000006, config.json, model.safetensors, metrics.jsonl); pass --resume to "
+                               "continue that run or --overwrite-output-dir to replace it"]
+    assert snapshot(out) == run_a
+    # --resume with another config names the field; past its end names the steps.
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 3, "--resume", "--lr", "2e-2"))
+    assert rc == 1 and len(err) == 1 and "saved by another run (--lr 0.01 there, 0.02 now)" in err[0]
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 3, "--resume"))
+    assert rc == 1 and err == [f"rlhf sft: error: --resume {out}/checkpoints/step-00000006: its step 6 is past this "
+                               "run's 3 steps (raise --max-steps or --epochs)"]
+    assert snapshot(out) == run_a
+    # --overwrite-output-dir with a run that fails at start-up (a bad record): nothing changed.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
+    rc, err = cli(capsys, *sft_args(tiny_dir, bad, out, "--max-steps", 3, "--overwrite-output-dir"))
+    assert rc == 1 and "Traceback" not in "\n".join(err)
+    assert snapshot(out) == run_a
+
+    # --overwrite-output-dir: run B's own checkpoints, metrics and weights.
+    assert cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 3, "--save-every", 1, "--seed", 1,
+                                 "--overwrite-output-dir"))[0] == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002", "step-00000003"]
+    record = json.loads((out / "checkpoints" / "step-00000003" / "rlhf_run.json").read_text())
+    assert record["recipe"] == "sft" and record["seed"] == 1
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == [1, 2, 3]
+    assert snapshot(out)["model.safetensors"] != run_a["model.safetensors"]
+    assert not (out / ".rlhf.lock").exists()
+
+
+def test_two_live_runs_in_one_directory(tmp_path, tiny_dir, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".rlhf.lock", "w") as held:  # a live run, as another process would hold it
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1))
+    assert rc == 1 and err == [f"rlhf sft: error: --output-dir {out}: another run is writing there (pid 4242, "
+                               f"{out}/.rlhf.lock); wait for it to end or choose another directory"]
+    assert os.listdir(out) == [".rlhf.lock"]
+
+
+def test_resume_without_a_checkpoint_and_rotation_after_an_earlier_resume(tmp_path, tiny_dir, capsys):
+    data, out = sft_data(tmp_path), tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 2, "--resume"))
+    assert rc == 1 and err == [f"rlhf sft: error: --resume: no checkpoint in {out}/checkpoints to resume (drop "
+                               "--resume to start afresh)"]
+    assert not out.exists()
+    assert cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 4, "--save-every", 1, "--save-total-limit", 0))[0] == 0
+    # Resumed from step 1: the new step 2 replaces the old, and the old 3 and 4 go, never the new ones.
+    ckpt = out / "checkpoints"
+    assert cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 4, "--save-every", 2, "--save-total-limit", 0,
+                                 "--resume", ckpt / "step-00000001"))[0] == 0
+    assert sorted(os.listdir(ckpt)) == ["step-00000001", "step-00000002", "step-00000004"]
+
+
 # ---- 4. a reward model scores where transformers scores it, PAD == EOS included --------------------
 
 def test_reward_model_with_pad_equal_eos_scores_as_transformers(tokenizer, tmp_path):

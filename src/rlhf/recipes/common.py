@@ -18,7 +18,9 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.recipes.checkpoints import Checkpointer, TrainState
+from rlhf.recipes.checkpoints import (
+    Checkpointer, TrainState, claim_output_dir, release_output_dir, remove_old_run, run_record,
+)
 from rlhf.recipes.logs import RunLogger, write_model_card
 
 
@@ -67,7 +69,12 @@ class TrainConfig:
     log_every: int = 1
     """Write metrics every N steps."""
     resume: str | None = field(default=None, metadata={"const": "auto"})
-    """Resume from a checkpoint: a path, or 'auto' (also plain --resume) for the latest in --output-dir."""
+    """Resume from a checkpoint: a path, or 'auto' (also plain --resume) for the latest in --output-dir.
+    It must come from a run of the same recipe, model, data and hyper-parameters (--max-steps,
+    --epochs, --save-every and the logging flags may change)."""
+    overwrite_output_dir: bool = False
+    """Replace the results of another run in --output-dir (removed once this run has loaded its
+    model and data); without it such a directory is refused."""
     max_length: int = 512
     """Maximum tokens of prompt + response; responses are cut from the right."""
     max_prompt_length: int | None = None
@@ -114,7 +121,11 @@ class TrainConfig:
 # ---- setup ----------------------------------------------------------------------------------
 
 def make_accelerator(cfg: TrainConfig):
-    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set."""
+    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set.
+
+    ``cfg.output_dir`` is claimed first (:func:`claim_output_dir`): locked, and refused if it
+    holds another run's results and neither --resume nor --overwrite-output-dir is given.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -122,6 +133,7 @@ def make_accelerator(cfg: TrainConfig):
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+    claim_output_dir(cfg, accelerator.is_main_process)
     accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
                       f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
@@ -293,18 +305,30 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metr
         save_pretrained(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, merge_adapters=cfg.merge_lora)
         write_model_card(cfg, cfg.output_dir, title, metrics)
     accelerator.wait_for_everyone()
+    release_output_dir(cfg.output_dir)
 
 
 def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):
     """Prepare for ``accelerate``, register the checkpoint state, resume if asked.
+
+    This is where a run starts for real (model and data loaded and checked): only now does
+    --overwrite-output-dir remove the earlier run's outputs, and a resumed run's metrics.jsonl
+    lose the lines logged after its checkpoint.
 
     Returns ``(model, optimizer, state, checkpointer, logger)``.
     """
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler)
-    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit, run_record(cfg))
     resumed = checkpointer.resume(cfg.resume)
+    if state.step > total_steps:
+        raise UserError(f"--resume {resumed}: its step {state.step} is past this run's {total_steps} steps "
+                        "(raise --max-steps or --epochs)")
+    state.first_step, state.skipped_before = state.step, state.skipped_steps
+    if accelerator.is_main_process and cfg.overwrite_output_dir and not resumed:
+        remove_old_run(cfg.output_dir)
+    accelerator.wait_for_everyone()
     logger = RunLogger(cfg, accelerator, total_steps, state.step, bar_keys)
     if resumed:
         logger.event(state.step, f"resumed from {resumed}")
