@@ -124,6 +124,13 @@ def sft_args(tiny_dir, data, out, *extra):
             "--max-length", 48, "--report-to", "none", *extra]
 
 
+def grpo_args(tiny_dir, tmp_path, *extra):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}."} for i in range(8)])
+    return ["grpo", "--model", tiny_dir, "--data", data, "--output-dir", tmp_path / "g", "--max-steps", 2,
+            "--rollout-batch-size", 2, "--num-generations", 2, "--mini-batch-size", 4, "--batch-size", 4,
+            "--max-new-tokens", 4, "--report-to", "none", *extra]
+
+
 def sft_data(tmp_path, name="d.jsonl"):
     return write_jsonl(tmp_path / name, [{"prompt": f"Paint the box {c}.", "completion": f" The box is {c}."}
                                          for c in ["red", "blue", "green", "pink"] * 4])
@@ -230,3 +237,18 @@ def test_reward_model_with_pad_equal_eos_scores_as_transformers(tokenizer, tmp_p
     torch.testing.assert_close(torch.stack([chosen, rejected]).flatten(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(left_score, alone, rtol=1e-5, atol=1e-5)
+
+
+# ---- 6. a reward model that is not one ------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, capsys):
+    args = grpo_args(tiny_dir, tmp_path, "--reward-model", tiny_dir)
+    if recipe == "ppo":  # PPO has no --num-generations, and its minibatches divide the rollout batch
+        i = args.index("--num-generations")
+        args = ["ppo", *args[1:i], "--mini-batch-size", 2, *args[i + 4:]]
+    rc, err = cli(capsys, *args)
+    assert rc == 1 and err == [f"rlhf {recipe}: error: --reward-model {tiny_dir}: not a reward model: it has no "
+                               "trained score head (score.weight missing; its config names LlamaForCausalLM); "
+                               "train one with rlhf rm"]
+    assert not (tmp_path / "g" / "model.safetensors").exists()

@@ -17,7 +17,9 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.models import freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores
+from rlhf.models import (
+    ModelLoadError, freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores,
+)
 from rlhf.recipes.common import TrainConfig, UserError
 from rlhf.rollout import RolloutBatch, SamplingParams
 
@@ -141,12 +143,16 @@ class RLConfig(TrainConfig):
             if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
                                 "the reward model must share the policy's tokenizer")
-            reward_model = freeze(load_sequence_classifier(self.reward_model)).to(device)
+            try:
+                reward_model = load_sequence_classifier(self.reward_model, require_score_head=True)
+            except ModelLoadError as e:
+                raise UserError(f"--reward-model {e}") from None
+            reward_model = freeze(reward_model).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
 
 
-_NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")
+_NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated", "_where")
 
 
 def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
