@@ -239,6 +239,42 @@ def test_reward_model_with_pad_equal_eos_scores_as_transformers(tokenizer, tmp_p
     torch.testing.assert_close(left_score, alone, rtol=1e-5, atol=1e-5)
 
 
+# ---- 5. non-finite rewards, and runs in which every step was skipped --------------------------------
+
+def test_nan_reward_function_is_a_user_error(tmp_path, tiny_dir, capsys, monkeypatch):
+    (tmp_path / "nan_rewards_issue14.py").write_text(
+        "def half_nan(prompts, completions, **kw):\n"
+        "    return [float('nan') if i == 1 else 1.0 for i in range(len(completions))]\n")
+    monkeypatch.chdir(tmp_path)
+    rc, err = cli(capsys, *grpo_args(tiny_dir, tmp_path, "--reward-fn", "nan_rewards_issue14:half_nan"))
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("rlhf grpo: error: reward function nan_rewards_issue14:half_nan returned nan for "
+                             "completion 2 of the batch (prompt ") and "prompts.jsonl:" in err[0], err[0]
+    assert not (tmp_path / "g" / "model.safetensors").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_fails(tmp_path, tiny_dir, capsys, monkeypatch):
+    import torch
+
+    from rlhf.recipes import grpo, sft
+
+    real = sft.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda logits, labels, **kw: (real(logits, labels, **kw)[0] * float("nan"),
+                                                                      real(logits, labels, **kw)[1]))
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 3))
+    assert rc == 1 and err == ["rlhf sft: error: every one of the 3 steps was skipped (non-finite loss or gradient); "
+                               "no model was saved"]
+    assert not (out / "model.safetensors").exists()
+
+    real_pg = grpo.ppo_policy_loss
+    monkeypatch.setattr(grpo, "ppo_policy_loss", lambda *a, **kw: (real_pg(*a, **kw)[0] * torch.tensor(float("nan")),
+                                                                   real_pg(*a, **kw)[1]))
+    rc, err = cli(capsys, *grpo_args(tiny_dir, tmp_path, "--reward-fn", "rule_rewards:vowel_fraction"))
+    assert rc == 1 and err == ["rlhf grpo: error: every one of the 2 steps was skipped (non-finite loss or gradient); "
+                               "no model was saved"]
+
+
 # ---- 6. a reward model that is not one ------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])

@@ -158,6 +158,9 @@ def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
     from rlhf.data import Encoder, prepare
 
     prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
+    if kind == "prompt":  # each prompt knows its file:line, for errors about its completions
+        for example, where in zip(prepared.examples, prepared.where):
+            example["_where"] = where
     log(f"{source}: {len(prepared)} examples ({prepared.n_skipped} bad records skipped, "
         f"{prepared.n_prompt_truncated} prompts and {prepared.n_response_truncated} responses truncated)")
     return prepared
@@ -265,19 +268,13 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
         if finite:
             optimizer.step()
             scheduler.step()
-            state.consecutive_skips = 0
         else:
-            state.skipped_steps += 1
-            state.consecutive_skips += 1
             bad = [where[i] if where else i for idx in global_micro for i in idx]
             logger.event(state.step + 1, "skipped: non-finite loss or gradient norm", examples=bad)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         logger.advance()
-        if state.consecutive_skips >= cfg.max_consecutive_skips:
-            last = checkpointer.latest()
-            raise UserError(f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps with a "
-                            f"non-finite loss or gradient; last good checkpoint: {last or 'none'}")
+        count_skip(cfg, state, not finite, checkpointer)
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - t0
             out = {"train/loss": float(loss_total), "train/grad_norm": float(grad_norm) if finite else float("nan"),
@@ -289,7 +286,26 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             logger.log(state.step, evaluate())
         if cfg.save_every and state.step % cfg.save_every == 0 and finite:
             checkpointer.save(state.step)
+    check_trained(state)
     return logger.last
+
+
+def count_skip(cfg: TrainConfig, state: TrainState, skipped: bool, checkpointer: Checkpointer) -> None:
+    """Count a step that changed no weight (``train/skipped_steps``); ``cfg.max_consecutive_skips``
+    of them in a row stop the run."""
+    state.skipped_steps += int(skipped)
+    state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+    if state.consecutive_skips >= cfg.max_consecutive_skips:
+        last = checkpointer.latest()
+        raise UserError(f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps with a "
+                        f"non-finite loss or gradient; last good checkpoint: {last or 'none'}")
+
+
+def check_trained(state: TrainState) -> None:
+    """A run in which every step was skipped trained nothing: an error, never a saved model."""
+    ran = state.step - state.first_step
+    if ran > 0 and state.skipped_steps - state.skipped_before == ran:
+        raise UserError(f"every one of the {ran} steps was skipped (non-finite loss or gradient); no model was saved")
 
 
 def to_device(batch: dict, device) -> dict:

@@ -9,6 +9,7 @@ returns one float per completion, as in TRL.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import time
@@ -72,8 +73,11 @@ class Scorer:
         self.stats = get_score_stats(self.reward_model) if self.reward_model is not None and self.normalize else None
 
     @torch.no_grad()
-    def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str],
-                 extras: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str], extras: dict[str, list],
+                 where: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One score per completion. A reward function's value that is not a finite number is
+        a :class:`UserError` naming the function, the value and the completion's prompt
+        (``where[i]``, its ``file:line``)."""
         device = batch.response_ids.device
         scores = torch.zeros(batch.response_ids.shape[0], device=device)
         metrics: dict[str, float] = {}
@@ -87,7 +91,7 @@ class Scorer:
             values = r.fn(prompts=prompts, completions=completions, **extras)
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
-            values = torch.tensor([float(v) for v in values], device=device)
+            values = torch.tensor([_reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
             metrics[f"rewards/{r.name}"] = float(values.mean())
             scores += r.weight * values
         if self.clip is not None:
@@ -95,6 +99,20 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~batch.finished).float()
         return scores, metrics
+
+
+def _reward_value(name: str, value, i: int, where: list[str] | None) -> float:
+    number = None
+    if not isinstance(value, (str, bytes, bool)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number):
+        prompt = f" (prompt {where[i]})" if where and where[i] else ""
+        raise UserError(f"reward function {name} returned {value!r} for completion {i + 1} of the batch{prompt}; "
+                        "a reward must be a finite number")
+    return number
 
 
 @dataclass
@@ -169,6 +187,7 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     repeated = [e for e in examples for _ in range(params.num_samples)]
     extras = {k: [e[k] for e in repeated] for k in examples[0] if k not in _NOT_EXTRA}
-    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras)
+    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras,
+                             [e.get("_where") for e in repeated])
     metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
     return batch, completions, scores, metrics
