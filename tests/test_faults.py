@@ -288,3 +288,23 @@ def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, 
                                "trained score head (score.weight missing; its config names LlamaForCausalLM); "
                                "train one with rlhf rm"]
     assert not (tmp_path / "g" / "model.safetensors").exists()
+
+
+# ---- 7. flags accepted and then ignored ------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe,flags,message", [
+    ("sft", ["--report-to", "mlflow"], "--report-to mlflow: not a sink here; valid: tensorboard, wandb, none"),
+    ("sft", ["--report-to", "tensorboard,foo"], "--report-to foo: not a sink here; valid: tensorboard, wandb, none"),
+    ("sft", ["--save-every", "-1"], "--save-every must be 0 (no checkpoints) or more, got -1"),
+    ("dpo", ["--eval-every", "-2"], "--eval-every must be 0 (only at the end) or more, got -2"),
+    ("sft", ["--log-every", "0"], "--log-every must be at least 1"),
+    ("sft", ["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    ("rm", ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    ("ppo", ["--eval-data", "x.jsonl"], "--eval-data: ppo has no held-out evaluation; drop --eval-data and --eval-every"),
+    ("grpo", ["--eval-every", "5"], "--eval-every: grpo has no held-out evaluation; drop --eval-data and --eval-every"),
+    ("ppo", ["--grad-accum", "2"], "--grad-accum: ppo accumulates micro-batches of --batch-size into each "
+                                   "--mini-batch-size update; set those instead"),
+])
+def test_flags_that_would_be_ignored_are_refused(recipe, flags, message, capsys, tiny_dir):
+    rc, err = cli(capsys, recipe, "--model", tiny_dir, "--data", "x.jsonl", *flags, "--print-config")
+    assert rc == 1 and err == [f"rlhf {recipe}: error: {message}"]

@@ -11,6 +11,7 @@ whole step's item count (tokens or pairs), reduced across processes before the b
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from rlhf.recipes.checkpoints import (
     Checkpointer, TrainState, claim_output_dir, release_output_dir, remove_old_run, run_record,
 )
 from rlhf.recipes.logs import RunLogger, write_model_card
+
+
+REPORT_SINKS = ("tensorboard", "wandb", "none")
 
 
 class UserError(Exception):
@@ -37,7 +41,7 @@ class TrainConfig:
     data: str = ""
     """Training data: JSONL, JSON, CSV, Parquet, a saved datasets directory, or hf:NAME[:SPLIT]."""
     eval_data: str | None = None
-    """Held-out data in the same format, evaluated every --eval-every steps and at the end."""
+    """Held-out data in the same format, evaluated every --eval-every steps and at the end (sft, rm, dpo)."""
     output_dir: str = "runs/out"
     """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
     max_steps: int = -1
@@ -47,9 +51,9 @@ class TrainConfig:
     batch_size: int = 8
     """Examples per micro-batch, across all processes."""
     grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    """Micro-batches accumulated into one optimizer step. PPO and GRPO use --mini-batch-size instead."""
     lr: float = 1e-5
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW (positive)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """Learning-rate schedule after warmup (transformers' get_scheduler)."""
     warmup_ratio: float = 0.0
@@ -65,7 +69,7 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep only the newest K checkpoints (0: keep all)."""
     eval_every: int = 0
-    """Evaluate on --eval-data every N steps (0: only at the end)."""
+    """Evaluate on --eval-data every N steps (0: only at the end; sft, rm, dpo)."""
     log_every: int = 1
     """Write metrics every N steps."""
     resume: str | None = field(default=None, metadata={"const": "auto"})
@@ -102,7 +106,8 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     report_to: str = "tensorboard"
-    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always written)."""
+    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always
+    written; other names are refused)."""
 
     def lora_targets(self) -> str | list[str]:
         """``'all-linear'`` or the list of module names to adapt."""
@@ -113,9 +118,20 @@ class TrainConfig:
         """Reject impossible values with one line naming the flag."""
         if not self.model:
             raise UserError("--model is required")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name, zero in (("save_every", "no checkpoints"), ("eval_every", "only at the end"),
+                           ("save_total_limit", "keep all")):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for sink in (s.strip() for s in self.report_to.split(",")):
+            if sink not in REPORT_SINKS:
+                raise UserError(f"--report-to {sink}: not a sink here; valid: {', '.join(REPORT_SINKS)}")
+            if sink == "wandb" and importlib.util.find_spec("wandb") is None:
+                raise UserError("--report-to wandb: wandb is not installed (pip install wandb)")
 
 
 # ---- setup ----------------------------------------------------------------------------------

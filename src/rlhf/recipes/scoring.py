@@ -150,6 +150,13 @@ class RLConfig(TrainConfig):
         super().check()
         if self.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
+        recipe = type(self).__module__.rsplit(".", 1)[-1]
+        if self.eval_data or self.eval_every:  # flags shared with the offline recipes, not used online
+            flag = "--eval-data" if self.eval_data else "--eval-every"
+            raise UserError(f"{flag}: {recipe} has no held-out evaluation; drop --eval-data and --eval-every")
+        if self.grad_accum != 1:
+            raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
+                            "--mini-batch-size update; set those instead")
 
     def sampling(self, num_samples: int = 1) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, num_samples)
