@@ -3,6 +3,7 @@ error line naming what and where, and that nothing of a previous run changed."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -308,3 +309,25 @@ def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, 
 def test_flags_that_would_be_ignored_are_refused(recipe, flags, message, capsys, tiny_dir):
     rc, err = cli(capsys, recipe, "--model", tiny_dir, "--data", "x.jsonl", *flags, "--print-config")
     assert rc == 1 and err == [f"rlhf {recipe}: error: {message}"]
+
+
+def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
+    import torch
+
+    from rlhf.recipes.common import UserError
+    from rlhf.recipes.scoring import RewardFn, Scorer
+    from rlhf.rollout import RolloutBatch
+
+    batch = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2, dtype=torch.long),
+                         response_ids=torch.ones(2, 3, dtype=torch.long), response_mask=torch.ones(2, 3, dtype=torch.long),
+                         finished=torch.ones(2, dtype=torch.bool))
+    where = ["p.jsonl:1", "p.jsonl:2"]
+    for returned, message in [(None, "returned NoneType; expected a list of 2 numbers, one per completion"),
+                              ([1.0, None], "returned None for completion 2 of the batch (prompt p.jsonl:2)"),
+                              (["1", 2], "returned '1' for completion 1 of the batch (prompt p.jsonl:1)"),
+                              ([1.0, float("inf")], "returned inf for completion 2 of the batch (prompt p.jsonl:2)")]:
+        scorer = Scorer(None, [RewardFn("mod:fn", lambda returned=returned, **kw: returned)])
+        with pytest.raises(UserError, match=f"^reward function mod:fn {re.escape(message)}"):
+            scorer(batch, ["a", "b"], ["x", "y"], {}, where)
+    scores, _ = Scorer(None, [RewardFn("mod:fn", lambda **kw: [True, 0])])(batch, ["a", "b"], ["x", "y"], {}, where)
+    assert scores.tolist() == [1.0, 0.0]

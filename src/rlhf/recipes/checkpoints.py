@@ -147,6 +147,7 @@ NOT_RUN_DEFINING = frozenset({
     "eval_every", "eval_data", "log_every", "report_to", "max_consecutive_skips", "on_bad_record",
     "trust_remote_code", "bf16", "gradient_checkpointing", "prompts",
 })
+PATH_FIELDS = frozenset({"model", "data", "reward_model", "critic_model"})
 # What a finished or interrupted run leaves: another run may not write here unless asked to.
 RESULT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "value_head.safetensors", "metrics.jsonl")
@@ -158,9 +159,14 @@ OLD_RUN_OUTPUTS = ("checkpoints", "tensorboard", "critic", "metrics.jsonl", "con
 
 
 def run_record(cfg) -> dict:
-    """The recipe and the config fields that define what a run trains (JSON values)."""
+    """The recipe and the config fields that define what a run trains (JSON values; local paths
+    absolute, so ``runs/sft`` and ``./runs/sft`` are the same model)."""
     record = {"recipe": type(cfg).__module__.rsplit(".", 1)[-1]}
-    record.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_RUN_DEFINING})
+    for f in dataclasses.fields(cfg):
+        if f.name not in NOT_RUN_DEFINING:
+            value = getattr(cfg, f.name)
+            is_path = isinstance(value, str) and f.name in PATH_FIELDS and os.path.exists(value)
+            record[f.name] = os.path.abspath(value) if is_path else value
     return json.loads(json.dumps(record, default=str))
 
 

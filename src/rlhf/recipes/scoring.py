@@ -89,6 +89,9 @@ class Scorer:
             scores += rm
         for r in self.reward_fns:
             values = r.fn(prompts=prompts, completions=completions, **extras)
+            if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
+                raise UserError(f"reward function {r.name} returned {type(values).__name__}; expected a list of "
+                                f"{len(completions)} numbers, one per completion")
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
             values = torch.tensor([_reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
@@ -103,7 +106,7 @@ class Scorer:
 
 def _reward_value(name: str, value, i: int, where: list[str] | None) -> float:
     number = None
-    if not isinstance(value, (str, bytes, bool)):
+    if not isinstance(value, (str, bytes)):  # bools count as 0 and 1, as in TRL
         try:
             number = float(value)
         except (TypeError, ValueError):
