@@ -150,6 +150,7 @@ def make_accelerator(cfg: TrainConfig):
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
     claim_output_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process checked the directory before the main one writes
     accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
                       f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
