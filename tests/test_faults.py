@@ -70,6 +70,15 @@ def test_data_check_shows_ultrafeedback_rows_templated(tiny_dir, tmp_path):
     assert "'<|bos|><|user|>My order is late again!<|end|><|assistant|>I am truly sorry.<|end|>'" in out.stdout
 
 
+def test_string_prompt_with_conversational_completion_is_a_user_turn(tokenizer, tmp_path):
+    row = {"prompt": "My order is late again!", "completion": [{"role": "assistant", "content": "I am truly sorry."}]}
+    ex = prepare(write_jsonl(tmp_path / "s.jsonl", [row]), "sft", Encoder(tokenizer, 64)).examples[0]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    user, asst = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    prompt = [bos, user] + ids(tokenizer, "My order is late again!") + [eos, asst]
+    assert ex["input_ids"] == prompt + ids(tokenizer, "I am truly sorry.") + [eos]
+
+
 def test_preference_conversations_that_differ_before_the_reply_are_refused(tmp_path, tokenizer):
     row = {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
            "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]}
@@ -276,6 +285,28 @@ def test_a_run_whose_every_step_was_skipped_fails(tmp_path, tiny_dir, capsys, mo
                                "no model was saved"]
 
 
+def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
+    import torch
+
+    from rlhf.recipes.common import UserError
+    from rlhf.recipes.scoring import RewardFn, Scorer
+    from rlhf.rollout import RolloutBatch
+
+    batch = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2, dtype=torch.long),
+                         response_ids=torch.ones(2, 3, dtype=torch.long), response_mask=torch.ones(2, 3, dtype=torch.long),
+                         finished=torch.ones(2, dtype=torch.bool))
+    where = ["p.jsonl:1", "p.jsonl:2"]
+    for returned, message in [(None, "returned NoneType; expected a list of 2 numbers, one per completion"),
+                              ([1.0, None], "returned None for completion 2 of the batch (prompt p.jsonl:2)"),
+                              (["1", 2], "returned '1' for completion 1 of the batch (prompt p.jsonl:1)"),
+                              ([1.0, float("inf")], "returned inf for completion 2 of the batch (prompt p.jsonl:2)")]:
+        scorer = Scorer(None, [RewardFn("mod:fn", lambda returned=returned, **kw: returned)])
+        with pytest.raises(UserError, match=f"^reward function mod:fn {re.escape(message)}"):
+            scorer(batch, ["a", "b"], ["x", "y"], {}, where)
+    scores, _ = Scorer(None, [RewardFn("mod:fn", lambda **kw: [True, 0])])(batch, ["a", "b"], ["x", "y"], {}, where)
+    assert scores.tolist() == [1.0, 0.0]
+
+
 # ---- 6. a reward model that is not one ------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])
@@ -310,24 +341,3 @@ def test_flags_that_would_be_ignored_are_refused(recipe, flags, message, capsys,
     rc, err = cli(capsys, recipe, "--model", tiny_dir, "--data", "x.jsonl", *flags, "--print-config")
     assert rc == 1 and err == [f"rlhf {recipe}: error: {message}"]
 
-
-def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
-    import torch
-
-    from rlhf.recipes.common import UserError
-    from rlhf.recipes.scoring import RewardFn, Scorer
-    from rlhf.rollout import RolloutBatch
-
-    batch = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2, dtype=torch.long),
-                         response_ids=torch.ones(2, 3, dtype=torch.long), response_mask=torch.ones(2, 3, dtype=torch.long),
-                         finished=torch.ones(2, dtype=torch.bool))
-    where = ["p.jsonl:1", "p.jsonl:2"]
-    for returned, message in [(None, "returned NoneType; expected a list of 2 numbers, one per completion"),
-                              ([1.0, None], "returned None for completion 2 of the batch (prompt p.jsonl:2)"),
-                              (["1", 2], "returned '1' for completion 1 of the batch (prompt p.jsonl:1)"),
-                              ([1.0, float("inf")], "returned inf for completion 2 of the batch (prompt p.jsonl:2)")]:
-        scorer = Scorer(None, [RewardFn("mod:fn", lambda returned=returned, **kw: returned)])
-        with pytest.raises(UserError, match=f"^reward function mod:fn {re.escape(message)}"):
-            scorer(batch, ["a", "b"], ["x", "y"], {}, where)
-    scores, _ = Scorer(None, [RewardFn("mod:fn", lambda **kw: [True, 0])])(batch, ["a", "b"], ["x", "y"], {}, where)
-    assert scores.tolist() == [1.0, 0.0]

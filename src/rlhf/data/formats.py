@@ -2,7 +2,8 @@
 
 Each record is checked and normalised to one canonical example per kind:
 
-* ``sft``: ``{"prompt": str | messages, "completion": str}`` from ``prompt``/``completion``,
+* ``sft``: ``{"prompt": str | messages, "completion": str}`` from ``prompt``/``completion``
+  (a string prompt before a message-list completion is one user message),
   conversational ``messages`` (the last assistant turn is the completion, the turns before it
   the prompt) or plain ``text`` (an empty prompt: the loss covers the whole text).
 * ``preference``: ``{"prompt", "chosen": str, "rejected": str, "margin"?}`` from
@@ -114,7 +115,10 @@ def normalize_sft(r: dict) -> dict:
         raise BadRecord("prompt", "missing field (an SFT record needs prompt/completion, messages or text)")
     if "completion" not in r or r["completion"] is None:
         raise BadRecord("completion", "missing field")
-    return {"prompt": _prompt(r), "completion": _assistant_reply(r["completion"], "completion")}
+    prompt = _prompt(r)
+    if isinstance(prompt, str) and isinstance(r["completion"], list):  # a conversation: the prompt is a user turn
+        prompt = [{"role": "user", "content": prompt}]
+    return {"prompt": prompt, "completion": _assistant_reply(r["completion"], "completion")}
 
 
 def _conversational_pair(prompt, chosen: list[dict], rejected: list[dict]) -> dict:
