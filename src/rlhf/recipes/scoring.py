@@ -3,7 +3,8 @@
 A reward function is named ``module:function`` (optionally ``module:function:weight``). It
 receives ``prompts`` and ``completions`` as lists (prompts as in the dataset: text or
 messages; completions as text) plus every extra dataset column as a keyword list, and
-returns one float per completion, as in TRL.
+returns one float per completion, as in TRL. Anything else (NaN, inf, None, a string) stops
+the run with one line naming the function, the value and the prompt's ``file:line``.
 """
 
 from __future__ import annotations
