@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-zoo test-gpu bench bench-gpu clean
+.PHONY: setup demo test test-faults test-slow test-zoo test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-faults: setup
+	$(BIN)/python -m pytest -q tests/test_faults.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

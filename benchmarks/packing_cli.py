@@ -4,6 +4,9 @@ Each pair of runs is the same command with and without the padding-free layout, 
 step-1 metric must agree (issue 13's table): DPO ``logps/chosen`` (``--no-share-prompt``), GRPO
 ``entropy`` (``--no-share-prompt``) and SFT ``train/loss`` (``--packing``). Models: hidden 64,
 2 layers, weights drawn wide (initializer range 0.2) so log-probs are far from uniform.
+GPT-2's dropout (0.1 by default) is set to 0: SFT trains with dropout on, and its random masks
+differ between a packed and a padded batch, so the two step-1 losses would differ by chance
+(0.8% here with it on), not by layout. DPO and GRPO turn dropout off themselves.
 
     python benchmarks/packing_cli.py            # about 4 minutes on 2 CPU cores
 """
@@ -55,6 +58,8 @@ def build(root: str, tokenizer, arch: str, kernel: str | None, window: int | Non
     from rlhf.models import save_pretrained, tiny_causal_lm
 
     extra = {"attn_implementation": kernel} if kernel else {}
+    if arch == "gpt2":
+        extra.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = tiny_causal_lm(tokenizer, arch, initializer_range=0.2, sliding_window=window, **extra)
     path = os.path.join(root, arch)
     save_pretrained(model, tokenizer, path)

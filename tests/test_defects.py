@@ -196,6 +196,7 @@ def test_reference_cache_is_not_reused_after_the_reference_is_retrained_in_place
     first = load_file(cache)["logps"]
 
     save_pretrained(tiny_causal_lm(tokenizer, "llama", seed=1, hidden_size=32), tokenizer, sft_dir)  # "retrained"
+    cfg = dpo.Config(**dpo_kwargs(sft_dir, tmp_path), overwrite_output_dir=True)  # the cache file stays: its key decides
     dpo.run(cfg)
     second = load_file(cache)["logps"]
     examples = prepare(cfg.data, "preference", Encoder(tokenizer, cfg.max_length)).examples

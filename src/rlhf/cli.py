@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from rlhf.recipes.checkpoints import release_output_dirs
+
+        release_output_dirs()  # also after an error: the output directory is free again
 
 
 if __name__ == "__main__":

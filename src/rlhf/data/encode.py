@@ -4,8 +4,10 @@ Rules (tests assert exact ids):
 
 * A message-list prompt goes through ``tokenizer.apply_chat_template`` with the generation
   prompt; a tokenizer without a template gets :data:`PLAIN_CHAT_TEMPLATE`. The rendered text
-  is encoded with ``add_special_tokens=False``: the template owns BOS, so it is never doubled.
-* A plain-string prompt is encoded as is, with BOS first only if the tokenizer adds one.
+  is encoded with ``add_special_tokens=False``: a tokenizer's own template owns BOS, so it is
+  never doubled. The plain template writes no BOS, so it is rendered like a string prompt.
+* A plain-string prompt is encoded as is, with BOS first only if the tokenizer adds one (once:
+  not again if the text starts with it).
 * A response is its text's ids followed by exactly one EOS (none added if already there).
 * Prompts are truncated from the left (``max_prompt_length``), responses from the right
   (``max_length``). Truncations are counted, never silent; a prompt that leaves no room for
@@ -52,7 +54,9 @@ class Encoder:
     def prompt_ids(self, prompt) -> list[int]:
         text = self.render_prompt(prompt)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
-        return (self.bos_prefix + ids) if isinstance(prompt, str) else ids
+        if isinstance(prompt, list) and self.tokenizer.chat_template:
+            return ids  # the tokenizer's own template writes BOS where the model wants it
+        return ids if ids[:1] == self.bos_prefix else self.bos_prefix + ids
 
     def response_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids

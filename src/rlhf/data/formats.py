@@ -2,11 +2,15 @@
 
 Each record is checked and normalised to one canonical example per kind:
 
-* ``sft``: ``{"prompt": str | messages, "completion": str}`` from ``prompt``/``completion``,
+* ``sft``: ``{"prompt": str | messages, "completion": str}`` from ``prompt``/``completion``
+  (a string prompt before a message-list completion is one user message),
   conversational ``messages`` (the last assistant turn is the completion, the turns before it
   the prompt) or plain ``text`` (an empty prompt: the loss covers the whole text).
 * ``preference``: ``{"prompt", "chosen": str, "rejected": str, "margin"?}`` from
-  ``prompt``/``chosen``/``rejected`` as strings or message lists; also hh-rlhf transcripts
+  ``prompt``/``chosen``/``rejected`` as strings or message lists. When ``chosen`` and
+  ``rejected`` are conversations, their shared leading turns are the prompt (TRL's
+  ``maybe_extract_prompt``: UltraFeedback-binarized rows repeat the user turn there beside a
+  string ``prompt``); sharing none, a string ``prompt`` is one user message. Also hh-rlhf transcripts
   (``chosen``/``rejected`` hold ``\\n\\nHuman: ... \\n\\nAssistant: ...`` and no prompt),
   split at the last assistant turn of their longest common prefix.
 * ``prompt``: ``{"prompt": str | messages, ...}`` from ``prompt`` or ``messages``; other
@@ -111,7 +115,33 @@ def normalize_sft(r: dict) -> dict:
         raise BadRecord("prompt", "missing field (an SFT record needs prompt/completion, messages or text)")
     if "completion" not in r or r["completion"] is None:
         raise BadRecord("completion", "missing field")
-    return {"prompt": _prompt(r), "completion": _assistant_reply(r["completion"], "completion")}
+    prompt = _prompt(r)
+    if isinstance(prompt, str) and isinstance(r["completion"], list):  # a conversation: the prompt is a user turn
+        prompt = [{"role": "user", "content": prompt}]
+    return {"prompt": prompt, "completion": _assistant_reply(r["completion"], "completion")}
+
+
+def _conversational_pair(prompt, chosen: list[dict], rejected: list[dict]) -> dict:
+    """``chosen``/``rejected`` as conversations, as TRL's ``maybe_extract_prompt`` reads them.
+
+    Their shared leading turns are the prompt (UltraFeedback-binarized repeats the user turn
+    in both, beside a string ``prompt``); each must then end in one assistant turn. When they
+    share no turn, the ``prompt`` column is the prompt, a string being one user message.
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        if prompt is None:
+            raise BadRecord("chosen", "chosen and rejected must share every turn but the last")
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    else:
+        turns = chosen[:n]
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if len(msgs) != n + 1:
+            raise BadRecord(field, "chosen and rejected must share every turn but the last")
+    return {"prompt": turns, "chosen": _assistant_reply(chosen[n:], "chosen"),
+            "rejected": _assistant_reply(rejected[n:], "rejected")}
 
 
 def normalize_preference(r: dict) -> dict:
@@ -119,15 +149,13 @@ def normalize_preference(r: dict) -> dict:
         if field not in r or r[field] is None:
             raise BadRecord(field, "missing field")
     chosen, rejected = r["chosen"], r["rejected"]
-    if "prompt" in r and r["prompt"] is not None:
+    has_prompt = "prompt" in r and r["prompt"] is not None
+    if isinstance(chosen, list) and isinstance(rejected, list):  # conversations: TRL's maybe_extract_prompt
+        out = _conversational_pair(_prompt(r) if has_prompt else None, _messages(chosen, "chosen"),
+                                   _messages(rejected, "rejected"))
+    elif has_prompt:
         out = {"prompt": _prompt(r), "chosen": _assistant_reply(chosen, "chosen"),
                "rejected": _assistant_reply(rejected, "rejected")}
-    elif isinstance(chosen, list) and isinstance(rejected, list):  # implicit conversational prompt
-        c, j = _messages(chosen, "chosen"), _messages(rejected, "rejected")
-        if c[:-1] != j[:-1] or len(c) < 2:
-            raise BadRecord("chosen", "chosen and rejected must share every turn but the last")
-        out = {"prompt": c[:-1], "chosen": _assistant_reply(c[-1:], "chosen"),
-               "rejected": _assistant_reply(j[-1:], "rejected")}
     else:  # hh-rlhf transcripts
         prompt, c, j = split_hh_transcripts(_text(r, "chosen"), _text(r, "rejected"))
         out = {"prompt": prompt, "chosen": c, "rejected": j}

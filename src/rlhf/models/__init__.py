@@ -1,8 +1,8 @@
 """Models: any HF causal LM, the value head or separate critic, reward model, reference, LoRA."""
 
 from rlhf.models.heads import (
-    Critic, PolicyWithValueHead, gather_last, get_score_stats, position_ids_from_mask, sequence_scores,
-    set_score_stats, token_scores,
+    Critic, PolicyWithValueHead, gather_at, gather_last, get_score_stats, position_ids_from_mask, score_index,
+    sequence_scores, set_score_stats, token_scores,
 )
 from rlhf.models.loading import (
     ModelLoadError, freeze, frozen_copy, load_causal_lm, load_sequence_classifier, load_tokenizer,
@@ -17,8 +17,9 @@ from rlhf.models.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_config, train_t
 
 __all__ = [
     "CHAT_TEMPLATE", "Critic", "ModelLoadError", "PolicyWithValueHead", "Reference", "apply_lora",
-    "causal_logits", "check_packing", "default_tolerance", "disable_dropout", "eval_mode", "freeze", "frozen_copy", "gather_last", "get_score_stats", "is_peft_model",
-    "load_causal_lm", "load_sequence_classifier", "load_tokenizer", "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask",
-    "resolve_dtype", "save_pretrained", "sequence_scores", "set_gradient_checkpointing", "set_score_stats", "shared_prefix_mask",
-    "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer",
+    "causal_logits", "check_packing", "default_tolerance", "disable_dropout", "eval_mode", "freeze", "frozen_copy",
+    "gather_at", "gather_last", "get_score_stats", "is_peft_model", "load_causal_lm", "load_sequence_classifier",
+    "load_tokenizer", "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask", "resolve_dtype",
+    "save_pretrained", "score_index", "sequence_scores", "set_gradient_checkpointing", "set_score_stats",
+    "shared_prefix_mask", "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer",
 ]

@@ -105,21 +105,46 @@ def token_scores(classifier, input_ids, attention_mask, position_ids=None) -> to
 
 
 def sequence_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
-    """The reward model's score, read at the last non-padding token of each sequence.
+    """The reward model's score, read where transformers reads it (:func:`score_index`).
 
-    The position comes from ``attention_mask``, not from searching for the PAD id, so it is
-    right for left and right padding alike and when PAD == EOS (a classic bug).
+    Positions come from ``attention_mask``, so a left-padded row scores as the same row
+    unpadded does in ``AutoModelForSequenceClassification``.
 
     Shape:
         input_ids, attention_mask: (B, L) -> (B,), float32.
     """
     per_token = token_scores(reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
-    return gather_last(per_token, attention_mask)
+    return gather_at(per_token, score_index(input_ids, attention_mask, reward_model.config.pad_token_id))
+
+
+def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where a reward model's score is read: the last token that is neither padding nor PAD.
+
+    This is the rule of transformers' ``*ForSequenceClassification`` (the rightmost token
+    that is not ``config.pad_token_id``), so a reward model scores the same here, in
+    ``rlhf rm`` training and in plain transformers or TRL. When PAD is EOS (GPT-2, Llama 3
+    with PAD set to EOS), that is the last token *before* the closing EOS: the score does not
+    see the EOS. Deliberately so: a head trained at the EOS would be read one token early by
+    every transformers user of the model. Whether a response finished is ``--missing-eos-penalty``'s
+    business in PPO and GRPO.
+
+    Shape:
+        input_ids, attention_mask: (B, L) -> (B,), long.
+    """
+    keep = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
+    return last_token_index(keep)
+
+
+def gather_at(per_token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``per_token[b, index[b]]``. Shape: (B, L), (B,) -> (B,)."""
+    return per_token.gather(1, index[:, None]).squeeze(1)
 
 
 def gather_last(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``per_token`` at the last position where ``mask`` is 1. Shape: (B, L) -> (B,)."""
-    return per_token.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+    return gather_at(per_token, last_token_index(mask))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

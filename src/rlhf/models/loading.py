@@ -65,11 +65,13 @@ def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remot
 
 
 def load_sequence_classifier(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
+                             attn_implementation: str | None = None, require_score_head: bool = False):
     """A one-label ``AutoModelForSequenceClassification``: a reward model, or a critic body.
 
     Loading a causal-LM checkpoint this way keeps its body and adds a fresh scalar head
     (seed 003: "its final language modeling head is replaced with a scalar regression head").
+    With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
+    the weights, such as a causal LM's missing score head, is refused instead.
     """
     _check_local(path)
     from transformers.utils import logging as hf_logging
@@ -78,13 +80,18 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            **_attn(attn_implementation))
+            output_loading_info=True, **_attn(attn_implementation))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(level)
+    missing = sorted(info.get("missing_keys") or [])
+    if require_score_head and missing:
+        saved_as = ", ".join(getattr(model.config, "architectures", None) or ["no architecture"])
+        raise ModelLoadError(f"{path}: not a reward model: it has no trained score head ({', '.join(missing[:3])} "
+                             f"missing; its config names {saved_as}); train one with rlhf rm")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device) if device else model

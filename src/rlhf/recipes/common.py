@@ -11,6 +11,7 @@ whole step's item count (tokens or pairs), reduced across processes before the b
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,13 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.recipes.checkpoints import Checkpointer, TrainState
+from rlhf.recipes.checkpoints import (
+    Checkpointer, TrainState, claim_output_dir, release_output_dir, remove_old_run, run_record,
+)
 from rlhf.recipes.logs import RunLogger, write_model_card
+
+
+REPORT_SINKS = ("tensorboard", "wandb", "none")
 
 
 class UserError(Exception):
@@ -35,7 +41,7 @@ class TrainConfig:
     data: str = ""
     """Training data: JSONL, JSON, CSV, Parquet, a saved datasets directory, or hf:NAME[:SPLIT]."""
     eval_data: str | None = None
-    """Held-out data in the same format, evaluated every --eval-every steps and at the end."""
+    """Held-out data in the same format, evaluated every --eval-every steps and at the end (sft, rm, dpo)."""
     output_dir: str = "runs/out"
     """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
     max_steps: int = -1
@@ -45,9 +51,9 @@ class TrainConfig:
     batch_size: int = 8
     """Examples per micro-batch, across all processes."""
     grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    """Micro-batches accumulated into one optimizer step. PPO and GRPO use --mini-batch-size instead."""
     lr: float = 1e-5
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW (positive)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """Learning-rate schedule after warmup (transformers' get_scheduler)."""
     warmup_ratio: float = 0.0
@@ -63,11 +69,16 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep only the newest K checkpoints (0: keep all)."""
     eval_every: int = 0
-    """Evaluate on --eval-data every N steps (0: only at the end)."""
+    """Evaluate on --eval-data every N steps (0: only at the end; sft, rm, dpo)."""
     log_every: int = 1
     """Write metrics every N steps."""
     resume: str | None = field(default=None, metadata={"const": "auto"})
-    """Resume from a checkpoint: a path, or 'auto' (also plain --resume) for the latest in --output-dir."""
+    """Resume from a checkpoint: a path, or 'auto' (also plain --resume) for the latest in --output-dir.
+    It must come from a run of the same recipe, model, data and hyper-parameters (--max-steps,
+    --epochs, --save-every and the logging flags may change)."""
+    overwrite_output_dir: bool = False
+    """Replace the results of another run in --output-dir (removed once this run has loaded its
+    model and data); without it such a directory is refused."""
     max_length: int = 512
     """Maximum tokens of prompt + response; responses are cut from the right."""
     max_prompt_length: int | None = None
@@ -97,7 +108,8 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     report_to: str = "tensorboard"
-    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always written)."""
+    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always
+    written; other names are refused)."""
 
     def lora_targets(self) -> str | list[str]:
         """``'all-linear'`` or the list of module names to adapt."""
@@ -108,17 +120,32 @@ class TrainConfig:
         """Reject impossible values with one line naming the flag."""
         if not self.model:
             raise UserError("--model is required")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise UserError(f"--max-grad-norm must be 0 or more (0: no clipping), got {self.max_grad_norm}")
+        for name, zero in (("save_every", "no checkpoints"), ("eval_every", "only at the end"),
+                           ("save_total_limit", "keep all")):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for sink in (s.strip() for s in self.report_to.split(",")):
+            if sink not in REPORT_SINKS:
+                raise UserError(f"--report-to {sink}: not a sink here; valid: {', '.join(REPORT_SINKS)}")
+            if sink == "wandb" and importlib.util.find_spec("wandb") is None:
+                raise UserError("--report-to wandb: wandb is not installed (pip install wandb)")
 
 
 # ---- setup ----------------------------------------------------------------------------------
 
 def make_accelerator(cfg: TrainConfig):
-    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set."""
+    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set.
+
+    ``cfg.output_dir`` is claimed first (:func:`claim_output_dir`): locked, and refused if it
+    holds another run's results and neither --resume nor --overwrite-output-dir is given.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -126,6 +153,8 @@ def make_accelerator(cfg: TrainConfig):
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+    claim_output_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process checked the directory before the main one writes
     accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
                       f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
@@ -150,6 +179,9 @@ def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
     from rlhf.data import Encoder, prepare
 
     prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
+    if kind == "prompt":  # each prompt knows its file:line, for errors about its completions
+        for example, where in zip(prepared.examples, prepared.where):
+            example["_where"] = where
     log(f"{source}: {len(prepared)} examples ({prepared.n_skipped} bad records skipped, "
         f"{prepared.n_prompt_truncated} prompts and {prepared.n_response_truncated} responses truncated)")
     return prepared
@@ -268,19 +300,13 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
         if finite:
             optimizer.step()
             scheduler.step()
-            state.consecutive_skips = 0
         else:
-            state.skipped_steps += 1
-            state.consecutive_skips += 1
             bad = [where[i] if where else i for idx in global_micro for i in idx]
             logger.event(state.step + 1, "skipped: non-finite loss or gradient norm", examples=bad)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         logger.advance()
-        if state.consecutive_skips >= cfg.max_consecutive_skips:
-            last = checkpointer.latest()
-            raise UserError(f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps with a "
-                            f"non-finite loss or gradient; last good checkpoint: {last or 'none'}")
+        count_skip(cfg, state, not finite, checkpointer)
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - t0
             out = {"train/loss": float(loss_total), "train/grad_norm": float(grad_norm) if finite else float("nan"),
@@ -292,7 +318,26 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             logger.log(state.step, evaluate())
         if cfg.save_every and state.step % cfg.save_every == 0 and finite:
             checkpointer.save(state.step)
+    check_trained(state)
     return logger.last
+
+
+def count_skip(cfg: TrainConfig, state: TrainState, skipped: bool, checkpointer: Checkpointer) -> None:
+    """Count a step that changed no weight (``train/skipped_steps``); ``cfg.max_consecutive_skips``
+    of them in a row stop the run."""
+    state.skipped_steps += int(skipped)
+    state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+    if state.consecutive_skips >= cfg.max_consecutive_skips:
+        last = checkpointer.latest()
+        raise UserError(f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps with a "
+                        f"non-finite loss or gradient; last good checkpoint: {last or 'none'}")
+
+
+def check_trained(state: TrainState) -> None:
+    """A run in which every step was skipped trained nothing: an error, never a saved model."""
+    ran = state.step - state.first_step
+    if ran > 0 and state.skipped_steps - state.skipped_before == ran:
+        raise UserError(f"every one of the {ran} steps was skipped (non-finite loss or gradient); no model was saved")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -308,18 +353,30 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metr
         save_pretrained(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, merge_adapters=cfg.merge_lora)
         write_model_card(cfg, cfg.output_dir, title, metrics)
     accelerator.wait_for_everyone()
+    release_output_dir(cfg.output_dir)
 
 
 def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):
     """Prepare for ``accelerate``, register the checkpoint state, resume if asked.
+
+    This is where a run starts for real (model and data loaded and checked): only now does
+    --overwrite-output-dir remove the earlier run's outputs, and a resumed run's metrics.jsonl
+    lose the lines logged after its checkpoint.
 
     Returns ``(model, optimizer, state, checkpointer, logger)``.
     """
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler)
-    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit, run_record(cfg))
     resumed = checkpointer.resume(cfg.resume)
+    if state.step > total_steps:
+        raise UserError(f"--resume {resumed}: its step {state.step} is past this run's {total_steps} steps "
+                        "(raise --max-steps or --epochs)")
+    state.first_step, state.skipped_before = state.step, state.skipped_steps
+    if accelerator.is_main_process and cfg.overwrite_output_dir and not resumed:
+        remove_old_run(cfg.output_dir)
+    accelerator.wait_for_everyone()
     logger = RunLogger(cfg, accelerator, total_steps, state.step, bar_keys)
     if resumed:
         logger.event(state.step, f"resumed from {resumed}")

@@ -72,7 +72,8 @@ def run(cfg: Config) -> dict:
     path = lambda *p: os.path.join(out, *p)  # noqa: E731
     os.makedirs(path("data"), exist_ok=True)
     torch.manual_seed(cfg.seed)
-    common = dict(seed=cfg.seed, report_to="none", max_length=128, on_bad_record="error")
+    # The demo owns its directory: a second demo replaces the first one's models.
+    common = dict(seed=cfg.seed, report_to="none", max_length=128, on_bad_record="error", overwrite_output_dir=True)
 
     # 0. A synthetic support world: complaints, demonstrations, noisy preference pairs.
     data = build_datasets(cfg.seed, n_sft=size.n_sft, n_pairs=size.n_pairs, n_rl=512, n_eval=size.n_eval,

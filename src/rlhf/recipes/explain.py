@@ -18,7 +18,8 @@ import torch
 
 from rlhf.algos import kl_estimate, ppo_loss, ppo_policy_loss, value_loss
 from rlhf.models import (
-    PolicyWithValueHead, Reference, disable_dropout, freeze, load_causal_lm, load_sequence_classifier, load_tokenizer,
+    ModelLoadError, PolicyWithValueHead, Reference, disable_dropout, freeze, load_causal_lm, load_sequence_classifier,
+    load_tokenizer,
 )
 from rlhf.models.heads import VALUE_HEAD_FILE
 from rlhf.recipes.common import UserError, model_response_logprobs
@@ -136,7 +137,12 @@ def main(args, name: str = "explain") -> int:
     if os.path.exists(os.path.join(args.model, VALUE_HEAD_FILE)):
         model.load_value_head(args.model)
     ref = Reference(freeze(load_causal_lm(args.ref_model or args.model)), share_lora_base=False)
-    reward_model = freeze(load_sequence_classifier(args.reward_model)) if args.reward_model else None
+    reward_model = None
+    if args.reward_model:
+        try:
+            reward_model = freeze(load_sequence_classifier(args.reward_model, require_score_head=True))
+        except ModelLoadError as e:
+            raise UserError(f"--reward-model {e}") from None
     if reward_model is None and not args.reward_fn:
         raise UserError("give a reward: --reward-model DIR or --reward-fn module:function")
     scorer = Scorer(reward_model, load_reward_fns(args.reward_fn))

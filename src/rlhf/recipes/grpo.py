@@ -21,9 +21,8 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, disable_dropout, eval_mode
 from rlhf.recipes.common import (
-    StepPlan, UserError, choose_layout, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator,
-    make_optimizer,
-    model_response_logprobs, packed_response_logprobs, save_final, shard, start,
+    StepPlan, UserError, check_trained, choose_layout, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
+    make_accelerator, make_optimizer, model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
 from rlhf.rollout import merged_named_weights
@@ -72,7 +71,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
     world, n, P = accelerator.num_processes, buf["input_ids"].shape[0], buf["prompt_len"]
     mb = max(1, cfg.mini_batch_size // world)
     sums: dict[str, torch.Tensor] = {}
-    n_updates = 0
+    n_updates = skipped = 0
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, device=buf["input_ids"].device)
@@ -102,9 +101,12 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
             if torch.isfinite(torch.as_tensor(grad_norm)):
                 optimizer.step()
                 scheduler.step()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             n_updates += 1
-    return {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+    out = {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
+    return {**out, "train/updates": float(n_updates), "train/skipped_updates": float(skipped)}
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -161,6 +163,7 @@ def run(cfg: Config) -> dict[str, float]:
         t_train = time.perf_counter()
         state.step += 1
         logger.advance()
+        count_skip(cfg, state, train_metrics["train/skipped_updates"] == train_metrics["train/updates"], checkpointer)
         # 6. Log and checkpoint.
         grouped = scores.view(-1, G)
         metrics = {"reward": float(scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
@@ -176,5 +179,6 @@ def run(cfg: Config) -> dict[str, float]:
             checkpointer.save(state.step)
 
     logger.close()
+    check_trained(state)
     save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics)
     return metrics

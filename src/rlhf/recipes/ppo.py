@@ -24,8 +24,8 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.recipes.common import (
-    StepPlan, UserError, clip_grad_norm, reduce_sum, load_data, load_policy, make_accelerator, model_response_logprobs,
-    response_logprobs, save_final, shard, start,
+    StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
+    make_accelerator, model_response_logprobs, response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
 from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
@@ -178,6 +178,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
             n_updates += 1
     out = {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
     out["train/skipped_updates"] = float(skipped)
+    out["train/updates"] = float(n_updates)
     return out
 
 
@@ -263,6 +264,7 @@ def run(cfg: Config) -> dict[str, float]:
         kl_ctl.update(kl_per_seq, n_steps=cfg.rollout_batch_size)
         state.step += 1
         logger.advance()
+        count_skip(cfg, state, train_metrics["train/skipped_updates"] == train_metrics["train/updates"], checkpointer)
         # 9. Log and checkpoint.
         metrics = {
             "objective/scores": float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)),
@@ -281,6 +283,7 @@ def run(cfg: Config) -> dict[str, float]:
             checkpointer.save(state.step)
 
     logger.close()
+    check_trained(state)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics)
     if accelerator.is_main_process:
         if critic is None:

@@ -15,7 +15,9 @@ import torch
 
 from rlhf.algos import bradley_terry_loss
 from rlhf.data import collate_preference
-from rlhf.models import Critic, apply_lora, gather_last, load_sequence_classifier, load_tokenizer, set_score_stats
+from rlhf.models import (
+    Critic, apply_lora, gather_at, load_sequence_classifier, load_tokenizer, score_index, set_score_stats,
+)
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, fit, load_data, make_accelerator, make_optimizer, save_final, shard, start, to_device,
@@ -32,28 +34,35 @@ class Config(TrainConfig):
     """Store the mean and std of the trained model's scores on the training data in its config."""
 
 
-def pair_scores(scorer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected scores from one concatenated forward. Shapes: (B,), (B,)."""
-    scores = gather_last(scorer(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])  # (2B,)
+def pair_scores(scorer, batch: dict, pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores from one concatenated forward, each read where transformers
+    reads it (:func:`rlhf.models.score_index`: with PAD == EOS, the token before the EOS).
+
+    Shapes: (B,), (B,).
+    """
+    per_token = scorer(batch["input_ids"], batch["attention_mask"])  # (2B, L)
+    scores = gather_at(per_token, score_index(batch["input_ids"], batch["attention_mask"], pad_token_id))  # (2B,)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
 
-def loss_fn(scorer, batch: dict):
-    chosen, rejected = pair_scores(scorer, batch)
+def loss_fn(scorer, batch: dict, pad_token_id: int | None):
+    chosen, rejected = pair_scores(scorer, batch, pad_token_id)
     loss, m = bradley_terry_loss(chosen, rejected, batch.get("margin"))
     return loss, {"train/accuracy": m["accuracy"], "rewards/margins": m["margin"],
                   "rewards/chosen": chosen.detach().mean(), "rewards/rejected": rejected.detach().mean()}
 
 
 @torch.no_grad()
-def score_all(accelerator, scorer, examples: list[dict], collate, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_all(accelerator, scorer, examples: list[dict], collate, batch_size: int,
+              pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores of every example (gathered from all processes)."""
     scorer.eval()
     mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
     chosen, rejected = [], []
     for i in range(0, len(mine), batch_size):
-        c, r = pair_scores(scorer, to_device(collate([examples[j] for j in mine[i : i + batch_size]]), accelerator.device))
+        batch = to_device(collate([examples[j] for j in mine[i : i + batch_size]]), accelerator.device)
+        c, r = pair_scores(scorer, batch, pad_token_id)
         chosen.append(c.float())
         rejected.append(r.float())
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
@@ -62,8 +71,8 @@ def score_all(accelerator, scorer, examples: list[dict], collate, batch_size: in
     return chosen, rejected
 
 
-def evaluate(accelerator, scorer, examples, collate, batch_size) -> dict[str, float]:
-    chosen, rejected = score_all(accelerator, scorer, examples, collate, batch_size)
+def evaluate(accelerator, scorer, examples, collate, batch_size, pad_token_id) -> dict[str, float]:
+    chosen, rejected = score_all(accelerator, scorer, examples, collate, batch_size, pad_token_id)
     both = torch.cat([chosen, rejected])
     return {"eval/accuracy": float((chosen > rejected).float().mean()),
             "eval/margin": float((chosen - rejected).mean()),
@@ -81,7 +90,7 @@ def run(cfg: Config) -> dict[str, float]:
         classifier = apply_lora(classifier, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(),
                                 task_type="SEQ_CLS")
     set_gradient_checkpointing(classifier, cfg.gradient_checkpointing)
-    scorer = Critic(classifier)  # the scalar head read at every token; we take the last real one
+    scorer = Critic(classifier)  # the scalar head read at every token; we take transformers' one
 
     # 1. Preference pairs, checked before training.
     train = load_data(cfg, cfg.data, "preference", tokenizer, log)
@@ -94,18 +103,20 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, scorer.parameters(), total)
     scorer, optimizer, state, checkpointer, logger = start(cfg, accelerator, scorer, optimizer, scheduler, total,
                                                            {"train/loss": "loss", "train/accuracy": "acc"})
-    eval_fn = (lambda: evaluate(accelerator, scorer, held_out.examples, collate, cfg.batch_size)) if held_out else None
+    pad_id = tokenizer.pad_token_id
+    eval_fn = ((lambda: evaluate(accelerator, scorer, held_out.examples, collate, cfg.batch_size, pad_id))
+               if held_out else None)
 
     # 3. Bradley-Terry: push r(chosen) above r(rejected).
     metrics = fit(cfg=cfg, accelerator=accelerator, model=scorer, optimizer=optimizer, scheduler=scheduler,
                   examples=train.examples, collate=collate, count=lambda b: b["input_ids"].shape[0] // 2,
-                  loss_fn=loss_fn, state=state, plan=plan, total_steps=total, logger=logger,
-                  checkpointer=checkpointer, evaluate=eval_fn, where=train.where)
+                  loss_fn=partial(loss_fn, pad_token_id=pad_id), state=state, plan=plan, total_steps=total,
+                  logger=logger, checkpointer=checkpointer, evaluate=eval_fn, where=train.where)
 
     # 4. Held-out accuracy, then score statistics for PPO's normalisation.
     if eval_fn:
         metrics.update(eval_fn())
-    chosen, rejected = score_all(accelerator, scorer, train.examples, collate, cfg.batch_size)
+    chosen, rejected = score_all(accelerator, scorer, train.examples, collate, cfg.batch_size, pad_id)
     both = torch.cat([chosen, rejected])
     metrics.update({"train/reward_mean": float(both.mean()), "train/reward_std": float(both.std())})
     logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/reward_"))})

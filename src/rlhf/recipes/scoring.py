@@ -3,12 +3,14 @@
 A reward function is named ``module:function`` (optionally ``module:function:weight``). It
 receives ``prompts`` and ``completions`` as lists (prompts as in the dataset: text or
 messages; completions as text) plus every extra dataset column as a keyword list, and
-returns one float per completion, as in TRL.
+returns one float per completion, as in TRL. Anything else (NaN, inf, None, a string) stops
+the run with one line naming the function, the value and the prompt's ``file:line``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import time
@@ -17,7 +19,9 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.models import freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores
+from rlhf.models import (
+    ModelLoadError, freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores,
+)
 from rlhf.recipes.common import TrainConfig, UserError
 from rlhf.rollout import RolloutBatch, SamplingParams
 
@@ -70,8 +74,11 @@ class Scorer:
         self.stats = get_score_stats(self.reward_model) if self.reward_model is not None and self.normalize else None
 
     @torch.no_grad()
-    def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str],
-                 extras: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str], extras: dict[str, list],
+                 where: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One score per completion. A reward function's value that is not a finite number is
+        a :class:`UserError` naming the function, the value and the completion's prompt
+        (``where[i]``, its ``file:line``)."""
         device = batch.response_ids.device
         scores = torch.zeros(batch.response_ids.shape[0], device=device)
         metrics: dict[str, float] = {}
@@ -83,9 +90,12 @@ class Scorer:
             scores += rm
         for r in self.reward_fns:
             values = r.fn(prompts=prompts, completions=completions, **extras)
+            if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
+                raise UserError(f"reward function {r.name} returned {type(values).__name__}; expected a list of "
+                                f"{len(completions)} numbers, one per completion")
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
-            values = torch.tensor([float(v) for v in values], device=device)
+            values = torch.tensor([_reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
             metrics[f"rewards/{r.name}"] = float(values.mean())
             scores += r.weight * values
         if self.clip is not None:
@@ -93,6 +103,20 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~batch.finished).float()
         return scores, metrics
+
+
+def _reward_value(name: str, value, i: int, where: list[str] | None) -> float:
+    number = None
+    if not isinstance(value, (str, bytes)):  # bools count as 0 and 1, as in TRL
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number):
+        prompt = f" (prompt {where[i]})" if where and where[i] else ""
+        raise UserError(f"reward function {name} returned {value!r} for completion {i + 1} of the batch{prompt}; "
+                        "a reward must be a finite number")
+    return number
 
 
 @dataclass
@@ -139,6 +163,13 @@ class RLConfig(TrainConfig):
             raise UserError(f"{self.truncated_sampling()}: sampling from a truncated distribution while the old, "
                             "reference and new log-probs score the full softmax makes every update off-policy; "
                             "pass --allow-truncated-sampling to do it anyway")
+        recipe = type(self).__module__.rsplit(".", 1)[-1]
+        if self.eval_data or self.eval_every:  # flags shared with the offline recipes, not used online
+            flag = "--eval-data" if self.eval_data else "--eval-every"
+            raise UserError(f"{flag}: {recipe} has no held-out evaluation; drop --eval-data and --eval-every")
+        if self.grad_accum != 1:
+            raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
+                            "--mini-batch-size update; set those instead")
 
     def truncated_sampling(self) -> str:
         """The flags that truncate the sampling distribution (``''`` when none does).
@@ -169,8 +200,12 @@ class RLConfig(TrainConfig):
             if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
                                 "the reward model must share the policy's tokenizer")
-            reward_model = freeze(load_sequence_classifier(self.reward_model,
-                                                           attn_implementation=self.attn_implementation)).to(device)
+            try:
+                reward_model = load_sequence_classifier(self.reward_model, require_score_head=True,
+                                                        attn_implementation=self.attn_implementation)
+            except ModelLoadError as e:
+                raise UserError(f"--reward-model {e}") from None
+            reward_model = freeze(reward_model).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
 
@@ -191,7 +226,7 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
-_NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated")
+_NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated", "_where")
 
 
 def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
@@ -208,6 +243,7 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     repeated = [e for e in examples for _ in range(params.num_samples)]
     extras = {k: [e[k] for e in repeated] for k in examples[0] if k not in _NOT_EXTRA}
-    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras)
+    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras,
+                             [e.get("_where") for e in repeated])
     metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
     return batch, completions, scores, metrics
