@@ -251,3 +251,12 @@ def test_a_layout_that_differs_from_padded_is_not_used(tokenizer, monkeypatch):
         assert choose_layout(model, True, kind, said.append) is None
         assert said[-1].startswith("padding-free batches: off: on this model the") and "batches are padded" in said[-1]
     assert choose_layout(model, False, "shared", said.append) is None and len(said) == 3
+
+
+def test_layers_without_attention_masks_are_not_packed(tokenizer):
+    """Hybrid models (linear-attention or recurrent layers, as Qwen3-Next's ``linear_attention``)
+    carry state across a packed row that no mask can cut: such models are never packed."""
+    model = tiny_causal_lm(tokenizer, "qwen2")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    support, why = packing_support(model)
+    assert support is None and "linear_attention" in why

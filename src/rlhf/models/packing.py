@@ -82,6 +82,9 @@ def packing_support(model) -> tuple[str | None, str]:
         return "packed", f"{attn}: sequence boundaries from position ids"
     if getattr(config, "attention_chunk_size", None):
         return None, "chunked attention is not supported padding-free"
+    other = _layer_types(config) - {"full_attention", "sliding_attention"}
+    if other:  # chunked, linear or recurrent layers: no attention mask keeps sequences apart there
+        return None, f"layers of type {', '.join(sorted(other))} are not supported padding-free"
     if attn not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None, f"attention implementation {attn!r} has no transformers mask function"
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
