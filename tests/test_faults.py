@@ -374,7 +374,7 @@ def test_model_directory_without_tokenizer(tmp_path, tiny_dir, capsys):
         if name.startswith(("tokenizer", "chat_template", "special_tokens")):
             os.remove(model / name)
     rc, err = cli(capsys, *sft_args(model, sft_data(tmp_path), tmp_path / "out", "--max-steps", 1))
-    one_error(rc, err, "sft", f"{model}: cannot load tokenizer")
+    one_error(rc, err, "sft", f"{model}: no tokenizer in this directory (none of tokenizer.json, ")
 
 
 def test_truncated_safetensors(tmp_path, tiny_dir, capsys):
@@ -382,7 +382,7 @@ def test_truncated_safetensors(tmp_path, tiny_dir, capsys):
     weights = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     rc, err = cli(capsys, *sft_args(model, sft_data(tmp_path), tmp_path / "out", "--max-steps", 1))
-    one_error(rc, err, "sft", f"{model}: cannot load causal LM", "incomplete")
+    one_error(rc, err, "sft", f"{model}: cannot load causal LM (a safetensors file is truncated or corrupt: ")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

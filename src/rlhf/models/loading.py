@@ -23,6 +23,15 @@ class ModelLoadError(Exception):
 # What a broken model directory raises from transformers: a missing or unreadable file (OSError),
 # a bad config (ValueError), a truncated or corrupt safetensors file (SafetensorError).
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+# One of these makes a directory hold a tokenizer (fast, SentencePiece, BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def _why(e: Exception) -> str:
+    """The first line of a loading error; a corrupt safetensors file says so."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"a safetensors file is truncated or corrupt: {first}" if isinstance(e, SafetensorError) else first
 
 
 def resolve_dtype(dtype: str | torch.dtype | None):
@@ -51,6 +60,9 @@ def _check_local(path: str) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer; give it a PAD token (EOS) if it has none."""
     _check_local(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -76,7 +88,7 @@ def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remot
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
                                                      trust_remote_code=trust_remote_code, **_attn(attn_implementation))
     except LOAD_ERRORS as e:
-        raise ModelLoadError(f"{path}: cannot load causal LM ({str(e).splitlines()[0]})") from None
+        raise ModelLoadError(f"{path}: cannot load causal LM ({_why(e)})") from None
     return model.to(device) if device else model
 
 
@@ -100,7 +112,7 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
             path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             output_loading_info=True, **_attn(attn_implementation))
     except LOAD_ERRORS as e:
-        raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
+        raise ModelLoadError(f"{path}: cannot load reward model ({_why(e)})") from None
     finally:
         hf_logging.set_verbosity(level)
     missing = sorted(info.get("missing_keys") or [])
