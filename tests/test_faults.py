@@ -341,3 +341,254 @@ def test_flags_that_would_be_ignored_are_refused(recipe, flags, message, capsys,
     rc, err = cli(capsys, recipe, "--model", tiny_dir, "--data", "x.jsonl", *flags, "--print-config")
     assert rc == 1 and err == [f"rlhf {recipe}: error: {message}"]
 
+
+
+# ==== Tracebacks where one line is due (issue 14, second section) ====================================
+
+def one_error(rc, err, recipe, *parts):
+    """Exit 1 and exactly one line, ``rlhf RECIPE: error: ...``, holding each of ``parts``."""
+    assert rc == 1 and len(err) == 1, (rc, err)
+    assert err[0].startswith(f"rlhf {recipe}: error: "), err
+    assert "Traceback" not in err[0]
+    for part in parts:
+        assert str(part) in err[0], (part, err[0])
+
+
+def model_copy(tiny_dir, tmp_path, name="m"):
+    import shutil
+
+    return shutil.copytree(tiny_dir, tmp_path / name)
+
+
+def ppo_args(tiny_dir, tmp_path, *extra):
+    args = grpo_args(tiny_dir, tmp_path)
+    i = args.index("--num-generations")
+    return ["ppo", *args[1:i], "--mini-batch-size", 2, *args[i + 4:], *extra]
+
+
+# ---- a broken model directory ---------------------------------------------------------------
+
+def test_model_directory_without_tokenizer(tmp_path, tiny_dir, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            os.remove(model / name)
+    rc, err = cli(capsys, *sft_args(model, sft_data(tmp_path), tmp_path / "out", "--max-steps", 1))
+    one_error(rc, err, "sft", f"{model}: no tokenizer in this directory (none of tokenizer.json, ")
+
+
+def test_truncated_safetensors(tmp_path, tiny_dir, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    rc, err = cli(capsys, *sft_args(model, sft_data(tmp_path), tmp_path / "out", "--max-steps", 1))
+    one_error(rc, err, "sft", f"{model}: cannot load causal LM (a safetensors file is truncated or corrupt: ")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_tokenizer_without_eos(tmp_path, tiny_dir, capsys):
+    model = model_copy(tiny_dir, tmp_path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    rc, err = cli(capsys, *sft_args(model, sft_data(tmp_path), tmp_path / "out", "--max-steps", 1))
+    one_error(rc, err, "sft", f"{model}: its tokenizer has no EOS token", "eos_token", "tokenizer_config.json")
+
+
+# ---- sizes of zero, learning rates and intervals that make no sense -----------------------------
+
+@pytest.mark.parametrize("recipe,flags,message", [
+    ("grpo", ["--num-generations", "0"], "--num-generations of at least 2"),
+    ("grpo", ["--rollout-batch-size", "0"], "--rollout-batch-size must be at least 1"),
+    ("grpo", ["--mini-batch-size", "0"], "--mini-batch-size must be at least 1"),
+    ("ppo", ["--mini-batch-size", "0"], "--mini-batch-size must be at least 1"),
+    ("ppo", ["--rollout-batch-size", "0"], "--rollout-batch-size must be at least 1"),
+    ("ppo", ["--ppo-epochs", "0"], "--ppo-epochs must be at least 1"),
+    ("ppo", ["--mini-batch-size", "-2"], "--mini-batch-size must be at least 1"),
+    ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ("ppo", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ("sft", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("sft", ["--log-every", "0"], "--log-every must be at least 1"),
+    ("sft", ["--lr=-1e-3"], "--lr must be a positive number, got -0.001"),
+    ("dpo", ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    ("sft", ["--lora", "--lora-r", "0"], "--lora-r must be at least 1"),
+])
+def test_sizes_that_make_no_sense_are_refused(recipe, flags, message, capsys, tiny_dir):
+    rc, err = cli(capsys, recipe, "--model", tiny_dir, "--data", "x.jsonl", *flags, "--print-config")
+    assert rc == 1 and err == [f"rlhf {recipe}: error: {message}"] or (
+        len(err) == 1 and message in err[0] and err[0].startswith(f"rlhf {recipe}: error: ")), err
+
+
+def test_unwritable_output_directory_is_found_before_loading(tmp_path, tiny_dir, capsys, monkeypatch):
+    from rlhf.recipes import common
+
+    monkeypatch.setattr(common, "load_policy", lambda *a, **kw: pytest.fail("loaded the model first"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), blocker / "out", "--max-steps", 1))
+    one_error(rc, err, "sft", f"--output-dir {blocker / 'out'}: cannot write there")
+
+
+# ---- a reward function that raises -----------------------------------------------------------
+
+def test_reward_function_that_raises_names_function_record_and_exception(tmp_path, tiny_dir, capsys, monkeypatch):
+    (tmp_path / "raising_rewards_issue14.py").write_text(
+        "def picky(prompts, completions, **kw):\n"
+        "    for p in prompts:\n"
+        "        if p.endswith('item 3.'):\n"
+        "            raise ValueError('no score for item 3\\nsecond line')\n"
+        "    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}."} for i in range(4)])
+    args = grpo_args(tiny_dir, tmp_path, "--reward-fn", "raising_rewards_issue14:picky", "--rollout-batch-size", 4)
+    args[args.index("--data") + 1] = data
+    rc, err = cli(capsys, *args)
+    one_error(rc, err, "grpo", "reward function raising_rewards_issue14:picky raised ValueError: no score for item 3 "
+              "on completion ", f"(prompt {data}:4)")
+    assert "second line" not in err[0]
+    assert not (tmp_path / "g" / "model.safetensors").exists()
+
+
+# ---- disk full ----------------------------------------------------------------------------------
+
+def no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, tiny_dir, capsys, monkeypatch):
+    import accelerate.utils.other
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", no_space)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 2, "--save-every", 1))
+    one_error(rc, err, "sft", f"{out}/checkpoints/step-00000001", "No space left on device")
+    assert os.listdir(out / "checkpoints") == []  # no half-written .tmp directory left behind
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_disk_full_during_the_final_save_leaves_no_config_without_weights(tmp_path, tiny_dir, capsys, monkeypatch):
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 2, "--save-every", 2))
+    one_error(rc, err, "sft", f"--output-dir {out}: cannot save the final model", "No space left on device",
+              f"{out}/checkpoints/step-00000002")
+    assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl"]
+
+
+# ---- positions -----------------------------------------------------------------------------------
+
+def test_max_length_beyond_the_models_positions(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1, "--max-length", 600))
+    one_error(rc, err, "sft", "--max-length 600", f"--model {tiny_dir}", "512 positions", "max_position_embeddings")
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_prompt_plus_new_tokens_beyond_the_models_positions(recipe, tmp_path, tiny_dir, capsys):
+    args = (grpo_args if recipe == "grpo" else ppo_args)(tiny_dir, tmp_path, "--reward-fn", "rule_rewards:vowel_fraction",
+                                                         "--max-new-tokens", 510)
+    rc, err = cli(capsys, *args)
+    one_error(rc, err, recipe, "--max-new-tokens 510", "prompts.jsonl:", "512 positions", f"--model {tiny_dir}")
+
+
+# ---- peft ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["sft", "rm"])
+def test_lora_target_modules_that_match_nothing(recipe, tmp_path, tiny_dir, capsys):
+    data = sft_data(tmp_path) if recipe == "sft" else write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "Hi.", "chosen": " Hello!", "rejected": " Go."}] * 4)
+    args = sft_args(tiny_dir, data, tmp_path / "out", "--max-steps", 1, "--lora", "--lora-target-modules", "foo_proj")
+    rc, err = cli(capsys, recipe, *args[1:])
+    one_error(rc, err, recipe, "--lora-target-modules foo_proj", "foo_proj")
+
+
+# ---- rlhf generate ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or more, got -1.0"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+])
+def test_generate_flags(flags, message, tiny_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, err = cli(capsys, "generate", "--model", tiny_dir, "--prompt", "Hello", *flags)
+    one_error(rc, err, "generate", message)
+
+
+# ---- --resume with a corrupt newest checkpoint --------------------------------------------------------
+
+def test_resume_falls_back_from_a_corrupt_checkpoint(tmp_path, tiny_dir, capsys):
+    data, out = sft_data(tmp_path), tmp_path / "out"
+    assert cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 2, "--save-every", 1))[0] == 0
+    ckpt = out / "checkpoints"
+    newest = ckpt / "step-00000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 3, "--resume"))
+    assert rc == 0 and len(err) == 1, err
+    assert err[0].startswith(f"warning: --resume: {ckpt}/step-00000002 cannot be loaded ("), err
+    assert err[0].endswith(f"); resuming from {ckpt}/step-00000001"), err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == [1, 2, 3]  # step 2 again, from step 1's checkpoint
+
+    for step in os.listdir(ckpt):  # none good: one error
+        weights = ckpt / step / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    rc, err = cli(capsys, *sft_args(tiny_dir, data, out, "--max-steps", 4, "--resume"))
+    assert rc == 1 and err[-1].startswith(f"rlhf sft: error: --resume: no checkpoint in {ckpt} can be loaded "
+                                          f"({ckpt}/step-00000002: "), err
+    assert not any("Traceback" in line for line in err)
+
+
+# ---- a missing local path fails at once ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["runs/sft", "./sft", "../nowhere/sft", "~/no-such-model-issue14", "runs/a/b"])
+def test_missing_local_model_path_fails_at_once(path, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **kw: pytest.fail("asked the hub for a local path"))
+    rc, err = cli(capsys, *sft_args(path, "d.jsonl", tmp_path / "out", "--max-steps", 1))
+    one_error(rc, err, "sft", f"{path}: no such model directory")
+
+
+def test_hub_ids_still_go_to_the_hub(tmp_path, monkeypatch):
+    from rlhf.models import loading
+
+    monkeypatch.chdir(tmp_path)
+    loading._check_local("Qwen/Qwen2.5-0.5B")  # no directory "Qwen" here: a hub id
+    loading._check_local("gpt2")
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------------------
+
+def test_sigterm_exits_like_ctrl_c(tmp_path, tiny_dir, capsys, monkeypatch):
+    import signal
+
+    from rlhf.recipes import common
+
+    real = common.start
+
+    def start_then_terminated(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(common, "start", start_then_terminated)
+    monkeypatch.setattr("rlhf.recipes.sft.start", start_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 2))
+    assert rc == 143 and err == ["rlhf sft: terminated (SIGTERM)"], (rc, err)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (out / "model.safetensors").exists() and not (out / ".rlhf.lock").exists()

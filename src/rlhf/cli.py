@@ -1,14 +1,17 @@
 """The ``rlhf`` command line: argument parsing and nothing else.
 
 Every recipe module exposes a ``Config`` dataclass (its field docstrings are the ``--help``)
-and a ``run(config)`` function. User errors print one line and exit non-zero.
+and a ``run(config)`` function. User errors print one line and exit non-zero; Ctrl-C exits 130
+and SIGTERM 143, each with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import signal
 import sys
 
 RECIPES = {
@@ -91,10 +94,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit): ends the run as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    with _sigterm_as_interrupt():
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         if args.command == "data":
             return _run_data(args)
@@ -114,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"rlhf {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130

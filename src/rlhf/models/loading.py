@@ -9,6 +9,7 @@ import copy
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -17,6 +18,20 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 
 class ModelLoadError(Exception):
     """A model or tokenizer could not be loaded; the message names which and why."""
+
+
+# What a broken model directory raises from transformers: a missing or unreadable file (OSError),
+# a bad config (ValueError), a truncated or corrupt safetensors file (SafetensorError).
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+# One of these makes a directory hold a tokenizer (fast, SentencePiece, BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def _why(e: Exception) -> str:
+    """The first line of a loading error; a corrupt safetensors file says so."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"a safetensors file is truncated or corrupt: {first}" if isinstance(e, SafetensorError) else first
 
 
 def resolve_dtype(dtype: str | torch.dtype | None):
@@ -29,20 +44,33 @@ def resolve_dtype(dtype: str | torch.dtype | None):
 
 
 def _check_local(path: str) -> None:
-    # A hub id is "name" or "org/name"; anything path-like must exist on disk.
+    """Fail at once, without hub retries, on a path that looks local and does not exist.
+
+    A hub id is ``name`` or ``org/name``. A path is local when it starts with ``.``, ``/`` or
+    ``~``, has more than one ``/``, or its first component is a directory here (``runs/sft``
+    next to a ``runs`` directory); an ``org/name`` whose ``org`` is no directory here is a hub id.
+    """
     if os.path.exists(os.path.expanduser(path)):
         return
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    first = path.split("/", 1)[0]
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or ("/" in path and os.path.isdir(first)):
         raise ModelLoadError(f"{path}: no such model directory")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer; give it a PAD token (EOS) if it has none."""
     _check_local(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.eos_token is None:
+        where = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else "its tokenizer_config.json"
+        raise ModelLoadError(f"{path}: its tokenizer has no EOS token, so no response could end; set eos_token "
+                             f"in {where}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -59,8 +87,8 @@ def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remot
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
                                                      trust_remote_code=trust_remote_code, **_attn(attn_implementation))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot load causal LM ({str(e).splitlines()[0]})") from None
+    except LOAD_ERRORS as e:
+        raise ModelLoadError(f"{path}: cannot load causal LM ({_why(e)})") from None
     return model.to(device) if device else model
 
 
@@ -83,8 +111,8 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             output_loading_info=True, **_attn(attn_implementation))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot load reward model ({str(e).splitlines()[0]})") from None
+    except LOAD_ERRORS as e:
+        raise ModelLoadError(f"{path}: cannot load reward model ({_why(e)})") from None
     finally:
         hf_logging.set_verbosity(level)
     missing = sorted(info.get("missing_keys") or [])

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 
@@ -94,20 +95,25 @@ class Checkpointer:
         acc.wait_for_everyone()
         log = logging.getLogger("accelerate.utils.other")
         log.addFilter(_not_tied_weights_note)
+        previous = self.latest()
         try:
             acc.save_state(tmp, safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if self.record is not None:
+                    with open(os.path.join(tmp, RUN_FILE), "w") as f:
+                        json.dump(self.record, f, indent=1)
+                _fsync_tree(tmp)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_tree(self.root)
+        except OSError as e:  # a full disk, a quota: the half-written .tmp goes, the older checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {final}: cannot write it ({e.strerror or e}); last good checkpoint: "
+                                  f"{previous or 'none'}") from None
         finally:
             log.removeFilter(_not_tied_weights_note)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if self.record is not None:
-                with open(os.path.join(tmp, RUN_FILE), "w") as f:
-                    json.dump(self.record, f, indent=1)
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_tree(self.root)
             # Checkpoints past this step belong to a run resumed from an earlier one: never keep
             # them in place of this run's own.
             found = self.list()
@@ -119,12 +125,31 @@ class Checkpointer:
         return final
 
     def resume(self, spec: str | None) -> str | None:
-        """Load ``spec`` ('auto' = newest, or a path); return what was loaded."""
+        """Load ``spec`` ('auto' = newest, or a path); return what was loaded.
+
+        With 'auto', a checkpoint that cannot be loaded (a truncated or corrupt file) is passed
+        over for the next older one, with a one-line warning; if none loads, a one-line error.
+        """
         if not spec:
             return None
         path = self.find(spec)
-        self.accelerator.load_state(path)
-        return path
+        candidates = [p for p in reversed(self.list()) if p <= path] if spec == "auto" else [path]
+        failed: list[tuple[str, str]] = []
+        for candidate in candidates:
+            try:
+                self.accelerator.load_state(candidate)
+            except Exception as e:  # safetensors, torch.load, pickle, a missing file: unusable
+                message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                failed.append((candidate, f"{type(e).__name__}: {message}" if message else type(e).__name__))
+                continue
+            if failed and self.accelerator.is_main_process:
+                skipped = ", ".join(p for p, _ in failed[1:])
+                print(f"warning: --resume: {failed[0][0]} cannot be loaded ({failed[0][1]})"
+                      + (f"; nor can {skipped}" if skipped else "") + f"; resuming from {candidate}", file=sys.stderr)
+            return candidate
+        if spec != "auto":
+            raise CheckpointError(f"--resume {spec}: cannot be loaded ({failed[0][1]})")
+        raise CheckpointError(f"--resume: no checkpoint in {self.root} can be loaded ({failed[0][0]}: {failed[0][1]})")
 
     def find(self, spec: str) -> str:
         """The checkpoint ``--resume spec`` names ('auto': the newest), or a one-line error."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -120,7 +121,7 @@ class TrainConfig:
         """Reject impossible values with one line naming the flag."""
         if not self.model:
             raise UserError("--model is required")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
@@ -162,16 +163,52 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def load_policy(cfg: TrainConfig, path: str | None = None):
-    """Tokenizer and causal LM from ``path`` (default ``cfg.model``), with LoRA / checkpointing."""
-    from rlhf.models import apply_lora, load_causal_lm, load_tokenizer, set_gradient_checkpointing
+    """Tokenizer and causal LM from ``path`` (default ``cfg.model``), with LoRA / checkpointing.
+
+    --max-length beyond the model's positions is refused here, before the data is read.
+    """
+    from rlhf.models import load_causal_lm, load_tokenizer, set_gradient_checkpointing
 
     path = path or cfg.model
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    check_positions(model, cfg.max_length, "--max-length", f"--model {path}")
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets())
+        model = with_lora(cfg, model)
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     return tokenizer, model
+
+
+def with_lora(cfg: TrainConfig, model, task_type: str = "CAUSAL_LM"):
+    """``model`` with LoRA adapters from the --lora-* flags; peft's refusal as one line naming the flag."""
+    from rlhf.models import apply_lora
+
+    try:
+        return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(), task_type=task_type)
+    except ValueError as e:  # peft: no module matches, a rank below 1, a module type it cannot adapt
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--lora-target-modules {cfg.lora_target_modules} (--lora-r {cfg.lora_r}) on --model "
+                        f"{cfg.model}: peft refused it: {first}") from None
+
+
+def max_positions(model) -> tuple[int, str] | None:
+    """The longest sequence ``model``'s config allows and the config field that says so
+    (``max_position_embeddings``, GPT-2's ``n_positions``), or None where it names no limit."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_positions(model, length: int, what: str, whose: str) -> None:
+    """Refuse at start-up a sequence length beyond ``model``'s positions (one line naming
+    ``what`` asked for it and ``whose`` limit it is), rather than an index error mid-run."""
+    limit = max_positions(model)
+    if limit is not None and length > limit[0]:
+        raise UserError(f"{what} {length} is beyond the {limit[0]} positions of {whose} ({limit[1]} in its config); "
+                        f"lower it to {limit[0]} or less")
 
 
 def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
@@ -344,14 +381,35 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metrics: dict[str, float]) -> None:
-    """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card."""
+def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metrics: dict[str, float],
+               checkpointer: Checkpointer | None = None) -> None:
+    """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card.
+
+    Everything is written to ``OUTPUT_DIR/.tmp-final`` first and moved into place only once
+    the whole model is written (``config.json`` last), so a failed save (a full disk) leaves no
+    ``config.json`` without weights; it is one line naming the directory, the error and the
+    last checkpoint.
+    """
+    import shutil
+
     from rlhf.models import save_pretrained
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, merge_adapters=cfg.merge_lora)
-        write_model_card(cfg, cfg.output_dir, title, metrics)
+        tmp = os.path.join(cfg.output_dir, ".tmp-final")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp, merge_adapters=cfg.merge_lora)
+            write_model_card(cfg, tmp, title, metrics)
+            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")  # config.json last
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
+        except OSError as e:
+            last = checkpointer.latest() if checkpointer else None
+            raise UserError(f"--output-dir {cfg.output_dir}: cannot save the final model ({e.strerror or e}); "
+                            f"nothing of it was written; last checkpoint: {last or 'none'}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     release_output_dir(cfg.output_dir)
 

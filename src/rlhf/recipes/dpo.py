@@ -223,5 +223,5 @@ def run(cfg: Config) -> dict[str, float]:
         metrics.update(evaluate())
         logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
     logger.close()
-    save_final(accelerator, model, tokenizer, cfg, f"DPO policy ({cfg.loss_type})", metrics)
+    save_final(accelerator, model, tokenizer, cfg, f"DPO policy ({cfg.loss_type})", metrics, checkpointer)
     return metrics

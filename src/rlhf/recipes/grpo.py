@@ -24,7 +24,7 @@ from rlhf.recipes.common import (
     StepPlan, UserError, check_trained, choose_layout, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
     make_accelerator, make_optimizer, model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
-from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
+from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import merged_named_weights
 
 
@@ -117,6 +117,7 @@ def run(cfg: Config) -> dict[str, float]:
     ref = Reference(policy).to(accelerator.device) if cfg.beta > 0 else None
     scorer = cfg.scorer(tokenizer, accelerator.device)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
+    check_prompt_positions(cfg, policy, prompts)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
     n_completions = cfg.rollout_batch_size * cfg.num_generations
@@ -180,5 +181,5 @@ def run(cfg: Config) -> dict[str, float]:
 
     logger.close()
     check_trained(state)
-    save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics)
+    save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics, checkpointer)
     return metrics

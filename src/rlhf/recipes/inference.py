@@ -112,7 +112,30 @@ def chat(args, stdin=None, stdout=None) -> int:
         print(f"bot> {reply}", file=stdout, flush=True)
 
 
+def check_args(args) -> None:
+    """Refuse impossible sampling settings and an absent device, one line naming the flag."""
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if getattr(args, "num_samples", 1) < 1:
+        raise UserError("--num-samples must be at least 1")
+    if not args.temperature >= 0:  # also NaN
+        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be 0 (all tokens) or more, got {args.top_k}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA devices")
+
+
 def main(args, name: str) -> int:
+    check_args(args)
     if name == "generate":
         return generate(args)
     if name == "chat":

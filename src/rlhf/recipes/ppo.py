@@ -28,7 +28,7 @@ from rlhf.recipes.common import (
     make_accelerator, model_response_logprobs, response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
-from rlhf.recipes.scoring import RLConfig, build_rollout, generate_and_score
+from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
 
@@ -205,6 +205,7 @@ def run(cfg: Config) -> dict[str, float]:
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
     scorer = cfg.scorer(tokenizer, accelerator.device)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
+    check_prompt_positions(cfg, model.policy if critic is None else model, prompts)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
 
@@ -284,14 +285,19 @@ def run(cfg: Config) -> dict[str, float]:
 
     logger.close()
     check_trained(state)
-    save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics)
+    save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
+               checkpointer)
     if accelerator.is_main_process:
-        if critic is None:
-            unwrapped.save_value_head(cfg.output_dir)
-        else:
-            import os
+        try:
+            if critic is None:
+                unwrapped.save_value_head(cfg.output_dir)
+            else:
+                import os
 
-            critic_dir = os.path.join(cfg.output_dir, "critic")
-            accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
-            write_model_card(cfg, critic_dir, "PPO critic", metrics)
+                critic_dir = os.path.join(cfg.output_dir, "critic")
+                accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
+                write_model_card(cfg, critic_dir, "PPO critic", metrics)
+        except OSError as e:
+            raise UserError(f"--output-dir {cfg.output_dir}: the policy was saved, but not the critic "
+                            f"({e.strerror or e}); last checkpoint: {checkpointer.latest() or 'none'}") from None
     return metrics

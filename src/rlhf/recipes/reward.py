@@ -16,11 +16,12 @@ import torch
 from rlhf.algos import bradley_terry_loss
 from rlhf.data import collate_preference
 from rlhf.models import (
-    Critic, apply_lora, gather_at, load_sequence_classifier, load_tokenizer, score_index, set_score_stats,
+    Critic, gather_at, load_sequence_classifier, load_tokenizer, score_index, set_score_stats,
 )
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, fit, load_data, make_accelerator, make_optimizer, save_final, shard, start, to_device,
+    StepPlan, TrainConfig, check_positions, fit, load_data, make_accelerator, make_optimizer, save_final, shard, start,
+    to_device, with_lora,
 )
 
 
@@ -86,9 +87,9 @@ def run(cfg: Config) -> dict[str, float]:
     classifier = load_sequence_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                           attn_implementation=cfg.attn_implementation)
     classifier.config.pad_token_id = tokenizer.pad_token_id
+    check_positions(classifier, cfg.max_length, "--max-length", f"--model {cfg.model}")
     if cfg.lora:
-        classifier = apply_lora(classifier, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(),
-                                task_type="SEQ_CLS")
+        classifier = with_lora(cfg, classifier, task_type="SEQ_CLS")
     set_gradient_checkpointing(classifier, cfg.gradient_checkpointing)
     scorer = Critic(classifier)  # the scalar head read at every token; we take transformers' one
 
@@ -125,5 +126,5 @@ def run(cfg: Config) -> dict[str, float]:
     if cfg.normalize_scores:
         set_score_stats(model.get_base_model() if hasattr(model, "get_base_model") else model,
                         metrics["train/reward_mean"], metrics["train/reward_std"])
-    save_final(accelerator, model, tokenizer, cfg, "Reward model", metrics)
+    save_final(accelerator, model, tokenizer, cfg, "Reward model", metrics, checkpointer)
     return metrics

@@ -22,7 +22,7 @@ import torch
 from rlhf.models import (
     ModelLoadError, freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores,
 )
-from rlhf.recipes.common import TrainConfig, UserError
+from rlhf.recipes.common import TrainConfig, UserError, max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams
 
 
@@ -89,7 +89,7 @@ class Scorer:
             metrics["objective/rm_score"] = float(rm.mean())
             scores += rm
         for r in self.reward_fns:
-            values = r.fn(prompts=prompts, completions=completions, **extras)
+            values = _call(r, prompts, completions, extras, where)
             if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
                 raise UserError(f"reward function {r.name} returned {type(values).__name__}; expected a list of "
                                 f"{len(completions)} numbers, one per completion")
@@ -103,6 +103,31 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~batch.finished).float()
         return scores, metrics
+
+
+def _call(r: RewardFn, prompts: list, completions: list[str], extras: dict[str, list], where: list[str] | None):
+    """``r.fn`` on the batch; an exception it raises is a :class:`UserError` naming the function,
+    the exception's first line and the record: the first completion that raises on its own
+    (the function is called once per completion to find it), else the batch's prompts."""
+    try:
+        return r.fn(prompts=prompts, completions=completions, **extras)
+    except Exception as e:  # the user's code: any exception is theirs to fix
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raised = f"{type(e).__name__}: {message}" if message else type(e).__name__
+    culprit = None
+    for i in range(len(completions)):
+        try:
+            r.fn(prompts=prompts[i : i + 1], completions=completions[i : i + 1],
+                 **{k: v[i : i + 1] for k, v in extras.items()})
+        except Exception:
+            culprit = i
+            break
+    known = [w for w in where or [] if w]
+    if culprit is not None:
+        at = f"completion {culprit + 1} of the batch" + (f" (prompt {where[culprit]})" if known else "")
+    else:
+        at = "a batch of prompts" + (f" {known[0]} to {known[-1]}" if known else "")
+    raise UserError(f"reward function {r.name} raised {raised} on {at}") from None
 
 
 def _reward_value(name: str, value, i: int, where: list[str] | None) -> float:
@@ -157,8 +182,9 @@ class RLConfig(TrainConfig):
         if self.prompts:
             self.data = self.prompts
         super().check()
-        if self.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
+        for name in ("max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs"):
+            if getattr(self, name, 1) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.truncated_sampling() and not self.allow_truncated_sampling:
             raise UserError(f"{self.truncated_sampling()}: sampling from a truncated distribution while the old, "
                             "reference and new log-probs score the full softmax makes every update off-policy; "
@@ -208,6 +234,22 @@ class RLConfig(TrainConfig):
             reward_model = freeze(reward_model).to(device)
         return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
                       self.missing_eos_penalty)
+
+
+def check_prompt_positions(cfg: RLConfig, policy, prompts) -> None:
+    """Refuse at start-up a prompt plus --max-new-tokens beyond the policy's positions, naming
+    the longest prompt's ``file:line`` (sampling would fail there mid-run, or run past what the
+    model was trained on)."""
+    limit = max_positions(policy)
+    if limit is None or not prompts.examples:
+        return
+    longest = max(range(len(prompts.examples)), key=lambda i: len(prompts.examples[i]["prompt_ids"]))
+    n = len(prompts.examples[longest]["prompt_ids"])
+    if n + cfg.max_new_tokens > limit[0]:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} after the longest prompt ({n} tokens, "
+                        f"{prompts.where[longest]}) needs {n + cfg.max_new_tokens} positions, beyond the {limit[0]} "
+                        f"positions of --model {cfg.model} ({limit[1]} in its config); lower --max-new-tokens or "
+                        "--max-prompt-length")
 
 
 def build_rollout(cfg: RLConfig, policy, tokenizer, accelerator):

@@ -100,5 +100,5 @@ def run(cfg: Config) -> dict[str, float]:
         metrics.update(eval_fn())
         logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
     logger.close()
-    save_final(accelerator, model, tokenizer, cfg, "SFT model", metrics)
+    save_final(accelerator, model, tokenizer, cfg, "SFT model", metrics, checkpointer)
     return metrics
