@@ -202,3 +202,13 @@ def test_no_monitor_computes_nothing(tiny_dir, prompts_file, tmp_path, monkeypat
         recipe.run(cfg)
         text = open(tmp_path / "o" / "metrics.jsonl").read()
         assert "monitor" not in text, recipe.__name__
+
+
+def test_monitor_flags_may_change_on_resume():
+    # They change what is reported, not what is trained: --resume must not refuse a checkpoint for them.
+    from rlhf.recipes import ppo
+    from rlhf.recipes.checkpoints import run_record
+
+    changed = dict(monitor=False, monitor_distinct_drop=0.1, monitor_length_growth=None, monitor_reward_length_corr=0.9,
+                   monitor_kl_fraction=2.0)
+    assert run_record(ppo.Config(model="m")) == run_record(ppo.Config(model="m", **changed))

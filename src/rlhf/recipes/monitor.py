@@ -1,8 +1,8 @@
 """The over-optimisation monitor of the online recipes (PPO, GRPO/RLOO), issue 15.
 
 Each step it measures the rollout batch with :mod:`rlhf.algos.monitor` and returns the signals
-as ``monitor/...`` metrics; the first batch it sees (the SFT model's own samples at step 0) is
-its baseline, kept in the checkpoint's training state so a resumed run compares with the same
+as ``monitor/...`` metrics; the first batch it sees (the SFT model's own samples, drawn before any
+update and logged at step 1) is its baseline, kept in the checkpoint's training state so a resumed run compares with the same
 start. When a signal crosses its threshold (``--monitor-*``) the run says so in one line, once
 per signal, and at the end one line sums up the warnings. It needs no gold labeller and no
 reward-model ensemble; it reads only the samples, their scores and the KL.
@@ -50,13 +50,15 @@ class Monitor:
         Shape:
             response_ids, response_mask, kl: (B, T); scores: (B,) (before any KL penalty).
         """
+        # One copy to the CPU: n-gram counting is a loop over rows.
+        response_ids, response_mask, scores = response_ids.cpu(), response_mask.cpu(), scores.cpu()
         within, across = distinct_n(response_ids, response_mask, n=2)
         corr, mean_length = reward_length(scores, response_mask)
         signals = {"monitor/distinct2_within": float(within), "monitor/distinct2_across": float(across),
                    "monitor/repeat3_fraction": float(repetition_fraction(response_ids, response_mask, n=3)),
                    "monitor/length_mean": float(mean_length), "monitor/reward_length_corr": float(corr)}
         if kl is not None:
-            fraction, penalty = kl_reward_fraction(scores, kl, response_mask, kl_coef)
+            fraction, penalty = kl_reward_fraction(scores, kl.cpu(), response_mask, kl_coef)
             signals.update({"monitor/kl_penalty": float(penalty), "monitor/kl_reward_fraction": float(fraction)})
         if not self.state["baseline"]:
             self.state["baseline"] = {key: signals[key] for key in DRIFTS.values()}
