@@ -2,10 +2,10 @@
 
 Each step it measures the rollout batch with :mod:`rlhf.algos.monitor` and returns the signals
 as ``monitor/...`` metrics; the first batch it sees (the SFT model's own samples, drawn before any
-update and logged at step 1) is its baseline, kept in the checkpoint's training state so a resumed run compares with the same
-start. When a signal crosses its threshold (``--monitor-*``) the run says so in one line, once
-per signal, and at the end one line sums up the warnings. It needs no gold labeller and no
-reward-model ensemble; it reads only the samples, their scores and the KL.
+update and logged at step 1) is its baseline, kept in the checkpoint's training state so a resumed
+run compares with the same start. When a signal crosses its threshold (``--monitor-*``) the run
+says so in one line, once per signal, and at the end one line sums up the warnings. It needs no
+gold labeller and no reward-model ensemble; it reads only the samples, their scores and the KL.
 
 The signals are this process's rows (the main process logs them), not a gather over processes.
 """
