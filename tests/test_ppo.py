@@ -136,6 +136,13 @@ def test_killed_ppo_run_resumes_to_the_same_weights(tiny_dir, prompts_file, tmp_
             assert torch.equal(a[k], b[k]), (name, k)
     kl_coefs = [[r["objective/kl_coef"] for r in metrics_rows(tmp_path / d / "metrics.jsonl")] for d in ("full", "killed")]
     assert kl_coefs[0] == kl_coefs[1]
+    # The monitor's step-0 baseline comes back with the checkpoint: its signals and drifts match, and the
+    # resumed run still measures against step 1 (a lost baseline would be step 3's batch).
+    signals = [[{k: v for k, v in r.items() if k.startswith("monitor/")} for r in metrics_rows(tmp_path / d / "metrics.jsonl")]
+               for d in ("full", "killed")]
+    assert signals[0] == signals[1] and "monitor/length_vs_start" in signals[0][-1]
+    summary = [json.loads(x) for x in open(tmp_path / "killed" / "metrics.jsonl") if "monitor_warnings" in x]
+    assert [s["monitor_baseline_step"] for s in summary] == [1]
     assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
 
 

@@ -171,6 +171,7 @@ NOT_RUN_DEFINING = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "max_steps", "epochs", "save_every", "save_total_limit",
     "eval_every", "eval_data", "log_every", "report_to", "max_consecutive_skips", "on_bad_record",
     "trust_remote_code", "bf16", "gradient_checkpointing", "prompts",
+    "monitor", "monitor_distinct_drop", "monitor_length_growth", "monitor_reward_length_corr", "monitor_kl_fraction",
 })
 PATH_FIELDS = frozenset({"model", "data", "reward_model", "critic_model"})
 # What a finished or interrupted run leaves: another run may not write here unless asked to.

@@ -24,6 +24,7 @@ from rlhf.recipes.common import (
     StepPlan, UserError, check_trained, choose_layout, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
     make_accelerator, make_optimizer, model_response_logprobs, packed_response_logprobs, save_final, shard, start,
 )
+from rlhf.recipes.monitor import Monitor
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import merged_named_weights
 
@@ -89,9 +90,12 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                     loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
                                               clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, **agg)
                     if cfg.beta > 0 and not cfg.kl_in_reward:
-                        kl = agg_loss(kl_estimate(logprobs, buf["ref_logprobs"][mi], "k3"), mask, cfg.loss_agg, **agg)
+                        kl_tokens = kl_estimate(logprobs, buf["ref_logprobs"][mi], "k3")
+                        kl = agg_loss(kl_tokens, mask, cfg.loss_agg, **agg)
                         loss = loss + cfg.beta * kl
                         sums["kl"] = sums.get("kl", 0.0) + kl.detach()
+                        if "kl_tokens" in buf:  # the monitor's: one pass over the batch, the policy not yet moved
+                            buf["kl_tokens"][mi] = kl_tokens.detach() * mask
                     accelerator.backward(loss * world)
                 share = mask.sum() / agg["global_tokens"]
                 for name, value in (("clip_ratio", m["clipfrac"] * share), ("entropy", masked_mean(entropy.detach(), mask) * share),
@@ -107,6 +111,22 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
             n_updates += 1
     out = {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
     return {**out, "train/updates": float(n_updates), "train/skipped_updates": float(skipped)}
+
+
+def monitor_kl(cfg: Config, buf: dict) -> tuple[torch.Tensor | None, float]:
+    """The per-token KL that the monitor weighs against the scores, and its coefficient beta: k1 of the
+    rollout policy when the KL is in the reward, else the loss's k3 (from the update's single pass when
+    the old log-probs were not computed). ``(None, 0.0)`` without a reference (beta 0).
+
+    Shape:
+        -> (B, T), 0 outside the response mask.
+    """
+    if buf["ref_logprobs"] is None:
+        return None, 0.0
+    if "kl_tokens" in buf:
+        return buf["kl_tokens"], cfg.beta
+    estimator = "k1" if cfg.kl_in_reward else "k3"
+    return kl_estimate(buf["old_logprobs"], buf["ref_logprobs"], estimator) * buf["response_mask"], cfg.beta
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -126,6 +146,7 @@ def run(cfg: Config) -> dict[str, float]:
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"reward": "reward", "kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
+    monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
@@ -150,6 +171,7 @@ def run(cfg: Config) -> dict[str, float]:
                 old_logprobs, _ = logprobs_fn(model, batch.input_ids, batch.attention_mask, P, cfg.temperature)
             if ref is not None:
                 ref_logprobs, _ = logprobs_fn(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
+        raw_scores = scores
         if cfg.beta > 0 and cfg.kl_in_reward:
             scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
         # 4. Group-relative advantages.
@@ -159,6 +181,8 @@ def run(cfg: Config) -> dict[str, float]:
         buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
                "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
                "ref_logprobs": ref_logprobs, "advantages": advantages, "prompt_len": P}
+        if monitor is not None and old_logprobs is None and ref_logprobs is not None:
+            buf["kl_tokens"] = torch.zeros(mask.shape, device=mask.device)  # filled by the update's single pass
         train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf, logprobs_fn)
         rollout.load_weights(merged_named_weights(accelerator.unwrap_model(model)))  # the sampler follows the policy
         t_train = time.perf_counter()
@@ -174,11 +198,16 @@ def run(cfg: Config) -> dict[str, float]:
                    "speed/completions_per_second": len(completions) * accelerator.num_processes / (t_train - t0),
                    "time/train": t_train - t_score,
                    **score_metrics, **train_metrics}
+        if monitor is not None:  # over-optimisation signals of this rollout, against step 0
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf)))
+            monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
 
+    if monitor is not None:
+        monitor.summary(state.step, logger)
     logger.close()
     check_trained(state)
     save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics, checkpointer)

@@ -28,6 +28,7 @@ from rlhf.recipes.common import (
     make_accelerator, model_response_logprobs, response_logprobs, save_final, shard, start,
 )
 from rlhf.recipes.logs import write_model_card
+from rlhf.recipes.monitor import Monitor
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
@@ -226,6 +227,7 @@ def run(cfg: Config) -> dict[str, float]:
     model, optimizer, state, checkpointer, logger = start(
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
+    monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     unwrapped = accelerator.unwrap_model(model)
     sampled_policy = unwrapped.policy if critic is None else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
@@ -246,7 +248,8 @@ def run(cfg: Config) -> dict[str, float]:
         t_fwd = time.perf_counter()
         mask = batch.response_mask
         # 5. Per-token rewards: the score at the last token minus beta KL at every token.
-        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+        kl_coef = kl_ctl.value
+        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
         # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages
         #    with the statistics of the global batch (all processes).
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -278,11 +281,16 @@ def run(cfg: Config) -> dict[str, float]:
             "time/train": t_train - t_fwd,
             "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
         }
+        if monitor is not None:  # over-optimisation signals of this rollout, against step 0
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef))
+            monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
 
+    if monitor is not None:
+        monitor.summary(state.step, logger)
     logger.close()
     check_trained(state)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,

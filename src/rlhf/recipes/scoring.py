@@ -177,6 +177,18 @@ class RLConfig(TrainConfig):
     """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
+    monitor: bool = True
+    """Over-optimisation monitor: log monitor/... signals of each rollout batch against the SFT model's samples
+    at step 0, and warn once per signal when one crosses its --monitor-* threshold (--no-monitor: none of it)."""
+    monitor_distinct_drop: float | None = 0.3
+    """Warn when distinct-2 across responses falls by this fraction of its step-0 value (none: never)."""
+    monitor_length_growth: float | None = 0.5
+    """Warn when the mean response length grows by this fraction of its step-0 value (none: never)."""
+    monitor_reward_length_corr: float | None = 0.7
+    """Warn when |Pearson r| between scores and response lengths in a batch reaches this (none: never)."""
+    monitor_kl_fraction: float | None = 0.5
+    """Warn when the KL penalty (coefficient x summed KL per response) reaches this fraction of the mean |score|
+    (none: never)."""
 
     def check(self) -> None:
         if self.prompts:

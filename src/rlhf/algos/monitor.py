@@ -1,0 +1,107 @@
+"""Signals of reward over-optimisation that need no gold labeller (issue 15).
+
+A policy that exploits a reward model's flaw often shows it in its samples before anyone reads
+them: responses grow longer (the seeds' example of reward hacking is verbosity), the reward
+starts to follow the length, the samples repeat themselves and look alike, and the KL penalty
+eats a growing share of the reward. Each function measures one of these on a rollout batch;
+the recipes compare them with their values on the SFT model's own samples at step 0.
+
+Token sequences are response token ids with a ``response_mask`` that is 1 on the response's
+tokens (EOS included where one was sampled) and 0 on padding; the mask is a prefix of each
+row, and n-grams are read from the masked tokens in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _ngrams(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The n-grams of each response, one ``(K_i, n)`` tensor per row (``K_i = 0`` when shorter than n)."""
+    rows = []
+    for ids, mask in zip(response_ids, response_mask.bool()):
+        tokens = ids[mask]
+        rows.append(tokens.unfold(0, n, 1) if tokens.numel() >= n else tokens.new_zeros((0, n)))
+    return rows
+
+
+def _n_unique(grams: torch.Tensor) -> int:
+    return int(torch.unique(grams, dim=0).shape[0]) if grams.shape[0] else 0
+
+
+def distinct_n(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 2
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct-n of a batch of responses, within and across responses (Li et al. 2016).
+
+    ``within`` is the mean over responses of (unique n-grams / n-grams) of each response alone:
+    low when a response repeats itself. ``across`` pools the batch: unique n-grams over all
+    n-grams of all responses: low when the responses look alike (the demo's distinct-2). A
+    response shorter than n holds no n-gram and counts 0 in ``within``; a batch with no n-gram
+    at all gives 0 for both (as ``rlhf.demo.evaluate.distinct_n`` does).
+
+    Shape:
+        response_ids, response_mask: (B, T) -> two scalars.
+    """
+    rows = _ngrams(response_ids, response_mask, n)
+    within = [(_n_unique(g) / g.shape[0]) if g.shape[0] else 0.0 for g in rows]
+    pooled = torch.cat(rows) if rows else response_ids.new_zeros((0, n))
+    across = _n_unique(pooled) / max(pooled.shape[0], 1)
+    return torch.tensor(sum(within) / max(len(within), 1)), torch.tensor(across)
+
+
+def repetition_fraction(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """Fraction of responses in which some n-gram occurs at least twice.
+
+    With n = 3 this catches a phrase said twice ("I am sorry ... I am sorry") and loops of the
+    same few tokens; a response shorter than n + 1 tokens cannot repeat. All B rows count in the
+    denominator.
+
+    Shape:
+        response_ids, response_mask: (B, T) -> scalar.
+    """
+    rows = _ngrams(response_ids, response_mask, n)
+    repeats = [_n_unique(g) < g.shape[0] for g in rows]
+    return torch.tensor(sum(repeats) / max(len(repeats), 1))
+
+
+def reward_length(scores: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pearson correlation between the scores and the response lengths, and the mean length.
+
+    The length of a response is its number of tokens under ``response_mask``. When the scores
+    or the lengths do not vary (or B < 2) the correlation is undefined; it is returned as 0,
+    never NaN, so the metric stays a number and no threshold trips on it.
+
+    Shape:
+        scores: (B,), response_mask: (B, T) -> two scalars.
+    """
+    lengths = response_mask.float().sum(1)
+    x, y = scores.float() - scores.float().mean(), lengths - lengths.mean()
+    denom = torch.sqrt((x * x).sum() * (y * y).sum())
+    corr = (x * y).sum() / denom if denom > 0 else torch.zeros(())
+    return corr.detach(), lengths.mean()
+
+
+def kl_reward_fraction(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float,
+                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of the reward the KL penalty gives back.
+
+    ``penalty = mean_i(kl_coef * sum_t KL_{i,t})``, the mean over responses of the penalty
+    summed over each response's tokens (seed 002 Part 5: ``R_t = r_t - beta KL_t``), and
+    ``fraction = penalty / max(mean_i |score_i|, eps)``. With the k1 estimator a response's
+    summed KL can be negative, so the fraction is signed: positive when the penalty takes reward
+    away. A fraction near 1 means the policy pays in KL about as much as it earns in score.
+
+    Shape:
+        scores: (B,), kl, response_mask: (B, T) -> two scalars ``(fraction, penalty)``.
+    """
+    penalty = kl_coef * (kl.float() * response_mask.float()).sum(1).mean()
+    scale = scores.float().abs().mean().clamp(min=eps)
+    return (penalty / scale).detach(), penalty.detach()
+
+
+def relative_drift(value: float, start: float, eps: float = 1e-8) -> float:
+    """``(value - start) / max(|start|, eps)``: the change of a signal since its step-0 value.
+
+    -0.3 is a 30% fall, +0.5 a 50% rise; a start of 0 makes any change large and no change 0.
+    """
+    return (float(value) - float(start)) / max(abs(float(start)), eps)
