@@ -3,7 +3,7 @@
 Runs every test of ``tests/test_zoo.py`` (the default slice and ``-m zoo``) and prints one row
 per (architecture, kernel) with a column per invariant, then the run time.
 
-    python benchmarks/zoo_matrix.py        # about ZOO_TIME on 2 CPU cores
+    python benchmarks/zoo_matrix.py        # about 5.5 minutes on 2 CPU cores (326 s, 2026-11-22)
 """
 
 from __future__ import annotations

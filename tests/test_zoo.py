@@ -260,3 +260,39 @@ def test_layers_without_attention_masks_are_not_packed(tokenizer):
     model.config.layer_types = ["full_attention", "linear_attention"]
     support, why = packing_support(model)
     assert support is None and "linear_attention" in why
+
+
+def test_flash_layout_hands_the_model_one_row(tokenizer, monkeypatch):
+    """transformers' flash path reads sequence boundaries from positions only in a batch of one
+    row: a packed batch of several rows goes to the model as one row, and comes back as rows."""
+    from rlhf.models import packing
+
+    model = zoo_model(tokenizer, "llama", "sdpa")  # SDPA reads positions the same way in one row
+    rng = random.Random(2)
+    pairs = [{"prompt_ids": rand_ids(rng, 1, 8), "chosen_ids": rand_ids(rng, 1, 9), "rejected_ids": rand_ids(rng, 1, 9)}
+             for _ in range(4)]
+    batch = collate_preference_shared(pairs, 0, row_tokens=30, shared=False)
+    assert batch["input_ids"].shape[0] > 1
+    monkeypatch.setattr(packing, "packing_support", lambda m: ("packed", "flash (stand-in)"))
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad():
+            c2, r2 = dpo.pair_logps(model, batch)
+            c1, r1 = dpo.pair_logps(model, collate_preference(pairs, 0))
+    finally:
+        hook.remove()
+    assert shapes[0][0] == 1 and shapes[0][1] == batch["input_ids"].numel()
+    torch.testing.assert_close(torch.stack([c2, r2]), torch.stack([c1, r1]), atol=1e-4, rtol=1e-5)
+
+
+def test_probe_under_mixed_precision_uses_half_precision_tolerance(tokenizer):
+    """Under bf16 autocast (accelerate's mixed precision on a GPU) packed and padded differ by
+    bf16 rounding; the probe must judge them with half precision's tolerance, not float32's."""
+    from rlhf.recipes.common import choose_layout
+
+    model = zoo_model(tokenizer, "llama", "sdpa")
+    said: list[str] = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert choose_layout(model, True, "shared", said.append, mixed_precision=True) == "shared", said

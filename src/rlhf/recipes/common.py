@@ -532,7 +532,7 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
     return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
 
 
-def choose_layout(model, wanted: bool, kind: str, log=print) -> str | None:
+def choose_layout(model, wanted: bool, kind: str, log=print, mixed_precision: bool = False) -> str | None:
     """The padding-free layout a recipe uses on ``model``, said once in the log.
 
     ``kind`` is what the recipe would like: ``"shared"`` (a prompt encoded once for several
@@ -540,6 +540,8 @@ def choose_layout(model, wanted: bool, kind: str, log=print) -> str | None:
     ``"packed"`` or None (padded batches): a layout is used only where the model supports it
     and a probe gives the padded batch's log-probs (:func:`rlhf.models.check_packing`).
     Flash attention gets ``"packed"`` for a ``"shared"`` request: it takes no custom mask.
+    Call it where the recipe will run the model (its device, under its autocast), and say
+    whether that is ``mixed_precision``: the probe's tolerance is then half precision's.
     """
     from rlhf.models import check_packing, default_tolerance, packing_support
 
@@ -550,7 +552,7 @@ def choose_layout(model, wanted: bool, kind: str, log=print) -> str | None:
         log(f"padding-free batches: off ({why}); batches are padded")
         return None
     layout = "packed" if kind == "packed" or support == "packed" else "shared"
-    tolerance = default_tolerance(model)
+    tolerance = default_tolerance(model, mixed_precision)
     try:
         error = check_packing(model, layout)
     except Exception as e:  # a kernel that cannot run the layout at all: padded batches, said why

@@ -167,7 +167,9 @@ def run(cfg: Config) -> dict[str, float]:
     held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, log) if cfg.eval_data else None
     for i, e in enumerate(train.examples):
         e["index"] = i
-    layout = choose_layout(policy, cfg.share_prompt, "shared", log)
+    with accelerator.autocast():  # the probe runs as the training forwards will: on the device, under autocast
+        layout = choose_layout(policy.to(accelerator.device), cfg.share_prompt, "shared", log,
+                               accelerator.mixed_precision != "no")
     collate = (partial(collate_preference_shared, pad_id=tokenizer.pad_token_id, row_tokens=max(256, cfg.max_length),
                        shared=layout == "shared")
                if layout else partial(collate_preference, pad_id=tokenizer.pad_token_id))

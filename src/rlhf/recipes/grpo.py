@@ -151,7 +151,7 @@ def run(cfg: Config) -> dict[str, float]:
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
-    layout = choose_layout(policy, cfg.share_prompt, "shared", accelerator.print)
+    layout = choose_layout(policy, cfg.share_prompt, "shared", accelerator.print, accelerator.mixed_precision != "no")
     logprobs_fn = partial(packed_response_logprobs, layout=layout) if layout else model_response_logprobs
     metrics: dict[str, float] = {}
 

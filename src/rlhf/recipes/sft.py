@@ -77,8 +77,6 @@ def run(cfg: Config) -> dict[str, float]:
     if not cfg.completion_only_loss:
         for e in train.examples:
             e["labels"] = list(e["input_ids"])
-    packed = choose_layout(model, cfg.packing, "packed", log)
-    collate = partial(collate_packed if packed else collate_sft, pad_id=tokenizer.pad_token_id)
 
     # 2. Optimiser, schedule, checkpoints (resume restores all of it).
     plan = StepPlan(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -86,6 +84,9 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, model.parameters(), total)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, model, optimizer, scheduler, total,
                                                           {"train/loss": "loss"})
+    # Padding-free only where a probe on the prepared model (its device, its autocast) agrees.
+    packed = choose_layout(model, cfg.packing, "packed", log, accelerator.mixed_precision != "no")
+    collate = partial(collate_packed if packed else collate_sft, pad_id=tokenizer.pad_token_id)
     eval_fn = (lambda: evaluate(accelerator, model, held_out.examples, partial(collate_sft, pad_id=tokenizer.pad_token_id),
                                 cfg.batch_size)) if held_out else None
 
