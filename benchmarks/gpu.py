@@ -200,7 +200,7 @@ def section_mfu(a) -> list[dict]:
     from rlhf.algos import dpo_loss
     from rlhf.data import collate_preference
     from rlhf.recipes import dpo, grpo, sft
-    from rlhf.recipes.common import model_response_logprobs, packed_response_logprobs
+    from rlhf.recipes.logprobs import model_response_logprobs, packed_response_logprobs
 
     rows = []
     L, V = a.update_len, None

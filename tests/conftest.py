@@ -17,6 +17,18 @@ CORPUS = [
 ] * 20
 
 
+@pytest.fixture
+def prompts_file(tmp_path):
+    """64 prompts for the online recipes. Their lengths vary ("item 7" vs "item 42 of the box"),
+    so batches are left-padded. Test files with other prompts define their own."""
+    import json
+
+    rows = [{"prompt": f"Tell me about item {i}" + (" of the box." if i % 3 else ".")} for i in range(64)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rlhf.models import train_tokenizer

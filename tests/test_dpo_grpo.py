@@ -166,7 +166,7 @@ def test_packed_response_logprobs_match_the_padded_batch(tiny_dir, max_row_token
     entropies and gradients as the padded forward, on the response mask."""
     from rlhf.data import pad
     from rlhf.models import Reference, load_causal_lm
-    from rlhf.recipes.common import model_response_logprobs, packed_response_logprobs
+    from rlhf.recipes.logprobs import model_response_logprobs, packed_response_logprobs
 
     model = load_causal_lm(tiny_dir)
     rng = random.Random(0)

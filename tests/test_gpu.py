@@ -171,7 +171,7 @@ def prompts_of(tokenizer, n):
 
 
 def test_packed_equals_padded_in_bf16(bf16_model, tokenizer):
-    from rlhf.recipes.common import model_response_logprobs, packed_response_logprobs
+    from rlhf.recipes.logprobs import model_response_logprobs, packed_response_logprobs
     from rlhf.rollout import SamplingParams
 
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_static_engine_samples_the_policy_in_bf16_and_follows_load_weights(gpu_d
     """Log-probs of the engine's samples against the policy's training forward (fp32 weights under
     bf16 autocast, as the recipes run it), before and after an update pushed by load_weights."""
     from rlhf.models import load_causal_lm
-    from rlhf.recipes.common import model_response_logprobs
+    from rlhf.recipes.logprobs import model_response_logprobs
     from rlhf.rollout import SamplingParams, StaticRollout, merged_named_weights
 
     policy = load_causal_lm(gpu_dir, device="cuda").eval()

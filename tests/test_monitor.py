@@ -84,14 +84,6 @@ NEVER = dict(monitor_distinct_drop=None, monitor_length_growth=None, monitor_rew
              monitor_kl_fraction=None)
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    rows = [{"prompt": f"Tell me about item {i}" + (" of the box." if i % 3 else ".")} for i in range(32)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def ppo_config(tiny_dir, prompts_file, tmp_path, **over):
     from rlhf.recipes import ppo
 

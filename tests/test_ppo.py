@@ -10,15 +10,6 @@ from rlhf.recipes import ppo
 from rlhf.rollout import HFRollout, RolloutBatch, SamplingParams, response_mask_from_ids
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    # Prompt lengths vary ("item 7" vs "item 42 of the box"), so batches are left-padded.
-    rows = [{"prompt": f"Tell me about item {i}" + (" of the box." if i % 3 else ".")} for i in range(64)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def config(tiny_dir, prompts_file, tmp_path, **over):
     kw = dict(model=tiny_dir, data=prompts_file, reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "o"),
               max_steps=30, rollout_batch_size=16, mini_batch_size=8, batch_size=8, ppo_epochs=2, max_new_tokens=16,

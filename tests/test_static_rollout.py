@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf.models import apply_lora, load_causal_lm
-from rlhf.recipes.common import model_response_logprobs
+from rlhf.recipes.logprobs import model_response_logprobs
 from rlhf.rollout import HFRollout, SamplingParams, StaticRollout, make_rollout, merged_named_weights
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]  # different lengths: left padding

@@ -24,7 +24,7 @@ from rlhf.models import (
 )
 from rlhf.models.tiny import ARCHITECTURES
 from rlhf.recipes import dpo
-from rlhf.recipes.common import model_response_logprobs, packed_response_logprobs
+from rlhf.recipes.logprobs import model_response_logprobs, packed_response_logprobs
 from rlhf.rollout import HFRollout, SamplingParams
 
 WINDOWED = {"mistral", "gemma2", "gemma3", "mixtral", "qwen3_moe"}
@@ -239,7 +239,7 @@ def test_a_layout_that_differs_from_padded_is_not_used(tokenizer, monkeypatch):
     """The start-up probe: where the padding-free result differs (here a mask that forgets the
     layout, as the eager kernel once did), the recipe gets padded batches and says why, once."""
     from rlhf.models import packing
-    from rlhf.recipes.common import choose_layout
+    from rlhf.recipes.logprobs import choose_layout
 
     model = zoo_model(tokenizer, "llama", "eager")
     said: list[str] = []
@@ -290,7 +290,7 @@ def test_flash_layout_hands_the_model_one_row(tokenizer, monkeypatch):
 def test_probe_under_mixed_precision_uses_half_precision_tolerance(tokenizer):
     """Under bf16 autocast (accelerate's mixed precision on a GPU) packed and padded differ by
     bf16 rounding; the probe must judge them with half precision's tolerance, not float32's."""
-    from rlhf.recipes.common import choose_layout
+    from rlhf.recipes.logprobs import choose_layout
 
     model = zoo_model(tokenizer, "llama", "sdpa")
     said: list[str] = []

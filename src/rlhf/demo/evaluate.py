@@ -10,7 +10,7 @@ import torch
 from rlhf.data import Encoder
 from rlhf.demo.world import gold_score, parse_complaint
 from rlhf.models import sequence_scores
-from rlhf.recipes.common import model_response_logprobs
+from rlhf.recipes.logprobs import model_response_logprobs
 from rlhf.rollout import HFRollout, SamplingParams
 
 

@@ -45,6 +45,11 @@ def _inner(model) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _decoder(model) -> nn.Module:
+    inner = _inner(model)
+    return inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+
+
 def _text_config(model):
     config = _inner(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -63,7 +68,11 @@ def _takes_mask_per_layer_type(model_class: type) -> bool:
     return False
 
 
-def _layer_types(config) -> set[str]:
+def layer_types(config) -> set[str]:
+    """The kinds of attention layer a model config has (``full_attention``, ``sliding_attention``, or
+    others such as ``chunked_attention``, ``linear_attention``): its ``layer_types``, else one kind
+    from its ``sliding_window``."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     types = getattr(config, "layer_types", None)
     if types:
         return set(types)
@@ -75,21 +84,19 @@ def packing_support(model) -> tuple[str | None, str]:
     ``("packed", why)`` for packed sequences only (flash attention), ``(None, why)`` for neither."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    inner = _inner(model)
     config = _text_config(model)
     attn = str(getattr(config, "_attn_implementation", None) or "eager")
     if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn) is flash_attention_mask:  # takes no custom mask
         return "packed", f"{attn}: sequence boundaries from position ids"
     if getattr(config, "attention_chunk_size", None):
         return None, "chunked attention is not supported padding-free"
-    other = _layer_types(config) - {"full_attention", "sliding_attention"}
+    other = layer_types(config) - {"full_attention", "sliding_attention"}
     if other:  # chunked, linear or recurrent layers: no attention mask keeps sequences apart there
         return None, f"layers of type {', '.join(sorted(other))} are not supported padding-free"
     if attn not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None, f"attention implementation {attn!r} has no transformers mask function"
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
-    if len(_layer_types(config)) > 1 and not _takes_mask_per_layer_type(type(decoder)):
-        return None, f"{type(decoder).__name__} mixes layer types but takes one mask"
+    if len(layer_types(config)) > 1 and not _takes_mask_per_layer_type(type(_decoder(model))):
+        return None, f"{type(_decoder(model)).__name__} mixes layer types but takes one mask"
     return "shared", f"{attn}: masks from transformers' create_causal_mask"
 
 
@@ -121,7 +128,7 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
                                   position_ids=None, and_mask_function=mask_fn, allow_is_causal_skip=False)
 
     masks = {}
-    for kind in _layer_types(config):
+    for kind in layer_types(config):
         if kind == "sliding_attention":
             window = sliding_window_overlay(config.sliding_window)
 
@@ -131,8 +138,7 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
             masks[kind] = build(and_masks(layout, in_window))
         else:
             masks[kind] = build(layout)
-    decoder = _inner(model).get_decoder() if hasattr(_inner(model), "get_decoder") else _inner(model)
-    if len(masks) == 1 and not _takes_mask_per_layer_type(type(decoder)):
+    if len(masks) == 1 and not _takes_mask_per_layer_type(type(_decoder(model))):
         return next(iter(masks.values()))
     return masks
 

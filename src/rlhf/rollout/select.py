@@ -13,29 +13,11 @@ from typing import Literal
 import torch
 
 from rlhf.rollout.hf import HFRollout
-from rlhf.rollout.static import StaticRollout
+from rlhf.rollout.static import StaticRollout, static_unsupported
 
 Engine = Literal["auto", "static", "loop", "generate"]
 CUDA_DEFAULT: Engine = "loop"
 """The engine ``auto`` picks on a CUDA device: unchanged until benchmarks/gpu.py has measured the others."""
-
-
-def static_unsupported(config) -> str | None:
-    """Why :class:`StaticRollout` cannot sample exactly from a model of ``config`` (None: it can).
-
-    Its decode step attends to every filled cache slot under its own mask and its own attention
-    function, so a sliding window, chunked attention or attention soft-capping would be lost.
-    """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = set(getattr(config, "layer_types", None) or
-                (["sliding_attention"] if getattr(config, "sliding_window", None) else ["full_attention"]))
-    if types - {"full_attention"}:
-        return f"layers of type {', '.join(sorted(types - {'full_attention'}))}"
-    if getattr(config, "attention_chunk_size", None):
-        return "chunked attention"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention soft-capping"
-    return None
 
 
 def make_rollout(engine: Engine, policy: torch.nn.Module, pad_id: int, eos_id: int, device, sharded: bool = False):
@@ -53,8 +35,5 @@ def make_rollout(engine: Engine, policy: torch.nn.Module, pad_id: int, eos_id: i
         if engine == "static" and why:
             engine = "loop"
     if engine == "static":
-        if why:
-            raise ValueError(f"--rollout-engine static cannot sample this model exactly ({why}: its decode step "
-                             "attends to the whole cache); use --rollout-engine loop")
-        return StaticRollout(policy, pad_id, eos_id, device)
+        return StaticRollout(policy, pad_id, eos_id, device)  # refuses, saying why, a model it cannot serve
     return HFRollout(policy, pad_id, eos_id, device, use_generate=engine == "generate")

@@ -120,6 +120,25 @@ def inference_copy(policy: torch.nn.Module, dtype: torch.dtype | None, device) -
     return model
 
 
+def static_unsupported(config) -> str | None:
+    """Why :class:`StaticRollout` cannot sample exactly from a model of ``config`` (None: it can).
+
+    Its decode step attends to every filled cache slot under its own mask and its own attention
+    function, so a sliding window, chunked attention or attention soft-capping would be lost.
+    """
+    from rlhf.models.packing import layer_types
+
+    types = layer_types(config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if types - {"full_attention"}:
+        return f"layers of type {', '.join(sorted(types - {'full_attention'}))}"
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked attention"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention soft-capping"
+    return None
+
+
 @dataclass
 class _Slot:
     """A static cache and the decode step's fixed input/output buffers (and its graph on CUDA)."""
@@ -146,6 +165,10 @@ class StaticRollout:
 
     def __init__(self, policy: torch.nn.Module, pad_id: int, eos_id: int, device=None, dtype: torch.dtype | None = None,
                  cuda_graphs: bool | None = None, length_bucket: int = 128, max_slots: int = 4):
+        why = static_unsupported(policy.config)
+        if why:
+            raise ValueError(f"--rollout-engine static cannot sample this model exactly ({why}: its decode step "
+                             "attends to the whole cache); use --rollout-engine loop")
         self.device = torch.device(device) if device is not None else next(policy.parameters()).device
         cuda = self.device.type == "cuda"
         self.model = inference_copy(policy, dtype or (torch.bfloat16 if cuda else None), self.device)

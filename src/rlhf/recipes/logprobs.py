@@ -1,0 +1,137 @@
+"""Response log-probs for the RL recipes, padded or padding-free.
+
+``response_logprobs`` reads them off logits; ``model_response_logprobs`` runs a model on a
+prompt + response batch; ``packed_response_logprobs`` does the same on a padding-free layout
+(:mod:`rlhf.models.packing`), and ``choose_layout`` decides, once per run, whether a recipe
+may use one on the model at hand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0,
+                      with_entropy: bool = False):
+    """Log-probs (and entropy) of the response tokens of a prompt + response batch.
+
+    ``logits[:, t]`` predicts token ``t + 1``, so positions ``P-1 .. L-2`` score the response:
+    the last ``R + 1`` positions, which is all that ``causal_logits(..., keep=R + 1)`` computes.
+    Logits are divided by the sampling temperature, as when the response was sampled.
+
+    Shape:
+        logits: (B, P + R, V) or (B, R + 1, V), input_ids: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.algos import entropy_from_logits, logprobs_from_logits
+
+    logits = logits[:, -(input_ids.shape[1] - prompt_len + 1) : -1]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy
+
+
+def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                            temperature: float = 1.0, with_entropy: bool = False):
+    """:func:`response_logprobs` of a causal LM (or a ``Reference``) run on the batch, with the LM
+    head computed on the ``R + 1`` positions that score the response only.
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.models import causal_logits
+
+    keep = input_ids.shape[1] - prompt_len + 1
+    return response_logprobs(causal_logits(model, input_ids, attention_mask, keep), input_ids, prompt_len, temperature,
+                             with_entropy)
+
+
+def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                             temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024,
+                             layout: str = "shared"):
+    """:func:`model_response_logprobs` on a padding-free layout (:mod:`rlhf.models.packing`).
+
+    ``layout="shared"``: the rows that share a prompt (GRPO's G samples of it) encode it once
+    (:func:`rlhf.data.pack_shared_prefixes`). Each prompt's group gets a row of its own (under a
+    dense mask, rows holding several groups cost more in attention than they save in padding;
+    measured in ``BENCHMARKS.md``). A group longer than ``max_row_tokens`` is cut into rows that
+    each repeat the prompt, so no row's mask exceeds ``max(max_row_tokens, P + R)`` squared.
+    ``layout="packed"``: every prompt + response is its own sequence, packed into rows of up
+    to ``max_row_tokens`` with restarting positions (flash attention's layout). The same numbers
+    up to float rounding, on fewer tokens; positions off the response mask hold 0.
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
+    """
+    from rlhf.algos import entropy_from_logits, logprobs_from_logits
+    from rlhf.data import pack_shared_prefixes
+    from rlhf.models import packed_logits
+
+    B, P = input_ids.shape[0], prompt_len
+    ids, keep = input_ids.tolist(), attention_mask.bool().tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in range(B):
+        by_prompt.setdefault(tuple(t for t, k in zip(ids[i][:P], keep[i][:P]) if k), []).append(i)
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    order: list[int] = []  # the batch row of each packed response, in packing order
+    shared = layout == "shared"
+    for prompt, rows in by_prompt.items():
+        chunk: list[list[int]] = []
+        size = len(prompt)
+        for i in rows:
+            response = [t for t, k in zip(ids[i][P:], keep[i][P:]) if k]
+            if chunk and (not shared or size + len(response) > max_row_tokens):
+                groups.append((list(prompt), chunk))
+                chunk, size = [], len(prompt)
+            chunk.append(response)
+            size += len(response)
+            order.append(i)
+        groups.append((list(prompt), chunk))
+    packed = pack_shared_prefixes(groups, 0, row_tokens=0 if shared else max_row_tokens)
+    packed = {k: v.to(input_ids.device) for k, v in packed.items()}
+    logits = packed_logits(model, packed)
+    logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    where = (torch.tensor(order, device=input_ids.device)[packed["owner"]], packed["col"])
+
+    def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R), zeros off the mask
+        return per_token.new_zeros(B, input_ids.shape[1] - P).index_put(where, per_token)
+
+    logprobs = unpack(logprobs_from_logits(logits, packed["input_ids"].reshape(-1)[packed["tgt"]]))
+    return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
+
+
+def choose_layout(model, wanted: bool, kind: str, log=print, mixed_precision: bool = False) -> str | None:
+    """The padding-free layout a recipe uses on ``model``, said once in the log.
+
+    ``kind`` is what the recipe would like: ``"shared"`` (a prompt encoded once for several
+    replies) or ``"packed"`` (whole sequences side by side). Returns ``"shared"``,
+    ``"packed"`` or None (padded batches): a layout is used only where the model supports it
+    and a probe gives the padded batch's log-probs (:func:`rlhf.models.check_packing`).
+    Flash attention gets ``"packed"`` for a ``"shared"`` request: it takes no custom mask.
+    Call it where the recipe will run the model (its device, under its autocast), and say
+    whether that is ``mixed_precision``: the probe's tolerance is then half precision's.
+    """
+    from rlhf.models import check_packing, default_tolerance, packing_support
+
+    if not wanted:
+        return None
+    support, why = packing_support(model)
+    if support is None:
+        log(f"padding-free batches: off ({why}); batches are padded")
+        return None
+    layout = "packed" if kind == "packed" or support == "packed" else "shared"
+    tolerance = default_tolerance(model, mixed_precision)
+    try:
+        error = check_packing(model, layout)
+    except Exception as e:  # a kernel that cannot run the layout at all: padded batches, said why
+        log(f"padding-free batches: off: the {layout} probe failed on this model ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); batches are padded")
+        return None
+    if not error <= tolerance:
+        log(f"padding-free batches: off: on this model the {layout} layout's log-probs differ from the padded "
+            f"batch's by {error:.3g} of their spread (tolerance {tolerance:g}); batches are padded")
+        return None
+    log(f"padding-free batches: {layout} layout ({why}; probe within {error:.1g} of the padded batch)")
+    return layout
