@@ -169,3 +169,29 @@ def test_sft_cli_loss_covers_every_assistant_turn(tiny_dir, tokenizer, tmp_path,
     last_only = float(nll[last_start - 1 :].mean())
     print(f"first-step SFT loss: logged {logged:.4f}, both replies {both:.4f}, last reply only {last_only:.4f}")
     assert abs(logged - both) < 1e-4 and abs(both - last_only) > 1e-3
+
+
+FORM_CHECKING_REWARD = '''
+def form(prompts, completions, **columns):
+    """Asserts TRL's forms: a message list for a conversational prompt, a string for a string one."""
+    for p, c in zip(prompts, completions):
+        if isinstance(p, list):
+            assert isinstance(c, list) and len(c) == 1 and c[0]["role"] == "assistant", c
+            assert isinstance(c[0]["content"], str)
+        else:
+            assert isinstance(c, str), c
+    return [float(len(c[0]["content"] if isinstance(c, list) else c)) for c in completions]
+'''
+
+
+def test_grpo_reward_functions_get_completions_in_the_prompts_form(tiny_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "form_rewards_issue14.py").write_text(FORM_CHECKING_REWARD)
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about item {i}."}]} if i % 2 else
+            {"prompt": f"Say something about item {i}."} for i in range(8)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    rc, err = _cli(capsys, "grpo", "--model", tiny_dir, "--data", data, "--output-dir", tmp_path / "g", "--max-steps", 2,
+                   "--rollout-batch-size", 4, "--num-generations", 2, "--mini-batch-size", 8, "--batch-size", 8,
+                   "--max-new-tokens", 4, "--report-to", "none", "--reward-fn", "form_rewards_issue14:form")
+    assert rc == 0, err
+    assert "rewards/form_rewards_issue14:form" in (tmp_path / "g" / "metrics.jsonl").read_text()
