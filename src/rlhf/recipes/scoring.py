@@ -1,9 +1,10 @@
 """Scoring responses for RL: a frozen reward model, Python reward functions, or both.
 
 A reward function is named ``module:function`` (optionally ``module:function:weight``). It
-receives ``prompts`` and ``completions`` as lists (prompts as in the dataset: text or
-messages; completions as text) plus every extra dataset column as a keyword list, and
-returns one float per completion, as in TRL. Anything else (NaN, inf, None, a string) stops
+receives ``prompts`` and ``completions`` as lists plus every extra dataset column as a keyword
+list, and returns one float per completion, as in TRL. Prompts are as in the dataset: text or
+messages. A completion takes its prompt's form, as in TRL: text for a text prompt, and
+``[{"role": "assistant", "content": text}]`` for a conversational one (:func:`in_prompt_form`). Anything else (NaN, inf, None, a string) stops
 the run with one line naming the function, the value and the prompt's ``file:line``.
 """
 
@@ -105,7 +106,13 @@ class Scorer:
         return scores, metrics
 
 
-def _call(r: RewardFn, prompts: list, completions: list[str], extras: dict[str, list], where: list[str] | None):
+def in_prompt_form(prompt, text: str):
+    """A completion as TRL gives it to reward functions: ``text`` after a string prompt,
+    ``[{"role": "assistant", "content": text}]`` after a message list."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _call(r: RewardFn, prompts: list, completions: list, extras: dict[str, list], where: list[str] | None):
     """``r.fn`` on the batch; an exception it raises is a :class:`UserError` naming the function,
     the exception's first line and the record: the first completion that raises on its own
     (the function is called once per completion to find it), else the batch's prompts."""
@@ -286,8 +293,9 @@ _NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated", 
 def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
     """Sample ``params.num_samples`` responses per prompt and score them.
 
-    Returns ``(batch, completions, scores, metrics)``; the reward functions receive each
-    prompt, its completion and the prompt's extra dataset columns, repeated per sample.
+    Returns ``(batch, completions, scores, metrics)`` with ``completions`` as text; the reward
+    functions receive each prompt, its completion in the prompt's form (:func:`in_prompt_form`)
+    and the prompt's extra dataset columns, repeated per sample.
     ``metrics`` holds the scorer's and ``time/generate`` and ``time/score``.
     """
     t0 = time.perf_counter()
@@ -297,7 +305,8 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     repeated = [e for e in examples for _ in range(params.num_samples)]
     extras = {k: [e[k] for e in repeated] for k in examples[0] if k not in _NOT_EXTRA}
-    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras,
+    prompts = [e["prompt"] for e in repeated]
+    scores, metrics = scorer(batch, prompts, [in_prompt_form(p, c) for p, c in zip(prompts, completions)], extras,
                              [e.get("_where") for e in repeated])
     metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
     return batch, completions, scores, metrics
