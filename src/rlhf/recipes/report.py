@@ -314,10 +314,10 @@ def _run_section(run: Run) -> str:
         import yaml
 
         note = "" if run.config_source.startswith("README") else (
-            " A checkpoint's record holds only the fields that define what is trained (not --log-every, "
-            "nor the --monitor-* thresholds).")
+            "<p>A checkpoint's record holds only the fields that define what is trained (not --log-every, "
+            "nor the --monitor-* thresholds).</p>")
         source = (f"<details><summary>Full config, from {esc(run.config_source)}</summary>"
-                  f"<pre>{esc(yaml.safe_dump(run.config, sort_keys=False))}</pre></details><p>{esc(note)}</p>")
+                  f"<pre>{esc(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>{note}")
     bad = (f"<p>{run.skipped_lines} line(s) that were not JSON were left out (a run stopped mid-write).</p>"
            if run.skipped_lines else "")
     return f"<h2>The run</h2>\n<table>{table}</table>\n{source}{bad}"
