@@ -182,3 +182,17 @@ def test_demo_page_shows_the_ppo_runs_monitor(ppo_run, tmp_path):
     section = monitor_html(str(tmp_path / "demo"), str(run))
     assert "<h2>Over-optimisation monitor</h2>" in section and "monitor/length_vs_start" in section
     assert '<a href="ppo/report.html">' in section and (run / "report.html").exists()
+
+
+def test_demo_html_embeds_the_monitor_section(ppo_run, tmp_path, monkeypatch):
+    from rlhf.demo import report as demo_report
+
+    run = tmp_path / "demo" / "ppo"
+    shutil.copytree(ppo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints"))
+    # The models' parts of the page (matplotlib figures, the explain table) are the fast demo's test.
+    monkeypatch.setattr(demo_report, "_plots", lambda out, summary, ppo_dir: [])
+    monkeypatch.setattr(demo_report, "_explain_table", lambda *a: "| t |\n|---|\n| x |")
+    demo_report.write_html(str(tmp_path / "demo"), {"seconds": 1.0, "answers": {"prompt": "p"}}, "table",
+                           ppo_dir=str(run), sft_dir="s", rm_dir="r")
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert "<h2>Over-optimisation monitor</h2>" in page and "svg .thr{" in page and 'class="warnings"' in page
