@@ -57,7 +57,7 @@ class Run:
         points = [(s, v) for s, v in points if math.isfinite(v)]
         return [s for s, _ in points], [v for _, v in points]
 
-    def keys(self) -> list[str]:
+    def metric_keys(self) -> list[str]:
         """Every numeric metric, in the order the run first logged it."""
         seen: dict[str, None] = {}
         for r in self.rows:
@@ -103,7 +103,8 @@ def _model_card_config(run_dir: str) -> tuple[str | None, dict | None]:
         return None, None
     import yaml
 
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     title = text.splitlines()[0].lstrip("# ").strip() if text else ""
     recipe = next((r for t, r in TITLES.items() if title.startswith(t)), None)
     start = text.find("## Config\n\n```yaml\n")
@@ -156,7 +157,7 @@ def load_run(run_dir: str) -> Run:
     if run.config is None:
         ckpt_recipe, run.config, run.config_source = _checkpoint_config(run_dir)
         recipe = recipe or ckpt_recipe
-    run.recipe = recipe or _recipe_from_metrics(run.keys())
+    run.recipe = recipe or _recipe_from_metrics(run.metric_keys())
     samples_path = os.path.join(run_dir, SAMPLES_FILE)
     if os.path.exists(samples_path):
         run.samples, bad_samples = _read_jsonl(samples_path)
@@ -237,11 +238,11 @@ def svg_plot(title: str, steps: list[int], values: list[float], hlines: list[flo
     s1 = max([*steps, *(s for s, _ in marks)], default=1)
     if s1 == s0:
         s0, s1 = s0 - 1, s1 + 1
-    x = lambda s: left + pw * (s - s0) / (s1 - s0)  # noqa: E731
-    y = lambda v: top + ph * (hi - v) / (hi - lo)  # noqa: E731
+    x = lambda s: left + pw * (s - s0) / (s1 - s0)
+    y = lambda v: top + ph * (hi - v) / (hi - lo)
     esc = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img"><title>{esc(title)}</title>',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img"><title>{esc(title)}</title>'),
            f'<text x="{left}" y="13" class="t">{esc(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
     for v in (lo + pad, hi - pad):  # the data's range, labelled on the y axis
@@ -327,14 +328,14 @@ def monitor_section(run: Run, heading: str = "h2") -> str:
     """The over-optimisation monitor: one plot per ``monitor/...`` signal (threshold dashed red,
     warning step in orange) and the table of its warnings. Empty for a run without the monitor."""
     esc = html.escape
-    keys = [k for k in run.keys() if k.startswith("monitor/")]
+    keys = [k for k in run.metric_keys() if k.startswith("monitor/")]
     if not keys and not run.warnings:
         return ""
     thresholds = monitor_thresholds(run)
     parts = [f"<{heading}>Over-optimisation monitor</{heading}>",
-             "<p>Each signal of the policy's samples at each step, against the SFT model's samples at step 1 "
-             "where it says <code>_vs_start</code>. Dashed red: the threshold (<code>--monitor-*</code>); "
-             "orange: the step the monitor warned.</p>",
+             ("<p>Each signal of the policy's samples at each step, against the SFT model's samples at step 1 "
+              "where it says <code>_vs_start</code>. Dashed red: the threshold (<code>--monitor-*</code>); "
+              "orange: the step the monitor warned.</p>"),
              _plots(run, keys, thresholds, lambda k: _warning_marks(run, k))]
     warnings = run.warnings
     if warnings:
@@ -418,9 +419,9 @@ def _events_section(run: Run) -> str:
 def render(run: Run, steps: list[int] | None = None) -> str:
     """The whole page for ``run``; ``steps`` chooses the sample columns (default first, middle, last)."""
     chosen = sample_steps(run, steps)
-    headline = [k for k in HEADLINE if k in run.keys()]
-    shown = set(headline) | {k for k in run.keys() if k.startswith("monitor/")}
-    others = [k for k in run.keys() if k not in shown]
+    keys = run.metric_keys()
+    headline = [k for k in HEADLINE if k in keys]
+    others = [k for k in keys if k not in headline and not k.startswith("monitor/")]
     title = f"rlhf {COMMANDS.get(run.recipe, run.recipe or 'run')}: {run.directory}"
     curves = ""
     if headline:
