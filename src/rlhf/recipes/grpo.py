@@ -26,6 +26,7 @@ from rlhf.recipes.common import (
 )
 from rlhf.recipes.logprobs import choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.recipes.monitor import Monitor
+from rlhf.recipes.samples import SampleLog
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import merged_named_weights
 
@@ -55,6 +56,8 @@ class Config(RLConfig):
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
+    log_samples: int = 4
+    """Prompts whose first response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()
@@ -148,6 +151,7 @@ def run(cfg: Config) -> dict[str, float]:
                                                           {"reward": "reward", "kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
+    samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
@@ -204,6 +208,7 @@ def run(cfg: Config) -> dict[str, float]:
             monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)
+        samples.write(state.step, [e["prompt"] for e in examples], completions, raw_scores, mask, group_size=G)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
 

@@ -30,6 +30,7 @@ from rlhf.recipes.common import (
 from rlhf.recipes.logprobs import model_response_logprobs, response_logprobs
 from rlhf.recipes.logs import write_model_card
 from rlhf.recipes.monitor import Monitor
+from rlhf.recipes.samples import SampleLog
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
@@ -74,6 +75,8 @@ class Config(RLConfig):
     """c1: weight of the value loss."""
     ent_coef: float = 0.01
     """c2: weight of the entropy bonus."""
+    log_samples: int = 4
+    """Prompts whose response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()
@@ -229,6 +232,7 @@ def run(cfg: Config) -> dict[str, float]:
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
+    samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     unwrapped = accelerator.unwrap_model(model)
     sampled_policy = unwrapped.policy if critic is None else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
@@ -241,8 +245,8 @@ def run(cfg: Config) -> dict[str, float]:
         # 1. Sample a batch of prompts.
         examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
         # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them.
-        batch, _, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
-                                                             accelerator.device)
+        batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
+                                                                       scorer, accelerator.device)
         # 4. Old log-probs, values and reference log-probs, without gradients, dropout off.
         old_logprobs, old_values, ref_logprobs, pass_seconds = rollout_forwards(cfg, model, critic, ref, batch,
                                                                                 cfg.batch_size)
@@ -287,6 +291,7 @@ def run(cfg: Config) -> dict[str, float]:
             monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)
+        samples.write(state.step, [e["prompt"] for e in examples], completions, scores, mask)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
 
