@@ -229,3 +229,34 @@ def test_broken_ensemble_directory_is_one_line_naming_it(ensemble_dir, tiny_dir,
     one_line_error(capsys, argv, f"{broken}/ensemble.json", "'member-2'", f"{broken}/member-2")
     (broken / "ensemble.json").write_text(json.dumps({"members": []}))
     one_line_error(capsys, argv, f"{broken}/ensemble.json", "non-empty list")
+
+
+def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeypatch):
+    import rlhf.recipes.common as common
+    from safetensors.torch import load_file
+
+    def argv(name):
+        return rm_args(tiny_dir, tmp_path, tmp_path / name, "--ensemble", "2", "--max-steps", "4", "--save-every", "2")
+
+    assert main(argv("full")) == 0
+    real_log = common.RunLogger.log
+
+    def die_in_member_1_at_step_3(self, step, metrics):
+        if step == 3 and "member-1" in self.path:
+            raise KeyboardInterrupt  # killed after member 1's step 3, past its step-2 checkpoint
+        return real_log(self, step, metrics)
+
+    monkeypatch.setattr(common.RunLogger, "log", die_in_member_1_at_step_3)
+    assert main(argv("killed")) == 130
+    monkeypatch.setattr(common.RunLogger, "log", real_log)
+    killed = tmp_path / "killed"
+    assert not (killed / "ensemble.json").exists()  # an unfinished ensemble is not loadable as one
+    assert main(argv("killed")) == 1  # without --resume: refused, the partial run is kept
+    assert main([*argv("killed"), "--resume"]) == 0
+    for name in ("member-0", "member-1"):
+        a = load_file(str(tmp_path / "full" / name / "model.safetensors"))
+        b = load_file(str(killed / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert json.load(open(killed / "ensemble.json"))["members"] == ["member-0", "member-1"]
