@@ -2,10 +2,18 @@
 trained through the CLI and loaded by plain transformers, PPO/GRPO on it, and the monitor's
 disagreement warning."""
 
+import json
+import os
+import types
+
 import pytest
 import torch
+from test_recipes_sft_rm import pref_rows, write
+from transformers import AutoModelForSequenceClassification
 
 from rlhf.algos import aggregate_scores, ensemble_std
+from rlhf.cli import main
+from rlhf.models import load_reward_models, member_scores
 
 # Rows: K = 2 members. By hand: means 2, 0, 0; population stds 1, 0, 2; minima 1, 0, -2.
 TWO = torch.tensor([[1.0, 3.0], [0.0, 0.0], [2.0, -2.0]])
@@ -42,16 +50,6 @@ def test_bad_aggregation_or_negative_coef_is_refused():
 
 # ---- the ensemble directory, trained through the CLI -------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import types  # noqa: E402
-
-from transformers import AutoModelForSequenceClassification  # noqa: E402
-
-from rlhf.cli import main  # noqa: E402
-from rlhf.models import load_reward_models, member_scores  # noqa: E402
-from test_recipes_sft_rm import pref_rows, write  # noqa: E402
-
 RM_FLAGS = ["--batch-size", "8", "--lr", "2e-3", "--max-steps", "6", "--max-length", "48", "--report-to", "none"]
 
 
@@ -70,7 +68,8 @@ def ensemble_dir(tmp_path_factory, tiny_dir):
 
 
 def test_cli_ensemble_is_k_members_each_loadable_by_transformers(ensemble_dir, tokenizer):
-    manifest = json.load(open(os.path.join(ensemble_dir, "ensemble.json")))
+    with open(os.path.join(ensemble_dir, "ensemble.json")) as f:
+        manifest = json.load(f)
     assert manifest["members"] == ["member-0", "member-1"] and manifest["aggregation"] == "mean"
     assert manifest["trained"]["seeds"] == [42, 43] and manifest["trained"]["diversity"] == "seed"
     metrics = manifest["metrics"]
@@ -120,7 +119,7 @@ def test_one_step_with_each_aggregation_logs_the_ensemble_metrics(recipe, aggreg
                  "--reward-aggregation", aggregation, "--reward-uncertainty-coef", "2.0", "--report-to", "none",
                  *shape])
     assert code == 0
-    row = [json.loads(x) for x in open(out / "metrics.jsonl") if "objective/rm_score" in x][-1]
+    row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "objective/rm_score" in x][-1]
     mean, std, score = row["objective/rm_score_mean"], row["objective/rm_std"], row["objective/rm_score"]
     assert std > 0 and row["monitor/rm_disagreement"] == pytest.approx(std)
     assert row["monitor/rm_disagreement_vs_start"] == 0.0  # step 1 is the baseline
@@ -232,8 +231,9 @@ def test_broken_ensemble_directory_is_one_line_naming_it(ensemble_dir, tiny_dir,
 
 
 def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeypatch):
-    import rlhf.recipes.common as common
     from safetensors.torch import load_file
+
+    from rlhf.recipes import common
 
     def argv(name):
         return rm_args(tiny_dir, tmp_path, tmp_path / name, "--ensemble", "2", "--max-steps", "4", "--save-every", "2")
@@ -259,4 +259,4 @@ def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeyp
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
-    assert json.load(open(killed / "ensemble.json"))["members"] == ["member-0", "member-1"]
+    assert json.loads((killed / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]

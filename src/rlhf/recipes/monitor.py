@@ -52,8 +52,8 @@ class Monitor:
              lambda v, t: v >= t, "the KL penalty gives back {pct} of the mean |score|"),
             ("monitor/rm_disagreement_vs_start", "--monitor-disagreement-growth",
              getattr(cfg, "monitor_disagreement_growth", None), lambda v, t: v >= t,
-             "the reward models disagree {pct} more than at step 0 (the policy may exploit what some of them "
-             "reward and others do not)"),
+             ("the reward models disagree {pct} more than at step 0 (the policy may exploit what some of them "
+              "reward and others do not)")),
         ]
 
     def measure(self, step: int, response_ids: torch.Tensor, response_mask: torch.Tensor, scores: torch.Tensor,

@@ -202,8 +202,8 @@ class RLConfig(TrainConfig):
     K members take K times the reward model's memory and scoring time."""
     reward_aggregation: Literal["mean", "mean_minus_std", "min"] | None = None
     """How an ensemble's member scores (each whitened by its own statistics) become one: mean; mean_minus_std,
-    the mean minus --reward-uncertainty-coef times their population std (Coste et al. 2023's uncertainty-
-    weighted reward); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
+    the mean minus --reward-uncertainty-coef times their population std (the uncertainty-weighted reward of
+    Coste et al. 2023); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
     every aggregation is its score."""
     reward_uncertainty_coef: float = 1.0
     """Lambda of --reward-aggregation mean_minus_std (0 or more)."""
