@@ -204,7 +204,8 @@ def run(cfg: Config) -> dict[str, float]:
                    "time/train": t_train - t_score,
                    **score_metrics, **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
-            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf)))
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
+                                           member_scores=scorer.last_member_scores))
             monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)

@@ -287,7 +287,8 @@ def run(cfg: Config) -> dict[str, float]:
             "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
-            metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef))
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,
+                                           member_scores=scorer.last_member_scores))
             monitor.warn(state.step, metrics, logger)
         if state.step % cfg.log_every == 0 or state.step == total:
             logger.log(state.step, metrics)
