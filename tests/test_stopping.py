@@ -171,3 +171,18 @@ def test_grpo_stops_at_the_first_warning_and_keeps_the_best_policy(tiny_dir, pro
 def test_online_eval_and_stop_flags_are_checked(flags, message, tiny_dir, prompts_file, tmp_path, capsys):
     code = cli("grpo", tiny_dir, prompts_file, tmp_path / "o", *flags)
     assert code == 1 and message in capsys.readouterr().err
+
+
+def test_the_best_policy_survives_resume(tiny_dir, prompts_file, tmp_path):
+    out = tmp_path / "o"
+    assert cli("grpo", tiny_dir, prompts_file, out, "--max-steps", 2, "--stop-on-overoptimisation", "--save-every", 2,
+               *NEVER[:-2]) == 0
+    assert cli("grpo", tiny_dir, prompts_file, out, "--max-steps", 3, "--stop-on-overoptimisation", "--save-every", 2,
+               *NEVER[:-2], "--resume") == 0
+    rows, _ = read(out)
+    scores = {r["step"]: r["reward"] for r in rows}
+    assert sorted(scores) == [1, 2, 3]
+    # The best over all three rollouts, those before the resume included (their best lives in the checkpoint).
+    best = json.load(open(out / "best" / "best.json"))
+    assert best["step"] == max(scores, key=scores.get) - 1
+    assert best["value"] == pytest.approx(max(scores.values()))
