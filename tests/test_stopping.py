@@ -140,7 +140,7 @@ def test_ppo_stops_at_the_first_warning_and_keeps_the_best_policy(tiny_dir, prom
                *NEVER[:-2], "--monitor-pref-accuracy-drop", -0.1)
     assert code == 0  # an intended stop
     first, best = check_stopped_at_first_warning(out, "objective/scores", 6)
-    rows, events = read(out)
+    rows, _ = read(out)
     assert "eval/implicit_pref_accuracy" in [r for r in rows if r["step"] == first][-1]  # evaluated at the end too
     # The final model (and its value head) is best/, which is the policy after `best` updates.
     assert_same_weights(weights(out), weights(out / "best"))
@@ -158,7 +158,7 @@ def test_grpo_stops_at_the_first_warning_and_keeps_the_best_policy(tiny_dir, pro
     code = cli("grpo", tiny_dir, prompts_file, out, "--max-steps", 6, "--stop-on-overoptimisation",
                "--save-every", 1, "--save-total-limit", 0, *NEVER[2:], "--monitor-distinct-drop", 0.0001)
     assert code == 0
-    first, best = check_stopped_at_first_warning(out, "reward", 6)
+    _, best = check_stopped_at_first_warning(out, "reward", 6)
     at_best = weights(out / "checkpoints" / f"step-{best:08d}") if best else weights(tiny_dir)
     assert_same_weights(weights(out), at_best)
     assert_same_weights(weights(out), weights(out / "best"))

@@ -21,8 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
