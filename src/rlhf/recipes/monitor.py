@@ -110,3 +110,8 @@ class Monitor:
             return
         listed = ", ".join(f"{name} (first at step {s})" for name, s in sorted(warned.items(), key=lambda x: x[1]))
         logger.event(step, f"over-optimisation monitor: {len(warned)} warning(s): {listed}", **fields)
+
+    def add_rule(self, name: str, flag: str, threshold: float | None, crossed, meaning: str) -> None:
+        """One more signal for :meth:`warn`, read like the built-in ones: a signal a recipe measures
+        itself, such as the implicit preference accuracy on --eval-data (:mod:`rlhf.recipes.stopping`)."""
+        self.rules.append((name, flag, threshold, crossed, meaning))

@@ -253,6 +253,12 @@ class RLConfig(TrainConfig):
     monitor_disagreement_growth: float | None = 0.5
     """Warn when a reward-model ensemble's disagreement (monitor/rm_disagreement) grows by this fraction of its
     step-0 value (none: never; only with an ensemble --reward-model)."""
+    monitor_pref_accuracy_drop: float | None = 0.1
+    """Warn when the implicit preference accuracy on --eval-data falls this much (absolute) below its step-0
+    value (none: never)."""
+    stop_on_overoptimisation: bool = False
+    """Stop at the monitor's first warning; the final model is then the best policy before it (OUTPUT/best,
+    by the rollout's mean score)."""
 
     def check(self) -> None:
         if self.prompts:
@@ -268,9 +274,10 @@ class RLConfig(TrainConfig):
                             "reference and new log-probs score the full softmax makes every update off-policy; "
                             "pass --allow-truncated-sampling to do it anyway")
         recipe = type(self).__module__.rsplit(".", 1)[-1]
-        if self.eval_data or self.eval_every:  # flags shared with the offline recipes, not used online
-            flag = "--eval-data" if self.eval_data else "--eval-every"
-            raise UserError(f"{flag}: {recipe} has no held-out evaluation; drop --eval-data and --eval-every")
+        if self.eval_every and not self.eval_data:  # --eval-data: preference pairs (implicit preference accuracy)
+            raise UserError(f"--eval-every: {recipe} evaluates --eval-data preference pairs; give --eval-data too")
+        if self.stop_on_overoptimisation and not self.monitor:
+            raise UserError("--stop-on-overoptimisation stops at the monitor's first warning; drop --no-monitor")
         if self.grad_accum != 1:
             raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
                             "--mini-batch-size update; set those instead")
