@@ -1,17 +1,25 @@
-"""Rule rewards used by the RL tests (importable as ``rule_rewards:NAME``)."""
+"""Rule rewards used by the RL tests (importable as ``rule_rewards:NAME``).
+
+As in TRL, a completion is a string after a string prompt and ``[{"role": "assistant", "content": ...}]``
+after a conversational one; :func:`text` reads either.
+"""
+
+
+def text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
 def vowel_fraction(prompts, completions, **columns):
     """Fraction of a completion's characters that are lowercase vowels (0 for an empty one)."""
-    return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions]
+    return [sum(c in "aeiou" for c in text(t)) / max(len(text(t)), 1) for t in completions]
 
 
 def has_answer(prompts, completions, answer=None, **columns):
     """1.0 where the completion contains the dataset's ``answer`` column."""
-    return [float(a in text) for text, a in zip(completions, answer)]
+    return [float(a in text(t)) for t, a in zip(completions, answer)]
 
 
 def total_length(prompts, completions, **columns):
     """Characters of prompt and completion together, over 20: it differs across prompts even
     where an untrained model gives every prompt the same completion."""
-    return [(len(str(p)) + len(text)) / 20 for p, text in zip(prompts, completions)]
+    return [(len(str(p)) + len(text(t))) / 20 for p, t in zip(prompts, completions)]

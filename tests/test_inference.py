@@ -163,11 +163,20 @@ def test_chat_ctrl_c_at_the_prompt_and_eof_end_with_status_0(tiny_dir):
     assert inference.chat(_chat_args(tiny_dir), stdin=io.StringIO(""), stdout=io.StringIO()) == 0
 
 
-def test_chat_ctrl_c_through_a_pseudo_terminal(tiny_dir):
+def test_chat_ctrl_c_through_a_pseudo_terminal(tiny_dir, tmp_path):
     """A real SIGINT while a long reply streams: [stopped], the prompt again, then Ctrl-C at the empty prompt
     ends the session with status 0 and no traceback."""
+    import json
+    import shutil
     import signal
 
+    # A copy of the model that never samples EOS, so the reply is still streaming when the signal comes.
+    model = shutil.copytree(tiny_dir, tmp_path / "no-eos")
+    with open(model / "generation_config.json") as f:
+        gen = json.load(f)
+    gen["suppress_tokens"] = [gen["eos_token_id"]] if isinstance(gen["eos_token_id"], int) else gen["eos_token_id"]
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    tiny_dir = str(model)
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(sys.executable, [sys.executable, "-m", "rlhf.cli", "chat", "--model", tiny_dir, "--max-new-tokens",
