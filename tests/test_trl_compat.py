@@ -134,3 +134,200 @@ def test_help_hides_the_aliases_and_says_where_they_are(capsys):
     text = "\n".join(out)
     assert rc == 0 and "--learning_rate" in text and "README" in text  # the epilog line
     assert "--learning_rate LEARNING_RATE" not in text and "--max_length" not in text
+
+
+# ---- shared by the runs below ---------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sft_data(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Paint the box {c}.", "completion": f" The box is {c}."}
+                                              for c in ["red", "blue", "green", "pink"] * 4])
+
+
+def sft_args(tiny_dir, data, out, *extra):
+    return ["sft", "--model", tiny_dir, "--data", data, "--output-dir", out, "--batch-size", 4, "--lr", "1e-2",
+            "--max-length", 48, "--report-to", "none", *extra]
+
+
+# ---- 2. --report-to through accelerate's trackers -------------------------------------------------
+
+@pytest.mark.parametrize("report_to,message", [
+    ("foo", "--report-to foo: not a tracker accelerate knows; valid: aim, comet_ml, mlflow, tensorboard, wandb, "
+            "clearml, dvclive, swanlab, trackio, all, none"),
+    ("tensorboard,foo", "--report-to foo: not a tracker accelerate knows; valid: "),
+])
+def test_report_to_names_accelerate_does_not_know_are_refused(report_to, message, capsys):
+    rc, _, err = cli(capsys, "sft", "--model", "m", "--report-to", report_to, "--print-config")
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"rlhf sft: error: {message}"), err
+
+
+@pytest.mark.parametrize("tracker,package", [("mlflow", "mlflow"), ("comet_ml", "comet-ml"), ("aim", "aim"),
+                                             ("dvclive", "dvclive"), ("trackio", "trackio")])
+def test_a_known_tracker_whose_package_is_missing_is_refused_before_loading(tracker, package, capsys):
+    from accelerate.tracking import get_available_trackers
+
+    if tracker in {str(t) for t in get_available_trackers()}:
+        pytest.skip(f"{package} is installed here")
+    rc, _, err = cli(capsys, "sft", "--model", "m", "--report-to", tracker, "--print-config")  # no model loaded
+    assert rc == 1 and err == [f"rlhf sft: error: --report-to {tracker}: {tracker} is not installed "
+                               f"(pip install {package})"]
+
+
+def test_installed_trackers_and_all_are_accepted(capsys):
+    for report_to in ("tensorboard", "all", "none", "tensorboard,none"):
+        assert printed_config(capsys, "sft", "--model", "m", "--report-to", report_to)["report_to"] == report_to
+
+
+def test_tracker_config_is_flat_and_tensorboard_takes_it(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf.recipes import grpo
+    from rlhf.recipes.logs import flat_config
+
+    cfg = grpo.Config(model="m", data="p.jsonl", reward_fn="a:b")
+    flat = flat_config(cfg)
+    assert flat["eval_data"] == "none" and flat["lr"] == 1e-6 and flat["share_prompt"] is True
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+    with SummaryWriter(str(tmp_path)) as w:  # raises on a None, a list or a dict
+        w.add_hparams(flat, metric_dict={})
+
+    import dataclasses
+
+    @dataclasses.dataclass  # what a config with a list or a mapping would become
+    class C:
+        a: list = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+        b: dict = dataclasses.field(default_factory=lambda: {"x": 1, "y": None})
+
+    assert flat_config(C()) == {"a": "q_proj,v_proj", "b.x": 1, "b.y": "none"}
+
+
+def test_tensorboard_through_accelerate_writes_into_output_dir(tmp_path, tiny_dir, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    args = sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 3, "--save-every", 2)
+    args[args.index("--report-to") + 1] = "tensorboard"
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
+    run_dir = out / "tensorboard" / "rlhf"
+    assert list(run_dir.glob("*/hparams.yml")), "accelerate's tracker stores the config"
+    hparams = yaml.safe_load(next(run_dir.glob("*/hparams.yml")).read_text())
+    assert hparams["lr"] == 1e-2 and hparams["eval_data"] == "none"
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    # Resumed: the same directory, the steps after the checkpoint once more.
+    rc, _, err = cli(capsys, *[a if a != 3 else 4 for a in args], "--resume")
+    assert rc == 0, err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == [1, 2, 3, 4]
+    assert {e.step for e in EventAccumulator(str(run_dir)).Reload().Scalars("train/loss")} == {1, 2, 3, 4}
+
+
+# ---- 3. one line a logging step off a terminal; where the model went ------------------------------
+
+STEP_LINE = r"step {}/{}  loss \S+  lr \S+  \d+\.\d s"
+
+
+def test_progress_is_one_line_a_logging_step_when_stderr_is_no_terminal(tmp_path, tiny_dir, capsys):
+    import re
+
+    out = tmp_path / "out"
+    rc, lines, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 4, "--log-every", 2))
+    assert rc == 0, err
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 2 and all(re.fullmatch(STEP_LINE.format(s, 4), line) for s, line in zip((2, 4), steps)), lines
+    assert lines[-1] == f"saved model to {out}"
+    assert not any("it/s" in line for line in err)  # no tqdm bar either
+
+
+def test_progress_keeps_the_bar_on_a_terminal(tmp_path, tiny_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    rc, lines, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), tmp_path / "out", "--max-steps", 2))
+    assert rc == 0, err
+    assert not [line for line in lines if line.startswith("step ")]
+    assert any("2/2" in line for line in err), err
+
+
+def test_progress_line():
+    from rlhf.recipes.logs import progress_line
+
+    assert progress_line(3, 10, {"loss": 1.23449}, 1e-5, 12.34) == "step 3/10  loss 1.234  lr 1e-05  12.3 s"
+    assert progress_line(1, 2, {"reward": 0.5, "kl": 0.01}, None, 0.04) == "step 1/2  reward 0.5  kl 0.01  0.0 s"
+
+
+def pairs_data(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Is the box {c}?", "chosen": " Yes, it is.",
+                                                  "rejected": " No."} for c in ["red", "blue", "green", "pink"] * 2])
+
+
+def prompts_data(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}."} for i in range(8)])
+
+
+@pytest.mark.parametrize("recipe", ["rm", "dpo", "grpo", "ppo"])
+def test_every_recipe_ends_naming_where_the_model_went(recipe, tmp_path, tiny_dir, capsys):
+    out = tmp_path / recipe
+    common = ["--model", tiny_dir, "--output-dir", out, "--max-steps", 1, "--batch-size", 4, "--report-to", "none",
+              "--max-length", 48]
+    online = ["--data", prompts_data(tmp_path), "--reward-fn", "rule_rewards:vowel_fraction", "--rollout-batch-size",
+              2, "--mini-batch-size", 2, "--max-new-tokens", 4]
+    extra = {"rm": ["--data", pairs_data(tmp_path)], "dpo": ["--data", pairs_data(tmp_path)],
+             "grpo": [*online, "--num-generations", 2], "ppo": online}[recipe]
+    rc, lines, err = cli(capsys, recipe, *common, *extra)
+    assert rc == 0, err
+    assert f"saved model to {out}" in lines and (out / "config.json").exists()
+    assert any(line.startswith("step 1/1  ") for line in lines), lines
+
+
+# ---- 4. metrics.jsonl cannot be written -----------------------------------------------------------
+
+def test_disk_full_while_appending_metrics(tmp_path, tiny_dir, capsys, monkeypatch):
+    import builtins
+    import errno
+    import os
+
+    from rlhf.recipes import logs
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(logs, "open", full_disk_open, raising=False)  # the logger's writes only
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 2))
+    assert rc == 1 and err == [f"rlhf sft: error: {out}/metrics.jsonl: cannot append metrics (No space left on "
+                               "device); the run stopped and no final model was written"]
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
+# ---- 5. UTF-8 with a byte-order mark ----------------------------------------------------------------
+
+BOM = "\ufeff".encode()
+
+
+@pytest.mark.parametrize("name,text", [
+    ("d.jsonl", '{"prompt": "Hi", "completion": " there"}\n{"prompt": "Yo", "completion": " man"}\n'),
+    ("d.json", '[{"prompt": "Hi", "completion": " there"}, {"prompt": "Yo", "completion": " man"}]'),
+    ("d.csv", "prompt,completion\nHi, there\nYo, man\n"),
+])
+def test_data_files_with_a_byte_order_mark_are_read(name, text, tmp_path):
+    from rlhf.data.readers import read_records
+
+    path = tmp_path / name
+    path.write_bytes(BOM + text.encode())
+    records, errors = read_records(str(path))
+    assert errors == [] and [r.data["prompt"] for r in records] == ["Hi", "Yo"]
+    assert [r.data["completion"].strip() for r in records] == ["there", "man"]
+
+
+def test_yaml_config_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(BOM + b"model: m\nlr: 0.25\n")
+    assert printed_config(capsys, "sft", "--config", path)["lr"] == 0.25
