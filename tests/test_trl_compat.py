@@ -74,9 +74,16 @@ def test_trl_names_as_yaml_keys(recipe, flags, expected, capsys, monkeypatch, tm
         if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
             keys[name], i = flags[i + 1], i + 2
         else:
-            keys[name], i = ("auto" if name == "resume_from_checkpoint" else True), i + 1
+            keys[name], i = True, i + 1  # resume_from_checkpoint: true is the latest checkpoint
+    import importlib
+
+    from rlhf.cli import RECIPES
+    from rlhf.config import spellings
+
+    known = spellings(importlib.import_module(RECIPES[recipe][0]).Config)
+    last = {known[k]: k for k in keys}  # a flag given twice: the last counts; in YAML one key a field
     path = tmp_path / "trl.yaml"
-    path.write_text(yaml.safe_dump(keys))
+    path.write_text(yaml.safe_dump({k: v for k, v in keys.items() if last[known[k]] == k}))
     cfg = printed_config(capsys, recipe, "--config", path)
     assert {k: cfg[k] for k in expected} == expected
 
@@ -88,6 +95,16 @@ def test_per_device_batch_size_is_multiplied_by_the_processes(capsys, monkeypatc
                      "--print-config")
     assert rc == 1 and err == ["rlhf sft: error: --per_device_train_batch_size and --batch-size both given; "
                                "use --batch-size"]
+
+
+def test_trl_negative_bools_and_yaml_keys_that_collide(capsys, tmp_path):
+    cfg = printed_config(capsys, "sft", "--model", "m", "--no_bf16", "--no_use_peft", "--no_gradient_checkpointing")
+    assert (cfg["bf16"], cfg["lora"], cfg["gradient_checkpointing"]) == (False, False, False)
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nbatch_size: 3\nper_device_train_batch_size: 2\n")
+    rc, _, err = cli(capsys, "sft", "--config", path, "--print-config")
+    assert rc == 1 and err == [f"rlhf sft: error: {path}: 'per_device_train_batch_size' sets 'batch_size', which "
+                               "another key set already"]
 
 
 def test_a_hub_dataset_name_reads_the_hub(capsys, tmp_path):

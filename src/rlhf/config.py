@@ -64,7 +64,8 @@ TRL_UNSUPPORTED: dict[str, str] = {
                      "bnb_4bit_quant_type", "torch_compile", "use_liger_kernel", "optim", "run_name",
                      "dataloader_num_workers", "dataset_num_proc", "dataset_text_field", "lora_task_type",
                      "gradient_checkpointing_kwargs", "do_train", "do_eval", "eval_on_start", "scale_rewards",
-                     "loss_type", "label_names", "remove_unused_columns"], ""),
+                     "label_names", "remove_unused_columns"], ""),
+    "loss_type": "grpo's loss is set by --estimator and --loss-agg; dpo's is --loss-type",
     **dict.fromkeys(["deepspeed", "fsdp", "fsdp_config"], "use accelerate launch --config_file (configs/accelerate/)"),
     "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard",
     **dict.fromkeys(["eval_strategy", "evaluation_strategy"], "use --eval-every"),
@@ -198,6 +199,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                  else {"nargs": "?", "const": metadata["const"]} if "const" in metadata else {})
         dest = name if name in _CONVERTED else target
         parser.add_argument("--" + name, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **extra)
+    for name, target in spellings(cls).items():  # TRL's --no_bf16, --no_use_peft
+        if _base_type(hints[target])[0] is bool:
+            parser.add_argument("--no_" + name, dest=target, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def bool_flags(cls: type) -> set[str]:
@@ -213,6 +218,8 @@ def _from_trl(name: str, value):
     if name == "per_device_train_batch_size":
         per_device = _convert(name, int, value, "--per_device_train_batch_size")
         return per_device * int(os.environ.get("WORLD_SIZE", "1"))
+    if name == "resume_from_checkpoint" and str(value).lower() == "true":  # transformers: the latest one
+        return "auto"
     if name == "dataset_name":
         value = str(value)
         local = os.path.exists(value) or value.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -245,8 +252,9 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
             if key not in known:
                 recipe = cls.__module__.rsplit(".", 1)[-1]
                 raise ConfigError(f"{yaml_path}: {unknown_name(cls, key, recipe, dash='')}")
-            value = _from_trl(key, value)
-            values[known[key]] = _convert(known[key], hints[known[key]], value, yaml_path)
+            if known[key] in values:
+                raise ConfigError(f"{yaml_path}: {key!r} sets {known[key]!r}, which another key set already")
+            values[known[key]] = _convert(known[key], hints[known[key]], _from_trl(key, value), yaml_path)
     for key in _CONVERTED:
         target = TRL_ALIASES[key]
         if key in flags:
