@@ -433,7 +433,6 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metr
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     release_output_dir(cfg.output_dir)
-    accelerator.end_training()  # the trackers finish (the process group too: nothing collective follows)
     accelerator.print(f"saved model to {cfg.output_dir}")
 
 

@@ -41,7 +41,7 @@ def flat_config(cfg) -> dict[str, str | int | float | bool]:
 
 class RunLogger:
     """Metrics to ``metrics.jsonl`` (always) and to --report-to's trackers through accelerate
-    (``init_trackers`` / ``log``; ``end_training`` comes after the final save), and progress."""
+    (``init_trackers``, ``log``, and in :meth:`close` the trackers' ``finish``), and progress."""
 
     def __init__(self, cfg, accelerator, total_steps: int, start_step: int, bar_keys: dict[str, str]):
         self.is_main = accelerator.is_main_process
@@ -99,6 +99,11 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        # accelerator.end_training() without its destroy_process_group: one process may train several
+        # models (rm --ensemble, the demo), and the final save still needs the processes together.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
 
 def progress_line(step: int, total_steps: int, shown: dict[str, float], lr: float | None, seconds: float) -> str:
