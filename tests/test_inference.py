@@ -76,16 +76,112 @@ def test_chat_history_follows_the_template(tiny_dir, monkeypatch):
     from rlhf.recipes import inference
 
     seen = []
-    real = inference.Generator.complete
+    real = inference.stream_reply
 
-    def spy(self, prompts):
-        seen.append(prompts[0])
-        return real(self, prompts)
+    def spy(gen, messages, write):
+        seen.append(messages)
+        return real(gen, messages, write)
 
-    monkeypatch.setattr(inference.Generator, "complete", spy)
+    monkeypatch.setattr(inference, "stream_reply", spy)
     args = SimpleNamespace(model=tiny_dir, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=3, seed=0, raw=False,
                            device="cpu", trust_remote_code=False)
     out = io.StringIO()
     inference.chat(args, stdin=io.StringIO("first\nsecond\n"), stdout=out)
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]
     assert seen[1][0]["content"] == "first" and seen[1][2]["content"] == "second"
+
+
+def _chat_args(tiny_dir, **over):
+    from types import SimpleNamespace
+
+    kw = dict(model=tiny_dir, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=6, seed=0, raw=False, device="cpu",
+              trust_remote_code=False)
+    return SimpleNamespace(**{**kw, **over})
+
+
+def _interrupt_reply(monkeypatch, after_tokens: dict[int, int]):
+    """Ctrl-C arrives in reply k (0-based) after ``after_tokens[k]`` tokens: KeyboardInterrupt between two
+    generation steps, raised where the streamer receives the next token. Returns the messages each reply saw."""
+    from rlhf.recipes import inference
+
+    seen, real_put, real_reply = [], inference._Stream.put, inference.stream_reply
+
+    def put(self, value):
+        k = len(seen) - 1
+        if self.prompt_seen and k in after_tokens and len(self.ids) >= after_tokens[k]:
+            raise KeyboardInterrupt
+        real_put(self, value)
+
+    def reply(gen, messages, write):
+        seen.append([dict(m) for m in messages])
+        return real_reply(gen, messages, write)
+
+    monkeypatch.setattr(inference._Stream, "put", put)
+    monkeypatch.setattr(inference, "stream_reply", reply)
+    return seen
+
+
+def test_chat_ctrl_c_stops_the_reply_only_and_keeps_what_was_shown(tiny_dir, monkeypatch):
+    import io
+
+    from rlhf.recipes import inference
+
+    seen = _interrupt_reply(monkeypatch, {0: 3})
+    out = io.StringIO()  # an untrained model says something only when sampling
+    assert inference.chat(_chat_args(tiny_dir, temperature=1.0), stdin=io.StringIO("first\nsecond\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert text.count("[stopped]") == 1 and text.count("bot> ") == 2 and "Traceback" not in text
+    shown = text.split("bot> ")[1].split(" [stopped]")[0].strip()
+    assert shown and [m["role"] for m in seen[1]] == ["user", "assistant", "user"]
+    assert seen[1][1]["content"] == shown  # the partial reply, as the user saw it, is the assistant's turn
+
+
+def test_chat_ctrl_c_before_the_first_token_drops_the_turn(tiny_dir, monkeypatch):
+    import io
+
+    from rlhf.recipes import inference
+
+    seen = _interrupt_reply(monkeypatch, {0: 0})
+    out = io.StringIO()
+    assert inference.chat(_chat_args(tiny_dir), stdin=io.StringIO("first\nsecond\n"), stdout=out) == 0
+    assert "bot>  [stopped]" in out.getvalue()
+    assert seen[1] == [{"role": "user", "content": "second"}]
+
+
+def test_chat_ctrl_c_at_the_prompt_and_eof_end_with_status_0(tiny_dir):
+    import io
+
+    from rlhf.recipes import inference
+
+    class CtrlC(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    assert inference.chat(_chat_args(tiny_dir), stdin=CtrlC(), stdout=out) == 0
+    assert out.getvalue().endswith("you> \n")
+    assert inference.chat(_chat_args(tiny_dir), stdin=io.StringIO(""), stdout=io.StringIO()) == 0
+
+
+def test_chat_ctrl_c_through_a_pseudo_terminal(tiny_dir):
+    """A real SIGINT while a long reply streams: [stopped], the prompt again, then Ctrl-C at the empty prompt
+    ends the session with status 0 and no traceback."""
+    import signal
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "rlhf.cli", "chat", "--model", tiny_dir, "--max-new-tokens",
+                                  "100000", "--temperature", "1.0", "--seed", "0"])
+    try:
+        assert b"you> " in _read_until(fd, b"you> ")
+        os.write(fd, b"Hello there\n")
+        _read_until(fd, b"bot> ")
+        time.sleep(2)
+        os.kill(pid, signal.SIGINT)
+        after = _read_until(fd, b"you> ")
+        assert b"[stopped]" in after and b"you> " in after, after
+        os.kill(pid, signal.SIGINT)
+        rest = _read_until(fd, b"Traceback", timeout=10)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and b"Traceback" not in after + rest

@@ -26,6 +26,7 @@ TOOLS = {
     "generate": ("rlhf.recipes.inference", "Sample completions from a model (seed 002 Part 8)."),
     "chat": ("rlhf.recipes.inference", "Interactive terminal chat with a model."),
     "explain": ("rlhf.recipes.explain", "Print the seeds' Part 5 table for one real rollout."),
+    "report": ("rlhf.recipes.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
     "demo": ("rlhf.recipes.demo", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
 }
 

@@ -30,9 +30,12 @@ def check_file(path: str, kind: str, tokenizer=None, max_length: int = 1024,
     encoder = Encoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     prepared = prepare(path, kind, encoder, on_bad_record="skip")
     ex = prepared.examples
-    if kind == "sft":
+    response_label, trained = "response tokens:", []
+    if kind == "sft":  # a conversation's response holds user turns too: count what the loss covers
         prompt_lens = [e["prompt_len"] for e in ex]
-        response_lens = [len(e["input_ids"]) - e["prompt_len"] for e in ex]
+        response_lens = [sum(t != -100 for t in e["labels"]) for e in ex]
+        response_label = "trained tokens: "
+        trained = [f"trained tokens in all: {sum(response_lens)} of {sum(len(e['input_ids']) for e in ex)}"]
     elif kind == "preference":
         prompt_lens = [len(e["prompt_ids"]) for e in ex]
         response_lens = [len(e[k]) for e in ex for k in ("chosen_ids", "rejected_ids")]
@@ -41,7 +44,8 @@ def check_file(path: str, kind: str, tokenizer=None, max_length: int = 1024,
     lines += [
         f"records: {prepared.n_records}  valid: {len(ex)}  bad: {len(prepared.errors)}",
         f"prompt tokens:   {_percentiles(prompt_lens)}",
-        f"response tokens: {_percentiles(response_lens)}",
+        f"{response_label} {_percentiles(response_lens)}",
+        *trained,
         f"truncated (max_length {max_length}, max_prompt_length {max_prompt_length}): "
         f"prompts {prepared.n_prompt_truncated}, responses {prepared.n_response_truncated}",
     ]

@@ -3,9 +3,10 @@
 Each record is checked and normalised to one canonical example per kind:
 
 * ``sft``: ``{"prompt": str | messages, "completion": str}`` from ``prompt``/``completion``
-  (a string prompt before a message-list completion is one user message),
-  conversational ``messages`` (the last assistant turn is the completion, the turns before it
-  the prompt) or plain ``text`` (an empty prompt: the loss covers the whole text).
+  (a string prompt before a message-list completion is one user message) or plain ``text``
+  (an empty prompt: the loss covers the whole text); ``{"messages": messages}`` from a
+  conversational ``messages`` column ending with an assistant turn, every assistant turn
+  of which is trained (TRL's ``assistant_only_loss``; :mod:`rlhf.data.encode`).
 * ``preference``: ``{"prompt", "chosen": str, "rejected": str, "margin"?}`` from
   ``prompt``/``chosen``/``rejected`` as strings or message lists. When ``chosen`` and
   ``rejected`` are conversations, their shared leading turns are the prompt (TRL's
@@ -106,9 +107,12 @@ def normalize_sft(r: dict) -> dict:
         msgs = _messages(r["messages"], "messages")
         if msgs[-1]["role"] != "assistant":
             raise BadRecord("messages", "the last message must be the assistant's")
-        if len(msgs) < 2:
+        if msgs[0]["role"] == "assistant" or len(msgs) < 2:
             raise BadRecord("messages", "needs at least one turn before the assistant's reply")
-        return {"prompt": msgs[:-1], "completion": _assistant_reply(msgs[-1:], "messages")}
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise BadRecord(f"messages[{i}]", "empty assistant message")
+        return {"messages": msgs}
     if "text" in r and "prompt" not in r and "completion" not in r:
         return {"prompt": "", "completion": _text(r, "text")}
     if "prompt" not in r and "completion" not in r:

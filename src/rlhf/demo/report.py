@@ -144,22 +144,40 @@ def _md_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
+def monitor_html(out: str, ppo_dir: str) -> str:
+    """The PPO run's over-optimisation monitor (its signals, thresholds and warnings) as a section of
+    the demo's page, drawn by ``rlhf report``, which also writes the run's own page ``PPO_DIR/report.html``
+    (curves, monitor, sample responses); the section links to it."""
+    from rlhf.recipes.report import load_run, monitor_section, write_report
+
+    page = write_report(ppo_dir)
+    link = html.escape(os.path.relpath(page, out))
+    section = monitor_section(load_run(ppo_dir)) or "<h2>Over-optimisation monitor</h2><p>The monitor was off.</p>"
+    return (f'{section}\n<p>The PPO run\'s full report (every curve, sample responses at the first, middle and last '
+            f'steps): <a href="{link}">{link}</a>, made by <code>rlhf report {html.escape(ppo_dir)}</code>.</p>')
+
+
 def write_html(out: str, summary: dict, table_md: str, *, ppo_dir: str, sft_dir: str, rm_dir: str) -> None:
-    """``report.html``: the table, the three plots and the explain table for the seed's prompt."""
+    """``report.html``: the table, the three plots, the PPO run's monitor signals and warnings, and the
+    explain table for the seed's prompt."""
+    from rlhf.recipes.report import PLOT_STYLE
+
     images = _plots(out, summary, ppo_dir)
+    monitor = monitor_html(out, ppo_dir)
     explain_md = _explain_table(ppo_dir, sft_dir, rm_dir, summary["answers"]["prompt"])
     with open(os.path.join(out, "explain.md"), "w") as f:
         f.write(explain_md)
     body = "\n".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SupportBot RLHF demo</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}{PLOT_STYLE}</style></head><body>
 <h1>SupportBot: from v1 to v2 with RLHF</h1>
 <p>Seed 002 Part 5, run for real on a CPU in {summary['seconds']} s. Gold reward is the hidden labeller's score on
 held-out complaints; the RM score is the learned proxy's.</p>
 {_md_table_to_html(table_md)}
 <h2>Plots</h2>
 {body}
+{monitor}
 <h2>rlhf explain: the seed's Part 5 table for the seed's prompt (PPO policy, SFT reference)</h2>
 {_md_table_to_html(explain_md)}
 </body></html>"""

@@ -117,6 +117,15 @@ def sequence_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
     return gather_at(per_token, score_index(input_ids, attention_mask, reward_model.config.pad_token_id))
 
 
+def member_scores(reward_models: list, input_ids, attention_mask) -> torch.Tensor:
+    """Each reward model's :func:`sequence_scores`, one column per member of an ensemble.
+
+    Shape:
+        input_ids, attention_mask: (B, L) -> (B, K), float32.
+    """
+    return torch.stack([sequence_scores(m, input_ids, attention_mask) for m in reward_models], dim=1)
+
+
 def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Where a reward model's score is read: the last token that is neither padding nor PAD.
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
@@ -26,6 +27,11 @@ LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 # One of these makes a directory hold a tokenizer (fast, SentencePiece, BPE vocabularies).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt")
+
+
+# A reward-model ensemble directory (``rlhf rm --ensemble K``): this file names the members, each a
+# plain AutoModelForSequenceClassification directory beside it; the tokenizer is at the top.
+ENSEMBLE_FILE = "ensemble.json"
 
 
 def _why(e: Exception) -> str:
@@ -98,10 +104,13 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
 
     Loading a causal-LM checkpoint this way keeps its body and adds a fresh scalar head
     (seed 003: "its final language modeling head is replaced with a scalar regression head").
-    With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
+    An ensemble directory (:func:`is_ensemble`) loads its first member; score with all of them
+    through :func:`load_reward_models`. With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
     the weights, such as a causal LM's missing score head, is refused instead.
     """
     _check_local(path)
+    if is_ensemble(path):  # e.g. a critic initialised from an ensemble reward model starts from member 0
+        path = ensemble_members(path)[0]
     from transformers.utils import logging as hf_logging
 
     # From a causal-LM checkpoint a new score head is expected: no "newly initialized" report.
@@ -123,6 +132,58 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device) if device else model
+
+
+def is_ensemble(path: str) -> bool:
+    """Whether ``path`` is a reward-model ensemble directory (it holds ``ensemble.json``)."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), ENSEMBLE_FILE))
+
+
+def read_ensemble(path: str) -> dict:
+    """The checked ``ensemble.json`` of an ensemble directory.
+
+    It must be a JSON object whose ``members`` is a non-empty list of distinct sub-directory
+    names of ``path``, each present; ``aggregation`` (optional) names the default aggregation.
+    Anything else is a :class:`ModelLoadError` naming the file and what is wrong.
+    """
+    from rlhf.algos import AGGREGATIONS
+
+    where = os.path.join(path, ENSEMBLE_FILE)
+    try:
+        with open(where) as f:
+            manifest = json.load(f)
+    except OSError as e:
+        raise ModelLoadError(f"{where}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{where}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    members = manifest.get("members") if isinstance(manifest, dict) else None
+    if (not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members)
+            or len(set(members)) != len(members)):
+        raise ModelLoadError(f"{where}: 'members' must be a non-empty list of distinct member directory names")
+    for m in members:
+        if os.path.isabs(m) or ".." in m.split("/") or not os.path.isdir(os.path.join(path, m)):
+            raise ModelLoadError(f"{where}: member {m!r} has no directory {os.path.join(path, m)}")
+    if manifest.get("aggregation", "mean") not in AGGREGATIONS:
+        raise ModelLoadError(f"{where}: aggregation {manifest['aggregation']!r} is not one of "
+                             f"{', '.join(AGGREGATIONS)}")
+    return manifest
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The member directories of an ensemble directory, in ``ensemble.json``'s order."""
+    return [os.path.join(path, m) for m in read_ensemble(path)["members"]]
+
+
+def load_reward_models(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
+                       attn_implementation: str | None = None) -> list:
+    """The reward model(s) of ``path``: one for a reward-model directory, K for an ensemble.
+
+    Each must have a trained score head (``require_score_head``). K members take K times the
+    memory and K forward passes per scored batch.
+    """
+    paths = ensemble_members(path) if is_ensemble(path) else [path]
+    return [load_sequence_classifier(p, dtype, device, trust_remote_code, attn_implementation,
+                                     require_score_head=True) for p in paths]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,7 +4,8 @@ SupportBot-v1 answers a frustrated customer coldly ("Your order is delayed."). T
 generates a synthetic support world, trains a tokenizer and a small model from scratch on
 mostly mediocre demonstrations (SFT), trains a reward model on noisy human-like preferences,
 then runs PPO against it and DPO on the same pairs, and evaluates all three with the hidden
-gold labeller. It writes ``summary.json``, ``report.html`` with plots, and prints the table.
+gold labeller. It writes ``summary.json``, ``report.html`` with plots (the PPO run's over-optimisation
+monitor among them), ``ppo/report.html`` (``rlhf report`` of the PPO run), and prints the table.
 """
 
 from __future__ import annotations
@@ -135,5 +136,5 @@ def run(cfg: Config) -> dict:
     table = report.table(summary)
     print("\n" + table)
     report.write_html(out, summary, table, ppo_dir=path("ppo"), sft_dir=path("sft"), rm_dir=path("rm"))
-    print(f"\nsummary: {path('summary.json')}\nreport:  {path('report.html')}")
+    print(f"\nsummary: {path('summary.json')}\nreport:  {path('report.html')}\nPPO run: {path('ppo', 'report.html')}")
     return summary

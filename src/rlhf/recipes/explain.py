@@ -25,7 +25,7 @@ from rlhf.models.heads import VALUE_HEAD_FILE
 from rlhf.recipes.common import UserError
 from rlhf.recipes.logprobs import model_response_logprobs
 from rlhf.recipes.ppo import policy_forward
-from rlhf.recipes.scoring import Scorer, load_reward_fns
+from rlhf.recipes.scoring import Scorer, in_prompt_form, load_reward_fns
 from rlhf.rollout import HFRollout, SamplingParams
 
 COLUMNS = ["t", "token", "logp_old", "logp_ref", "kl", "R_t", "V(s_t)", "delta_t", "A_t", "V_target",
@@ -60,7 +60,7 @@ def explain_rollout(model: PolicyWithValueHead, ref: Reference, scorer: Scorer, 
         old_lp, values, _ = policy_forward(model, None, ids, mask, P, temperature)
         ref_lp, _ = model_response_logprobs(ref, ids, mask, P, temperature)
     completion = tokenizer.decode(ids[0, P:], skip_special_tokens=True)
-    score = float(scorer(batch, [prompt], [completion], {})[0][0])
+    score = float(scorer(batch, [prompt], [in_prompt_form(prompt, completion)], {})[0][0])
     # Step 3: R_t = r_t - beta (log pi_old - log pi_ref), r only at the last token.
     kl = kl_estimate(old_lp, ref_lp)[0].tolist()
     rewards = [-kl_coef * k for k in kl]

@@ -11,6 +11,7 @@ Ahmadian et al. 2024 (RLOO).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +27,9 @@ from rlhf.recipes.common import (
 )
 from rlhf.recipes.logprobs import choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.recipes.monitor import Monitor
+from rlhf.recipes.samples import SampleLog
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
+from rlhf.recipes.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import merged_named_weights
 
 
@@ -55,6 +58,8 @@ class Config(RLConfig):
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
+    log_samples: int = 4
+    """Prompts whose first response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()
@@ -148,6 +153,7 @@ def run(cfg: Config) -> dict[str, float]:
                                                           {"reward": "reward", "kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
+    samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
     G = cfg.num_generations
     sampling = cfg.sampling(num_samples=G)
@@ -155,6 +161,20 @@ def run(cfg: Config) -> dict[str, float]:
     layout = choose_layout(policy, cfg.share_prompt, "shared", accelerator.print, accelerator.mixed_precision != "no")
     logprobs_fn = partial(packed_response_logprobs, layout=layout) if layout else model_response_logprobs
     metrics: dict[str, float] = {}
+    # Held-out preference pairs (implicit preference accuracy, step 0 first; without a reference, --beta 0,
+    # the step-0 policy's log-probs are the reference) and --stop-on-overoptimisation.
+    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, accelerator.unwrap_model(model), ref, state.extra,
+                                state.step) if cfg.eval_data else None)
+    if pref_eval is not None and monitor is not None:
+        pref_eval.add_rule(monitor)
+    if pref_eval is not None and state.step == 0:
+        logger.log(0, pref_eval.evaluate(0))
+    title = f"GRPO policy ({cfg.estimator})"
+    best = (BestPolicy(cfg, accelerator, lambda d, m: save_final(accelerator, model, tokenizer,
+                                                                 dataclasses.replace(cfg, output_dir=d), title, m,
+                                                                 checkpointer),
+                       state.extra, "reward (before any KL in the reward)") if cfg.stop_on_overoptimisation else None)
+    stop = False
 
     while state.step < total:
         t0 = time.perf_counter()
@@ -164,6 +184,9 @@ def run(cfg: Config) -> dict[str, float]:
         # 2-3. G samples of each prompt (contiguous), and their rewards.
         batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
                                                                        accelerator.device)
+        if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
+            best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(completions)
+                                                                                      * accelerator.num_processes)))
         mask, P = batch.response_mask, batch.prompt_ids.shape[1]
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
         old_logprobs = ref_logprobs = None
@@ -200,16 +223,24 @@ def run(cfg: Config) -> dict[str, float]:
                    "time/train": t_train - t_score,
                    **score_metrics, **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
-            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf)))
-            monitor.warn(state.step, metrics, logger)
-        if state.step % cfg.log_every == 0 or state.step == total:
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
+                                           member_scores=scorer.last_member_scores))
+        stop = watch(state.step, total, metrics, monitor, pref_eval, best, logger)  # warnings; stop at one?
+        if state.step % cfg.log_every == 0 or state.step == total or stop:
             logger.log(state.step, metrics)
+        samples.write(state.step, [e["prompt"] for e in examples], completions, raw_scores, mask, group_size=G)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
+        if stop:
+            break
 
     if monitor is not None:
         monitor.summary(state.step, logger)
     logger.close()
     check_trained(state)
-    save_final(accelerator, model, tokenizer, cfg, f"GRPO policy ({cfg.estimator})", metrics, checkpointer)
+    save_last = lambda: save_final(accelerator, model, tokenizer, cfg, title, metrics, checkpointer)  # noqa: E731
+    if best is not None:  # on a stop, the best policy before the warning; else the last step's
+        best.finish(stop, state.step, save_last)
+    else:
+        save_last()
     return metrics

@@ -3,6 +3,14 @@
 Both work on any HF-format causal LM: our SFT, PPO, DPO and GRPO outputs, or a plain
 transformers model. A tokenizer with a chat template gets the prompt as a user message
 (``--raw`` sends the text as is); one without uses the documented plain template.
+
+``rlhf chat`` streams each reply token by token (transformers' ``generate`` with a streamer).
+On a terminal, lines are read through ``readline`` where the platform has it (line editing,
+and Up/Down for earlier lines). Ctrl-C during a reply stops that reply only: ``[stopped]`` is
+printed and the part already shown stays in the history as the assistant's turn, so the
+model sees what the user saw (a reply stopped before its first token is dropped with the user's
+turn, so turns keep alternating). Ctrl-C at an empty prompt, Ctrl-D, ``/exit`` or ``/quit``
+end the session with exit status 0.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import argparse
 import sys
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from rlhf.data import Encoder
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -59,6 +68,46 @@ class Generator:
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+class _Stream(BaseStreamer):
+    """Receives ``generate``'s tokens (the prompt first, skipped), writes the text they add and keeps it."""
+
+    def __init__(self, tokenizer, write):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.text, self.prompt_seen = "", False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids += value.flatten().tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.text) and not text.endswith("\ufffd"):  # whole characters only
+            self.write(text[len(self.text) :])
+            self.text = text
+
+    def end(self) -> None:
+        pass
+
+
+def stream_reply(gen: Generator, messages: list[dict], write) -> tuple[str, bool]:
+    """Sample a reply to ``messages``, writing its text as it comes; ``(text, stopped)``, where
+    ``stopped`` says Ctrl-C (KeyboardInterrupt) ended it early and ``text`` is what was shown."""
+    ids = torch.tensor([gen.encoder.prompt_ids(gen.as_prompt(messages))], device=gen.model.device)
+    p = gen.params
+    sampling = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None) \
+        if p.temperature > 0 else dict(do_sample=False)
+    stream = _Stream(gen.tokenizer, write)
+    try:
+        with torch.no_grad():
+            gen.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=stream, max_new_tokens=p.max_new_tokens,
+                               eos_token_id=gen.tokenizer.eos_token_id, pad_token_id=gen.tokenizer.pad_token_id,
+                               **sampling)
+    except KeyboardInterrupt:
+        return stream.text.strip(), True
+    return stream.text.strip(), False
+
+
 def _read_prompts(path: str) -> list:
     from rlhf.data.formats import normalize
     from rlhf.data.readers import DataError, read_records
@@ -87,16 +136,53 @@ def generate(args) -> int:
     return 0
 
 
+def _line_reader(stdin, stdout):
+    """``read()`` -> the next line, or None at EOF. On a terminal, ``input`` with ``readline``'s
+    line editing and history where the platform has it; otherwise ``stdin.readline``."""
+    if stdin is sys.stdin and stdin.isatty() and stdout is sys.stdout:
+        try:
+            import readline  # noqa: F401  (input() edits lines and keeps history once it is imported)
+        except ImportError:  # Windows and some builds have none
+            pass
+
+        def read() -> str | None:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        return read
+
+    def read() -> str | None:
+        print("you> ", end="", file=stdout, flush=True)
+        return stdin.readline() or None
+    return read
+
+
+def _pending_text() -> str:
+    """What was typed at the prompt when Ctrl-C came (readline's buffer; '' without readline)."""
+    readline = sys.modules.get("readline")
+    return readline.get_line_buffer() if readline is not None else ""
+
+
 def chat(args, stdin=None, stdout=None) -> int:
+    """A terminal chat keeping the conversation's history (the module docstring says how Ctrl-C,
+    Ctrl-D and the slash commands act)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     torch.manual_seed(args.seed)
     gen = Generator(args)
     history: list[dict] = []
-    print(f"Chatting with {args.model}. /reset clears the history, /exit or Ctrl-D quits.", file=stdout, flush=True)
+    print(f"Chatting with {args.model}. /reset clears the history, Ctrl-C stops a reply, /exit or Ctrl-D quits.",
+          file=stdout, flush=True)
+    read = _line_reader(stdin, stdout)
     while True:
-        print("you> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        try:
+            line = read()
+        except KeyboardInterrupt:  # at the prompt: a typed line is dropped, an empty prompt ends the session
+            print(file=stdout, flush=True)
+            if _pending_text().strip():
+                continue
+            return 0
+        if line is None or line.strip() in ("/exit", "/quit"):
             print(file=stdout)
             return 0
         text = line.strip()
@@ -107,9 +193,13 @@ def chat(args, stdin=None, stdout=None) -> int:
             print("(history cleared)", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": text})
-        reply = gen.complete([list(history)])[0]
-        history.append({"role": "assistant", "content": reply})
-        print(f"bot> {reply}", file=stdout, flush=True)
+        print("bot> ", end="", file=stdout, flush=True)
+        reply, stopped = stream_reply(gen, list(history), lambda t: print(t, end="", file=stdout, flush=True))
+        if stopped and not reply:
+            history.pop()  # stopped before a word: the user's turn goes too, so turns keep alternating
+        else:
+            history.append({"role": "assistant", "content": reply})
+        print(" [stopped]" if stopped else "", file=stdout, flush=True)
 
 
 def check_args(args) -> None:

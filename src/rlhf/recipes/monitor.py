@@ -5,7 +5,12 @@ as ``monitor/...`` metrics; the first batch it sees (the SFT model's own samples
 update and logged at step 1) is its baseline, kept in the checkpoint's training state so a resumed
 run compares with the same start. When a signal crosses its threshold (``--monitor-*``) the run
 says so in one line, once per signal, and at the end one line sums up the warnings. It needs no
-gold labeller and no reward-model ensemble; it reads only the samples, their scores and the KL.
+gold labeller; it reads only the samples, their scores and the KL, and with a reward-model ensemble
+(``rlhf rm --ensemble K``) the members' scores: their disagreement, ``monitor/rm_disagreement``, is
+the mean over samples of the population std across members of the *normalised* scores (each member
+whitened by its own statistics, the scores the aggregation sees). Normalised, because the
+Bradley-Terry loss fixes neither a member's offset nor its scale: raw scores of members trained
+with other seeds differ by a constant that is no disagreement about any sample.
 
 The signals are this process's rows (the main process logs them), not a gather over processes.
 """
@@ -14,12 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.algos import distinct_n, kl_reward_fraction, relative_drift, repetition_fraction, reward_length
+from rlhf.algos import (
+    distinct_n, ensemble_std, kl_reward_fraction, relative_drift, repetition_fraction, reward_length,
+)
 
 # Signals compared with their step-0 values: metric name -> key of the baseline.
 DRIFTS = {"monitor/distinct2_across_vs_start": "monitor/distinct2_across",
           "monitor/distinct2_within_vs_start": "monitor/distinct2_within",
           "monitor/length_vs_start": "monitor/length_mean"}
+# Signals measured only with a reward-model ensemble, compared with their step-0 values alike.
+ENSEMBLE_DRIFTS = {"monitor/rm_disagreement_vs_start": "monitor/rm_disagreement"}
 
 
 class Monitor:
@@ -41,14 +50,20 @@ class Monitor:
              lambda v, t: abs(v) >= t, "the score follows the response length (Pearson r = {value})"),
             ("monitor/kl_reward_fraction", "--monitor-kl-fraction", cfg.monitor_kl_fraction,
              lambda v, t: v >= t, "the KL penalty gives back {pct} of the mean |score|"),
+            ("monitor/rm_disagreement_vs_start", "--monitor-disagreement-growth",
+             getattr(cfg, "monitor_disagreement_growth", None), lambda v, t: v >= t,
+             ("the reward models disagree {pct} more than at step 0 (the policy may exploit what some of them "
+              "reward and others do not)")),
         ]
 
     def measure(self, step: int, response_ids: torch.Tensor, response_mask: torch.Tensor, scores: torch.Tensor,
-                kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> dict[str, float]:
-        """The signals of one rollout batch (``kl``: per-token KL of the penalty, if any, and its coefficient).
+                kl: torch.Tensor | None = None, kl_coef: float = 0.0, member_scores: torch.Tensor | None = None
+                ) -> dict[str, float]:
+        """The signals of one rollout batch (``kl``: per-token KL of the penalty, if any, and its coefficient;
+        ``member_scores``: a reward-model ensemble's normalised scores, ``Scorer.last_member_scores``).
 
         Shape:
-            response_ids, response_mask, kl: (B, T); scores: (B,) (before any KL penalty).
+            response_ids, response_mask, kl: (B, T); scores: (B,) (before any KL penalty); member_scores: (B, K).
         """
         # One copy to the CPU: n-gram counting is a loop over rows.
         response_ids, response_mask, scores = response_ids.cpu(), response_mask.cpu(), scores.cpu()
@@ -60,11 +75,17 @@ class Monitor:
         if kl is not None:
             fraction, penalty = kl_reward_fraction(scores, kl.cpu(), response_mask, kl_coef)
             signals.update({"monitor/kl_penalty": float(penalty), "monitor/kl_reward_fraction": float(fraction)})
+        if member_scores is not None and member_scores.shape[1] > 1:
+            signals["monitor/rm_disagreement"] = float(ensemble_std(member_scores.cpu()).mean())
         if not self.state["baseline"]:
             self.state["baseline"] = {key: signals[key] for key in DRIFTS.values()}
             self.state["baseline_step"] = step
-        for name, key in DRIFTS.items():
-            signals[name] = relative_drift(signals[key], self.state["baseline"][key])
+        for name, key in ENSEMBLE_DRIFTS.items():
+            if key in signals:  # the first batch with an ensemble's scores is its baseline
+                self.state["baseline"].setdefault(key, signals[key])
+        for name, key in {**DRIFTS, **ENSEMBLE_DRIFTS}.items():
+            if key in signals:
+                signals[name] = relative_drift(signals[key], self.state["baseline"][key])
         return signals
 
     def warn(self, step: int, signals: dict[str, float], logger) -> None:
@@ -89,3 +110,8 @@ class Monitor:
             return
         listed = ", ".join(f"{name} (first at step {s})" for name, s in sorted(warned.items(), key=lambda x: x[1]))
         logger.event(step, f"over-optimisation monitor: {len(warned)} warning(s): {listed}", **fields)
+
+    def add_rule(self, name: str, flag: str, threshold: float | None, crossed, meaning: str) -> None:
+        """One more signal for :meth:`warn`, read like the built-in ones: a signal a recipe measures
+        itself, such as the implicit preference accuracy on --eval-data (:mod:`rlhf.recipes.stopping`)."""
+        self.rules.append((name, flag, threshold, crossed, meaning))

@@ -11,6 +11,8 @@ lm-human-preferences. Run: ``rlhf ppo --model SFT_DIR --reward-model RM_DIR --da
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -30,7 +32,9 @@ from rlhf.recipes.common import (
 from rlhf.recipes.logprobs import model_response_logprobs, response_logprobs
 from rlhf.recipes.logs import write_model_card
 from rlhf.recipes.monitor import Monitor
+from rlhf.recipes.samples import SampleLog
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
+from rlhf.recipes.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
 
@@ -74,6 +78,8 @@ class Config(RLConfig):
     """c1: weight of the value loss."""
     ent_coef: float = 0.01
     """c2: weight of the entropy bonus."""
+    log_samples: int = 4
+    """Prompts whose response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()
@@ -201,6 +207,28 @@ def build_models(cfg: Config, accelerator):
     return tokenizer, model, critic, ref
 
 
+def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics: dict[str, float], checkpointer,
+                directory: str | None = None) -> None:
+    """The policy (HF format, LoRA merged or not), and its value head or critic, in ``directory``
+    (default --output-dir; ``OUTPUT/best`` for --stop-on-overoptimisation)."""
+    if directory is not None:
+        cfg = dataclasses.replace(cfg, output_dir=directory)
+    save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
+               checkpointer)
+    if accelerator.is_main_process:
+        try:
+            if critic is None:
+                unwrapped.save_value_head(cfg.output_dir)
+            else:
+                critic_dir = os.path.join(cfg.output_dir, "critic")
+                accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
+                write_model_card(cfg, critic_dir, "PPO critic", metrics)
+        except OSError as e:
+            raise UserError(f"--output-dir {cfg.output_dir}: the policy was saved, but not the critic "
+                            f"({e.strerror or e}); last checkpoint: {checkpointer.latest() or 'none'}") from None
+    accelerator.wait_for_everyone()
+
+
 def run(cfg: Config) -> dict[str, float]:
     cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
@@ -229,20 +257,34 @@ def run(cfg: Config) -> dict[str, float]:
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
+    samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     unwrapped = accelerator.unwrap_model(model)
     sampled_policy = unwrapped.policy if critic is None else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
     sampling = cfg.sampling()
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics: dict[str, float] = {}
+    # Held-out preference pairs (implicit preference accuracy, step 0 first) and --stop-on-overoptimisation.
+    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, sampled_policy, ref, state.extra, state.step)
+                 if cfg.eval_data else None)
+    if pref_eval is not None and monitor is not None:
+        pref_eval.add_rule(monitor)
+    if pref_eval is not None and state.step == 0:
+        logger.log(0, pref_eval.evaluate(0))
+    best = (BestPolicy(cfg, accelerator, lambda d, m: save_models(accelerator, unwrapped, critic, tokenizer, cfg, m,
+                                                                  checkpointer, d), state.extra, "objective/scores")
+            if cfg.stop_on_overoptimisation else None)
+    stop = False
 
     while state.step < total:
         t0 = time.perf_counter()
         # 1. Sample a batch of prompts.
         examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
         # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them.
-        batch, _, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
-                                                             accelerator.device)
+        batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
+                                                                       scorer, accelerator.device)
+        if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
+            best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)))
         # 4. Old log-probs, values and reference log-probs, without gradients, dropout off.
         old_logprobs, old_values, ref_logprobs, pass_seconds = rollout_forwards(cfg, model, critic, ref, batch,
                                                                                 cfg.batch_size)
@@ -283,30 +325,24 @@ def run(cfg: Config) -> dict[str, float]:
             "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
-            metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef))
-            monitor.warn(state.step, metrics, logger)
-        if state.step % cfg.log_every == 0 or state.step == total:
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,
+                                           member_scores=scorer.last_member_scores))
+        stop = watch(state.step, total, metrics, monitor, pref_eval, best, logger)  # warnings; stop at one?
+        if state.step % cfg.log_every == 0 or state.step == total or stop:
             logger.log(state.step, metrics)
+        samples.write(state.step, [e["prompt"] for e in examples], completions, scores, mask)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
+        if stop:
+            break
 
     if monitor is not None:
         monitor.summary(state.step, logger)
     logger.close()
     check_trained(state)
-    save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
-               checkpointer)
-    if accelerator.is_main_process:
-        try:
-            if critic is None:
-                unwrapped.save_value_head(cfg.output_dir)
-            else:
-                import os
-
-                critic_dir = os.path.join(cfg.output_dir, "critic")
-                accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
-                write_model_card(cfg, critic_dir, "PPO critic", metrics)
-        except OSError as e:
-            raise UserError(f"--output-dir {cfg.output_dir}: the policy was saved, but not the critic "
-                            f"({e.strerror or e}); last checkpoint: {checkpointer.latest() or 'none'}") from None
+    save_last = lambda: save_models(accelerator, unwrapped, critic, tokenizer, cfg, metrics, checkpointer)  # noqa: E731
+    if best is not None:  # on a stop, the best policy before the warning; else the last step's
+        best.finish(stop, state.step, save_last)
+    else:
+        save_last()
     return metrics

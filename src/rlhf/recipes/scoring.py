@@ -1,9 +1,10 @@
 """Scoring responses for RL: a frozen reward model, Python reward functions, or both.
 
 A reward function is named ``module:function`` (optionally ``module:function:weight``). It
-receives ``prompts`` and ``completions`` as lists (prompts as in the dataset: text or
-messages; completions as text) plus every extra dataset column as a keyword list, and
-returns one float per completion, as in TRL. Anything else (NaN, inf, None, a string) stops
+receives ``prompts`` and ``completions`` as lists plus every extra dataset column as a keyword
+list, and returns one float per completion, as in TRL. Prompts are as in the dataset: text or
+messages. A completion takes its prompt's form, as in TRL: text for a text prompt, and
+``[{"role": "assistant", "content": text}]`` for a conversational one (:func:`in_prompt_form`). Anything else (NaN, inf, None, a string) stops
 the run with one line naming the function, the value and the prompt's ``file:line``.
 """
 
@@ -19,8 +20,10 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhf.algos import AGGREGATIONS, aggregate_scores, ensemble_std
 from rlhf.models import (
-    ModelLoadError, freeze, get_score_stats, load_sequence_classifier, load_tokenizer, sequence_scores,
+    ModelLoadError, freeze, get_score_stats, is_ensemble, load_reward_models, load_tokenizer, member_scores,
+    read_ensemble, sequence_scores,
 )
 from rlhf.recipes.common import TrainConfig, UserError, max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams
@@ -60,18 +63,39 @@ class Scorer:
     ``normalize`` whitens reward-model scores with the mean and std stored in the model's
     config by ``rlhf rm``; ``clip`` bounds the total; ``missing_eos_penalty`` is subtracted
     from responses that never stopped.
+
+    ``reward_model`` may be a list of K ensemble members (``rlhf rm --ensemble K``): each scores
+    every sequence and is whitened with its own statistics, giving a (B, K) matrix that
+    :func:`rlhf.algos.aggregate_scores` turns into one score by ``aggregation`` (``mean``,
+    ``mean_minus_std`` with ``uncertainty_coef`` as lambda, ``min``). The matrix of the last call
+    is kept in ``last_member_scores`` for the over-optimisation monitor (``None`` with one model).
     """
 
-    reward_model: torch.nn.Module | None = None
+    reward_model: torch.nn.Module | list[torch.nn.Module] | None = None
     reward_fns: list[RewardFn] = field(default_factory=list)
     normalize: bool = True
     clip: float | None = None
     missing_eos_penalty: float | None = None
+    aggregation: str = "mean"
+    uncertainty_coef: float = 1.0
 
     def __post_init__(self):
+        if isinstance(self.reward_model, (list, tuple)):
+            self.members = list(self.reward_model)
+            self.reward_model = self.members[0] if len(self.members) == 1 else self.members
+        else:
+            self.members = [] if self.reward_model is None else [self.reward_model]
         if self.reward_model is None and not self.reward_fns:
             raise UserError("give a reward: --reward-model DIR and/or --reward-fn module:function")
-        self.stats = get_score_stats(self.reward_model) if self.reward_model is not None and self.normalize else None
+        if self.aggregation not in AGGREGATIONS:
+            raise UserError(f"--reward-aggregation {self.aggregation}: valid: {', '.join(AGGREGATIONS)}")
+        member_stats = [get_score_stats(m) for m in self.members] if self.normalize else []
+        if any(member_stats) and not all(member_stats):
+            raise UserError("--reward-model: some ensemble members store score statistics and some do not, so their "
+                            "scores cannot be whitened alike; pass --no-normalize-reward or retrain with rlhf rm")
+        self.member_stats = member_stats if all(member_stats) else []
+        self.stats = self.member_stats[0] if len(self.members) == 1 and self.member_stats else None
+        self.last_member_scores: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str], extras: dict[str, list],
@@ -82,7 +106,10 @@ class Scorer:
         device = batch.response_ids.device
         scores = torch.zeros(batch.response_ids.shape[0], device=device)
         metrics: dict[str, float] = {}
-        if self.reward_model is not None:
+        if len(self.members) > 1:
+            rm = self.ensemble_scores(batch, metrics)
+            scores += rm
+        elif self.reward_model is not None:
             rm = sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask).float()
             if self.stats:
                 rm = (rm - self.stats[0]) / max(self.stats[1], 1e-6)
@@ -104,8 +131,34 @@ class Scorer:
             scores = scores - self.missing_eos_penalty * (~batch.finished).float()
         return scores, metrics
 
+    def ensemble_scores(self, batch: RolloutBatch, metrics: dict[str, float]) -> torch.Tensor:
+        """The members' aggregated score, and in ``metrics`` ``objective/rm_score`` (aggregated),
+        ``objective/rm_score_mean`` (the members' mean) and ``objective/rm_std`` (their disagreement:
+        the mean over sequences of the population std across members).
 
-def _call(r: RewardFn, prompts: list, completions: list[str], extras: dict[str, list], where: list[str] | None):
+        Shape:
+            -> (B,); ``self.last_member_scores``: (B, K).
+        """
+        scores = member_scores(self.members, batch.input_ids, batch.attention_mask)  # (B, K)
+        if self.member_stats:
+            mean = scores.new_tensor([m for m, _ in self.member_stats])
+            std = scores.new_tensor([max(s, 1e-6) for _, s in self.member_stats])
+            scores = (scores - mean) / std  # each member with its own statistics
+        self.last_member_scores = scores
+        aggregated = aggregate_scores(scores, self.aggregation, self.uncertainty_coef)  # (B,)
+        metrics.update({"objective/rm_score": float(aggregated.mean()),
+                        "objective/rm_score_mean": float(scores.mean()),
+                        "objective/rm_std": float(ensemble_std(scores).mean())})
+        return aggregated
+
+
+def in_prompt_form(prompt, text: str):
+    """A completion as TRL gives it to reward functions: ``text`` after a string prompt,
+    ``[{"role": "assistant", "content": text}]`` after a message list."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _call(r: RewardFn, prompts: list, completions: list, extras: dict[str, list], where: list[str] | None):
     """``r.fn`` on the batch; an exception it raises is a :class:`UserError` naming the function,
     the exception's first line and the record: the first completion that raises on its own
     (the function is called once per completion to find it), else the batch's prompts."""
@@ -151,7 +204,15 @@ class RLConfig(TrainConfig):
     prompts: str | None = None
     """Prompt file (same as --data)."""
     reward_model: str | None = None
-    """Frozen reward model directory (from rlhf rm)."""
+    """Frozen reward model directory (from rlhf rm), or a reward-model ensemble directory (rlhf rm --ensemble K):
+    K members take K times the reward model's memory and scoring time."""
+    reward_aggregation: Literal["mean", "mean_minus_std", "min"] | None = None
+    """How an ensemble's member scores (each whitened by its own statistics) become one: mean; mean_minus_std,
+    the mean minus --reward-uncertainty-coef times their population std (the uncertainty-weighted reward of
+    Coste et al. 2023); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
+    every aggregation is its score."""
+    reward_uncertainty_coef: float = 1.0
+    """Lambda of --reward-aggregation mean_minus_std (0 or more)."""
     reward_fn: str | None = None
     """Python reward(s) module:function[:weight], comma-separated; added to the reward model's score."""
     normalize_reward: bool = True
@@ -189,6 +250,15 @@ class RLConfig(TrainConfig):
     monitor_kl_fraction: float | None = 0.5
     """Warn when the KL penalty (coefficient x summed KL per response) reaches this fraction of the mean |score|
     (none: never)."""
+    monitor_disagreement_growth: float | None = 0.5
+    """Warn when a reward-model ensemble's disagreement (monitor/rm_disagreement) grows by this fraction of its
+    step-0 value (none: never; only with an ensemble --reward-model)."""
+    monitor_pref_accuracy_drop: float | None = 0.1
+    """Warn when the implicit preference accuracy on --eval-data falls this much (absolute) below its step-0
+    value (none: never)."""
+    stop_on_overoptimisation: bool = False
+    """Stop at the monitor's first warning; the final model is then the best policy before it (OUTPUT/best,
+    by the rollout's mean score)."""
 
     def check(self) -> None:
         if self.prompts:
@@ -197,14 +267,17 @@ class RLConfig(TrainConfig):
         for name in ("max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs"):
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not (math.isfinite(self.reward_uncertainty_coef) and self.reward_uncertainty_coef >= 0):
+            raise UserError(f"--reward-uncertainty-coef must be 0 or more, got {self.reward_uncertainty_coef}")
         if self.truncated_sampling() and not self.allow_truncated_sampling:
             raise UserError(f"{self.truncated_sampling()}: sampling from a truncated distribution while the old, "
                             "reference and new log-probs score the full softmax makes every update off-policy; "
                             "pass --allow-truncated-sampling to do it anyway")
         recipe = type(self).__module__.rsplit(".", 1)[-1]
-        if self.eval_data or self.eval_every:  # flags shared with the offline recipes, not used online
-            flag = "--eval-data" if self.eval_data else "--eval-every"
-            raise UserError(f"{flag}: {recipe} has no held-out evaluation; drop --eval-data and --eval-every")
+        if self.eval_every and not self.eval_data:  # --eval-data: preference pairs (implicit preference accuracy)
+            raise UserError(f"--eval-every: {recipe} evaluates --eval-data preference pairs; give --eval-data too")
+        if self.stop_on_overoptimisation and not self.monitor:
+            raise UserError("--stop-on-overoptimisation stops at the monitor's first warning; drop --no-monitor")
         if self.grad_accum != 1:
             raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
                             "--mini-batch-size update; set those instead")
@@ -232,20 +305,21 @@ class RLConfig(TrainConfig):
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, num_samples)
 
     def scorer(self, tokenizer, device) -> "Scorer":
-        """The frozen reward model (if any) and reward functions, as one :class:`Scorer`."""
-        reward_model = None
+        """The frozen reward model(s) (if any) and reward functions, as one :class:`Scorer`."""
+        reward_models, aggregation = None, self.reward_aggregation or "mean"
         if self.reward_model:
             if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
                                 "the reward model must share the policy's tokenizer")
             try:
-                reward_model = load_sequence_classifier(self.reward_model, require_score_head=True,
-                                                        attn_implementation=self.attn_implementation)
+                if is_ensemble(self.reward_model) and self.reward_aggregation is None:
+                    aggregation = read_ensemble(self.reward_model).get("aggregation", "mean")
+                reward_models = load_reward_models(self.reward_model, attn_implementation=self.attn_implementation)
             except ModelLoadError as e:
                 raise UserError(f"--reward-model {e}") from None
-            reward_model = freeze(reward_model).to(device)
-        return Scorer(reward_model, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
-                      self.missing_eos_penalty)
+            reward_models = [freeze(m).to(device) for m in reward_models]
+        return Scorer(reward_models, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
+                      self.missing_eos_penalty, aggregation, self.reward_uncertainty_coef)
 
 
 def check_prompt_positions(cfg: RLConfig, policy, prompts) -> None:
@@ -286,8 +360,9 @@ _NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated", 
 def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
     """Sample ``params.num_samples`` responses per prompt and score them.
 
-    Returns ``(batch, completions, scores, metrics)``; the reward functions receive each
-    prompt, its completion and the prompt's extra dataset columns, repeated per sample.
+    Returns ``(batch, completions, scores, metrics)`` with ``completions`` as text; the reward
+    functions receive each prompt, its completion in the prompt's form (:func:`in_prompt_form`)
+    and the prompt's extra dataset columns, repeated per sample.
     ``metrics`` holds the scorer's and ``time/generate`` and ``time/score``.
     """
     t0 = time.perf_counter()
@@ -297,7 +372,8 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     repeated = [e for e in examples for _ in range(params.num_samples)]
     extras = {k: [e[k] for e in repeated] for k in examples[0] if k not in _NOT_EXTRA}
-    scores, metrics = scorer(batch, [e["prompt"] for e in repeated], completions, extras,
+    prompts = [e["prompt"] for e in repeated]
+    scores, metrics = scorer(batch, prompts, [in_prompt_form(p, c) for p, c in zip(prompts, completions)], extras,
                              [e.get("_where") for e in repeated])
     metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
     return batch, completions, scores, metrics

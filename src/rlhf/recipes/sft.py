@@ -1,6 +1,7 @@
 """Stage 1: supervised fine-tuning on (prompt, ideal response) pairs.
 
-The loss is next-token cross-entropy on the response tokens (seed 003, Phase 1); LoRA is the
+The loss is next-token cross-entropy on the response tokens (seed 003, Phase 1), every
+assistant turn of a ``messages`` conversation (TRL's ``assistant_only_loss``); LoRA is the
 memory-saving option. Run it as ``rlhf sft --model DIR --data sft.jsonl --output-dir OUT``,
 or under ``accelerate launch`` for DDP, FSDP or DeepSpeed.
 """
@@ -32,7 +33,7 @@ class Config(TrainConfig):
     """Pack each micro-batch into one padding-free row (positions restart per example; off where a probe
     finds the model's result differs from the padded one)."""
     completion_only_loss: bool = True
-    """Loss on the response tokens only; off: on the prompt tokens too."""
+    """Loss on the response tokens only (every assistant turn of a conversation); off: on the prompt tokens too."""
 
 
 def count_tokens(batch: dict) -> int:

@@ -1,0 +1,483 @@
+"""``rlhf report RUN_DIR``: one self-contained HTML page of any run (sft, rm, dpo, ppo, grpo), issue 15.
+
+It reads what the run left in its directory: ``metrics.jsonl`` (metrics and events), the config
+(the model card ``README.md`` of a finished run, else the newest checkpoint's ``rlhf_run.json``) and,
+for PPO and GRPO, ``samples.jsonl``. The page shows what the run was, the reward, KL and loss over
+the steps, one small plot per over-optimisation signal (``monitor/...``) with its threshold and the
+step of its warning, the table of the monitor's warnings, and sample responses at chosen steps side
+by side. The plots are inline SVG drawn here (no image files, no plotting library), and the same run
+directory always gives the same bytes. Run: ``rlhf report runs/ppo [--output report.html] [--steps 1,50,100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import html
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from rlhf.recipes.checkpoints import RUN_FILE
+from rlhf.recipes.common import UserError
+from rlhf.recipes.samples import SAMPLES_FILE
+
+# The headline curves, in this order, where the run logged them.
+HEADLINE = ("objective/scores", "reward", "objective/rm_score", "objective/rlhf_reward", "objective/kl", "kl",
+            "train/loss", "eval/loss", "train/accuracy", "train/token_accuracy", "rewards/accuracies", "eval/accuracy",
+            "rewards/margins", "eval/margin", "response/length_mean", "completions/mean_length")
+# What the run was: the config fields shown first, where set.
+KEY_FIELDS = ("model", "data", "eval_data", "reward_model", "reward_fn", "critic", "estimator", "loss_type", "lr",
+              "epochs", "max_steps", "batch_size", "rollout_batch_size", "mini_batch_size", "num_generations",
+              "ppo_epochs", "kl_coef", "adaptive_kl", "beta", "max_new_tokens", "temperature", "lora", "seed")
+# The model card's title -> recipe module (the run record's "recipe"); the command line names reward "rm".
+TITLES = {"SFT model": "sft", "Reward model": "reward", "PPO policy": "ppo", "DPO policy": "dpo", "GRPO policy": "grpo"}
+COMMANDS = {"reward": "rm"}
+MAX_POINTS = 500  # per curve; longer runs are thinned evenly (the last step always kept)
+
+
+@dataclass
+class Run:
+    """What a run directory holds, as read by :func:`load_run`."""
+
+    directory: str
+    rows: list[dict]  # metric lines of metrics.jsonl, in file order
+    events: list[dict]  # event lines of metrics.jsonl
+    recipe: str | None = None
+    config: dict | None = None
+    config_source: str | None = None
+    samples: list[dict] = field(default_factory=list)
+    skipped_lines: int = 0  # lines that were not JSON (a run killed mid-write)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """Steps and finite values of metric ``key``."""
+        points = [(r["step"], float(r[key])) for r in self.rows if _is_number(r.get(key))]
+        points = [(s, v) for s, v in points if math.isfinite(v)]
+        return [s for s, _ in points], [v for _, v in points]
+
+    def metric_keys(self) -> list[str]:
+        """Every numeric metric, in the order the run first logged it."""
+        seen: dict[str, None] = {}
+        for r in self.rows:
+            for k, v in r.items():
+                if k != "step" and _is_number(v):
+                    seen.setdefault(k, None)
+        return list(seen)
+
+    @property
+    def warnings(self) -> list[dict]:
+        """The monitor's warning events (those naming a ``signal``)."""
+        return [e for e in self.events if "signal" in e]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ---- reading the run directory ------------------------------------------------------------------
+
+def _read_jsonl(path: str) -> tuple[list[dict], int]:
+    rows, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
+def _model_card_config(run_dir: str) -> tuple[str | None, dict | None]:
+    """Recipe and config from the model card ``README.md`` written at the end of a run."""
+    path = os.path.join(run_dir, "README.md")
+    if not os.path.exists(path):
+        return None, None
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    title = text.splitlines()[0].lstrip("# ").strip() if text else ""
+    recipe = next((r for t, r in TITLES.items() if title.startswith(t)), None)
+    start = text.find("## Config\n\n```yaml\n")
+    if start < 0:
+        return recipe, None
+    body = text[start + len("## Config\n\n```yaml\n"):]
+    try:
+        config = yaml.safe_load(body[: body.find("```")])
+    except yaml.YAMLError:
+        return recipe, None
+    return recipe, config if isinstance(config, dict) else None
+
+
+def _checkpoint_config(run_dir: str) -> tuple[str | None, dict | None, str | None]:
+    """Recipe and run record of the newest checkpoint (a run that has not finished)."""
+    records = sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step-*", RUN_FILE)))
+    if not records:
+        return None, None, None
+    try:
+        with open(records[-1], encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None, None, None
+    return record.pop("recipe", None), record, os.path.relpath(records[-1], run_dir)
+
+
+def _recipe_from_metrics(keys: list[str]) -> str | None:
+    """The recipe that logs these metrics, for a run with no config saved yet."""
+    for key, recipe in (("objective/scores", "ppo"), ("completions/mean_length", "grpo"), ("logps/chosen", "dpo"),
+                        ("train/accuracy", "reward"), ("train/token_accuracy", "sft")):
+        if key in keys:
+            return recipe
+    return None
+
+
+def load_run(run_dir: str) -> Run:
+    """Read a run directory; a directory without ``metrics.jsonl`` is a :class:`UserError`."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such directory")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{run_dir}: no metrics.jsonl here; give the --output-dir of an rlhf sft, rm, ppo, dpo or "
+                        "grpo run")
+    lines, bad = _read_jsonl(path)
+    rows = [r for r in lines if "event" not in r and _is_number(r.get("step"))]
+    events = [e for e in lines if "event" in e]
+    run = Run(run_dir, rows, events, skipped_lines=bad)
+    recipe, run.config = _model_card_config(run_dir)
+    run.config_source = "README.md (the model card)" if run.config else None
+    if run.config is None:
+        ckpt_recipe, run.config, run.config_source = _checkpoint_config(run_dir)
+        recipe = recipe or ckpt_recipe
+    run.recipe = recipe or _recipe_from_metrics(run.metric_keys())
+    samples_path = os.path.join(run_dir, SAMPLES_FILE)
+    if os.path.exists(samples_path):
+        run.samples, bad_samples = _read_jsonl(samples_path)
+        run.skipped_lines += bad_samples
+    return run
+
+
+# ---- monitor thresholds -------------------------------------------------------------------------
+
+class _SavedConfig:
+    """The saved config as attributes for :class:`rlhf.recipes.monitor.Monitor` (a missing field is None)."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def __getattr__(self, name: str):
+        return self.values.get(name)
+
+
+def monitor_thresholds(run: Run) -> dict[str, list[float]]:
+    """Signal -> the values at which the monitor warns (the lines on its plot).
+
+    The rules are the monitor's own (:class:`rlhf.recipes.monitor.Monitor`); each threshold is the
+    saved config's ``monitor_*`` field, else the one a warning event recorded. A line sits where
+    the rule's verdict flips: ``t`` for "grows by t", ``-t`` for "falls by t", both for ``|r| >= t``.
+    """
+    from rlhf.recipes.monitor import Monitor
+
+    config = run.config or {}
+    recorded = {e["signal"]: e["threshold"] for e in run.warnings if _is_number(e.get("threshold"))}
+    lines = {}
+    for name, flag, _, crossed, _ in Monitor(_SavedConfig(config), {}).rules:
+        key = flag.lstrip("-").replace("-", "_")
+        t = config[key] if key in config else recorded.get(name)
+        if not _is_number(t):
+            continue
+        at = []
+        for c in sorted({t, -t}):
+            d = 1e-9 * max(1.0, abs(c))
+            if crossed(c, t) != crossed(c - d, t) or crossed(c, t) != crossed(c + d, t):
+                at.append(float(c))
+        lines[name] = at
+    return lines
+
+
+# ---- SVG plots ----------------------------------------------------------------------------------
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _thin(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    if len(steps) <= MAX_POINTS:
+        return steps, values
+    idx = sorted({round(i * (len(steps) - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)})
+    return [steps[i] for i in idx], [values[i] for i in idx]
+
+
+def svg_plot(title: str, steps: list[int], values: list[float], hlines: list[float] = (),
+             marks: list[tuple[int, str]] = (), width: int = 300, height: int = 170) -> str:
+    """A small line plot as inline SVG.
+
+    Args:
+        title: shown above the plot (escaped).
+        steps, values: the curve.
+        hlines: dashed red lines at these values (thresholds); the y range includes them.
+        marks: ``(step, label)`` pairs drawn as orange vertical lines (monitor warnings), the label as a tooltip.
+    """
+    left, right, top, bottom = 54, 10, 20, 22
+    pw, ph = width - left - right, height - top - bottom
+    steps, values = _thin(list(steps), list(values))
+    lo, hi = min([*values, *hlines], default=0.0), max([*values, *hlines], default=1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * max(abs(lo), 1.0), hi + 0.5 * max(abs(hi), 1.0)
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    s0 = min([*steps, *(s for s, _ in marks)], default=0)
+    s1 = max([*steps, *(s for s, _ in marks)], default=1)
+    if s1 == s0:
+        s0, s1 = s0 - 1, s1 + 1
+    x = lambda s: left + pw * (s - s0) / (s1 - s0)
+    y = lambda v: top + ph * (hi - v) / (hi - lo)
+    esc = html.escape
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img"><title>{esc(title)}</title>'),
+           f'<text x="{left}" y="13" class="t">{esc(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
+    for v in (lo + pad, hi - pad):  # the data's range, labelled on the y axis
+        out.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" class="ya">{_fmt(v)}</text>')
+    out.append(f'<text x="{left}" y="{height - 6}" class="xa">{s0 if steps else ""}</text>')
+    out.append(f'<text x="{left + pw}" y="{height - 6}" class="xa end">step {steps[-1] if steps else ""}</text>')
+    for v in hlines:
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="thr">'
+                   f'<title>threshold {_fmt(v)}</title></line>'
+                   f'<text x="{left + pw - 3}" y="{y(v) - 3:.1f}" class="thrl end">{_fmt(v)}</text>')
+    for s, label in marks:
+        out.append(f'<line x1="{x(s):.1f}" x2="{x(s):.1f}" y1="{top}" y2="{top + ph}" class="warn">'
+                   f'<title>{esc(label)}</title></line>')
+    if len(steps) == 1:
+        out.append(f'<circle cx="{x(steps[0]):.1f}" cy="{y(values[0]):.1f}" r="2.5" class="dot"/>')
+    elif steps:
+        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, values))
+        out.append(f'<polyline points="{points}" class="line"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+# The plots' and tables' look (the demo's page embeds it too), then the page's.
+PLOT_STYLE = """.plots{display:flex;flex-wrap:wrap;gap:8px}svg{background:#fff}svg text{font-size:10px;fill:#444}
+svg .t{font-size:11px;fill:#111}svg .ya{text-anchor:end}svg .end{text-anchor:end}svg .frame{fill:none;stroke:#bbb}
+svg .line{fill:none;stroke:#1f77b4;stroke-width:1.5}svg .dot{fill:#1f77b4}svg .thr{stroke:#d62728;stroke-dasharray:4 3}
+svg .thrl{fill:#d62728}svg .warn{stroke:#ff7f0e;stroke-width:1.5}"""
+STYLE = PLOT_STYLE + """
+body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top;text-align:left}
+pre{white-space:pre-wrap;margin:2px 0;font-size:13px}.p,.m{color:#666;font-size:12px}.samples td{width:33%}"""
+
+
+def _plots(run: Run, keys: list[str], thresholds: dict[str, list[float]], marks_for) -> str:
+    figures = []
+    for key in keys:
+        steps, values = run.series(key)
+        if steps:
+            figures.append(svg_plot(key, steps, values, thresholds.get(key, []), marks_for(key)))
+    return '<div class="plots">' + "\n".join(figures) + "</div>"
+
+
+def _warning_marks(run: Run, key: str | None = None) -> list[tuple[int, str]]:
+    """Warning steps to mark: those of ``key``'s signal, or every warning (``key`` None)."""
+    return [(int(e["step"]), str(e["event"])) for e in run.warnings if key is None or e["signal"] == key]
+
+
+def _run_section(run: Run) -> str:
+    esc = html.escape
+    recipe = run.recipe or "unknown"
+    rows = [("recipe", f"rlhf {COMMANDS.get(recipe, recipe)}")]
+    config = run.config or {}
+    for k in KEY_FIELDS:
+        if config.get(k) is not None and config[k] != "" and config[k] is not False:
+            rows.append((k, config[k]))
+    steps = [int(r["step"]) for r in run.rows]
+    if steps:
+        rows.append(("steps logged", f"{len(steps)} lines, steps {min(steps)} to {max(steps)}"))
+    for key in HEADLINE:
+        s, v = run.series(key)
+        if s:
+            rows.append((f"final {key}", f"{_fmt(v[-1])} (step {s[-1]}; first {_fmt(v[0])} at step {s[0]})"))
+    table = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
+    if run.config is None:
+        source = ("<p>No config saved yet (no model card README.md and no checkpoint): the recipe is guessed from "
+                  "the metrics it logged.</p>")
+    else:
+        import yaml
+
+        note = "" if run.config_source.startswith("README") else (
+            "<p>A checkpoint's record holds only the fields that define what is trained (not --log-every, "
+            "nor the --monitor-* thresholds).</p>")
+        source = (f"<details><summary>Full config, from {esc(run.config_source)}</summary>"
+                  f"<pre>{esc(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>{note}")
+    bad = (f"<p>{run.skipped_lines} line(s) that were not JSON were left out (a run stopped mid-write).</p>"
+           if run.skipped_lines else "")
+    return f"<h2>The run</h2>\n<table>{table}</table>\n{source}{bad}"
+
+
+def monitor_section(run: Run, heading: str = "h2") -> str:
+    """The over-optimisation monitor: one plot per ``monitor/...`` signal (threshold dashed red,
+    warning step in orange) and the table of its warnings. Empty for a run without the monitor."""
+    esc = html.escape
+    keys = [k for k in run.metric_keys() if k.startswith("monitor/")]
+    if not keys and not run.warnings:
+        return ""
+    thresholds = monitor_thresholds(run)
+    parts = [f"<{heading}>Over-optimisation monitor</{heading}>",
+             ("<p>Each signal of the policy's samples at each step, against the SFT model's samples at step 1 "
+              "where it says <code>_vs_start</code>. Dashed red: the threshold (<code>--monitor-*</code>); "
+              "orange: the step the monitor warned.</p>"),
+             _plots(run, keys, thresholds, lambda k: _warning_marks(run, k))]
+    warnings = run.warnings
+    if warnings:
+        head = "".join(f"<th>{h}</th>" for h in ("step", "signal", "value", "threshold", "message"))
+        body = "".join(
+            f"<tr><td>{esc(str(w['step']))}</td><td>{esc(str(w['signal']))}</td>"
+            f"<td>{esc(_fmt(w['value']) if _is_number(w.get('value')) else str(w.get('value')))}</td>"
+            f"<td>{esc(_fmt(w['threshold']) if _is_number(w.get('threshold')) else str(w.get('threshold')))}</td>"
+            f"<td>{esc(str(w['event']))}</td></tr>" for w in warnings)
+        parts.append(f"<table class=\"warnings\"><tr>{head}</tr>{body}</table>")
+    else:
+        parts.append("<p>No warnings.</p>")
+    summary = [e for e in run.events if "monitor_warnings" in e]
+    if summary:
+        parts.append(f"<p>At the end (step {esc(str(summary[-1]['step']))}): {esc(str(summary[-1]['event']))}</p>")
+    return "\n".join(parts)
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, list):  # chat messages
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m)
+                         for m in prompt)
+    return str(prompt)
+
+
+def sample_steps(run: Run, wanted: list[int] | None) -> list[int]:
+    """The steps whose samples are shown: ``wanted`` (each must have samples), else first, middle, last."""
+    have = sorted({int(s["step"]) for s in run.samples if _is_number(s.get("step"))})
+    if wanted:
+        missing = [s for s in wanted if s not in have]
+        if missing:
+            listed = ", ".join(map(str, have)) if have else "none"
+            raise UserError(f"--steps {','.join(map(str, missing))}: no samples at that step in "
+                            f"{os.path.join(run.directory, SAMPLES_FILE)} (steps with samples: {listed})")
+        return list(wanted)
+    if not have:
+        return []
+    return sorted({have[0], have[len(have) // 2], have[-1]})
+
+
+def samples_section(run: Run, steps: list[int]) -> str:
+    """Sample responses at ``steps``, one column a step: prompt, completion, score and length (all escaped)."""
+    esc = html.escape
+    if not run.samples:
+        if run.recipe in ("ppo", "grpo"):
+            return (f"<h2>Sample responses</h2><p>No {SAMPLES_FILE} in this run directory (PPO and GRPO write it "
+                    "at step 1 and each logged step; --log-samples 0 turns it off).</p>")
+        return ""
+    by_step: dict[int, list[dict]] = {s: [] for s in steps}
+    for s in run.samples:
+        if s.get("step") in by_step:
+            by_step[s["step"]].append(s)
+    n = max(len(v) for v in by_step.values())
+    head = "".join(f"<th>step {s}</th>" for s in steps)
+    rows = []
+    for i in range(n):
+        cells = []
+        for s in steps:
+            if i >= len(by_step[s]):
+                cells.append("<td></td>")
+                continue
+            x = by_step[s][i]
+            score = _fmt(x["score"]) if _is_number(x.get("score")) else esc(str(x.get("score")))
+            cells.append(f'<td><div class="p">{esc(_prompt_text(x.get("prompt", "")))}</div>'
+                         f'<pre>{esc(str(x.get("completion", "")))}</pre>'
+                         f'<div class="m">score {score} · {esc(str(x.get("length", "?")))} tokens</div></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<h2>Sample responses</h2><p>The first prompts of the rollout batch at each step shown (score before "
+            f"any KL penalty; length in tokens). Steps with samples: choose with <code>--steps</code>.</p>"
+            f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>')
+
+
+def _events_section(run: Run) -> str:
+    other = [e for e in run.events if "signal" not in e and "monitor_warnings" not in e]
+    if not other:
+        return ""
+    items = "".join(f"<li>step {html.escape(str(e.get('step')))}: {html.escape(str(e['event']))}</li>" for e in other)
+    return f"<h2>Events</h2><ul>{items}</ul>"
+
+
+def render(run: Run, steps: list[int] | None = None) -> str:
+    """The whole page for ``run``; ``steps`` chooses the sample columns (default first, middle, last)."""
+    chosen = sample_steps(run, steps)
+    keys = run.metric_keys()
+    headline = [k for k in HEADLINE if k in keys]
+    others = [k for k in keys if k not in headline and not k.startswith("monitor/")]
+    title = f"rlhf {COMMANDS.get(run.recipe, run.recipe or 'run')}: {run.directory}"
+    curves = ""
+    if headline:
+        curves = ("<h2>Reward, KL and loss</h2><p>Orange: a step where the over-optimisation monitor warned.</p>"
+                  if run.warnings else "<h2>Reward, KL and loss</h2>")
+        curves += _plots(run, headline, {}, lambda k: _warning_marks(run))
+    rest = ""
+    if others:
+        rest = (f"<details><summary>Every other metric ({len(others)})</summary>"
+                f"{_plots(run, others, {}, lambda k: [])}</details>")
+    sections = [_run_section(run), curves, monitor_section(run), samples_section(run, chosen), _events_section(run),
+                f"<h2>Other metrics</h2>{rest}" if rest else ""]
+    body = "\n".join(s for s in sections if s)
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def write_report(run_dir: str, output: str | None = None, steps: list[int] | None = None) -> str:
+    """Write the page of ``run_dir`` to ``output`` (default ``RUN_DIR/report.html``) atomically; returns the path."""
+    page = render(load_run(run_dir), steps)
+    output = output or os.path.join(run_dir, "report.html")
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise UserError(f"--output {output}: no directory {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"--output {output}: cannot write ({e.strerror or e})") from None
+    return output
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected steps like 1,50,100, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError("expected at least one step")
+    return steps
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("run_dir", help="The --output-dir of an rlhf sft, rm, ppo, dpo or grpo run.")
+    p.add_argument("--output", help="The HTML file to write (default RUN_DIR/report.html).")
+    p.add_argument("--steps", type=_steps, help="Steps whose sample responses are shown side by side, e.g. 1,50,100 "
+                                                "(default: the first, middle and last with samples).")
+
+
+def main(args, name: str) -> int:
+    print(write_report(args.run_dir, args.output, args.steps))
+    return 0
