@@ -325,8 +325,9 @@ def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, 
 # ---- 7. flags accepted and then ignored ------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe,flags,message", [
-    ("sft", ["--report-to", "mlflow"], "--report-to mlflow: not a sink here; valid: tensorboard, wandb, none"),
-    ("sft", ["--report-to", "tensorboard,foo"], "--report-to foo: not a sink here; valid: tensorboard, wandb, none"),
+    ("sft", ["--report-to", "mlflow"], "--report-to mlflow: mlflow is not installed (pip install mlflow)"),
+    ("sft", ["--report-to", "tensorboard,foo"], "--report-to foo: not a tracker accelerate knows; valid: aim, comet_ml, "
+                                                "mlflow, tensorboard, wandb, clearml, dvclive, swanlab, trackio, all, none"),
     ("sft", ["--save-every", "-1"], "--save-every must be 0 (no checkpoints) or more, got -1"),
     ("dpo", ["--eval-every", "-2"], "--eval-every must be 0 (only at the end) or more, got -2"),
     ("sft", ["--log-every", "0"], "--log-every must be at least 1"),

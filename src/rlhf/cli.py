@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import signal
@@ -28,6 +29,24 @@ TOOLS = {
     "report": ("rlhf.recipes.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
     "demo": ("rlhf.recipes.demo", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
 }
+
+
+TRL_EPILOG = ("TRL and transformers names work too, as flags and as --config keys: --learning_rate, "
+              "--per_device_train_batch_size (x the number of processes: --batch-size is global), "
+              "--model_name_or_path, --dataset_name, --num_train_epochs, --logging_steps, ... and every flag "
+              "above with underscores (--max_new_tokens); README, 'TRL's names', has the table.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (--lr-sched is not silently --lr-scheduler), whose
+    errors are one line: ``rlhf sft: error: ...``, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _user_errors():
@@ -71,6 +90,8 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, name: str, module: str) ->
     mod = importlib.import_module(module)
     p.description = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None
     if hasattr(mod, "Config"):
+        if "output_dir" in {f.name for f in __import__("dataclasses").fields(mod.Config)}:
+            p.epilog = TRL_EPILOG
         p.add_argument("--config", dest="config_file", help="YAML file of field: value (flags override it).")
         p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
         add_arguments(p, mod.Config)
@@ -82,7 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s module is imported (``rlhf --help`` stays fast)."""
     from rlhf import __version__
 
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF: SFT, reward model, PPO, DPO, GRPO/RLOO.")
+    parser = _Parser(prog="rlhf", description="RLHF: SFT, reward model, PPO, DPO, GRPO/RLOO.")
     parser.add_argument("--version", action="version", version=f"rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in {**RECIPES, **TOOLS}.items():
@@ -91,6 +112,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             _add_recipe_arguments(p, name, module)
+            parser.command_parser = p
     _data_parser(sub)
     return parser
 
@@ -117,10 +139,63 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _bool_values(argv: list[str], bools: set[str]) -> list[str]:
+    """TRL's spelling of a bool flag with a value (``--bf16 false``, ``--packing=True``) as
+    argparse's ``--no-bf16`` / ``--packing``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in bools:
+            if not eq and i + 1 < len(argv) and argv[i + 1].lower() in _TRUE + _FALSE:
+                value, eq, i = argv[i + 1], "=", i + 1
+            if eq and value.lower() in _TRUE:
+                arg = name
+            elif eq and value.lower() in _FALSE:
+                arg = "--no-" + name[2:]
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _unknown(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> str:
+    """One line about the first argument nobody took, naming the closest flag we have."""
+    from rlhf.config import unknown_name
+
+    first = next((a for a in extras if a.startswith("-")), None)
+    if first is None:
+        return f"unexpected argument {extras[0]!r}"
+    module = {**RECIPES, **TOOLS}.get(command, (None,))[0]
+    mod = importlib.import_module(module) if module else None
+    if mod is not None and hasattr(mod, "Config"):
+        return unknown_name(mod.Config, first, command)
+    sub = getattr(parser, "command_parser", parser)
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(first.split("=", 1)[0], options, n=1, cutoff=0.75)
+    return f"unknown flag {first.split('=', 1)[0]}" + (f"; did you mean {close[0]}?" if close else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    module = {**RECIPES, **TOOLS}.get(command, (None,))[0]
+    if hasattr(parser, "command_parser"):  # a recipe or tool: its module is imported already
+        mod = importlib.import_module(module)
+        if hasattr(mod, "Config"):
+            from rlhf.config import bool_flags
+
+            argv = _bool_values(argv, bool_flags(mod.Config))
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help, --version, or argparse's one-line error (exit 2)
+        return e.code if isinstance(e.code, int) else 2
+    if extras:
+        print(f"rlhf {args.command}: error: {_unknown(parser, args.command, extras)}", file=sys.stderr)
+        return 2
     with _sigterm_as_interrupt():
         return _main(args)
 

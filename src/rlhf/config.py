@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -17,6 +19,97 @@ import typing
 
 class ConfigError(Exception):
     """A bad config value or file; the message is one line naming where."""
+
+
+# ---- TRL's names ----------------------------------------------------------------------------
+# Flags and YAML keys of TRL's *Config classes and transformers' TrainingArguments that mean
+# what one of our fields means. Every field also answers to its own name with underscores
+# (--max_new_tokens, max_new_tokens:), so names TRL shares with us (--max_length, --beta,
+# --seed, --warmup_ratio, --lora_r, ...) need no entry. An alias counts only in a recipe that
+# has its field (--max_completion_length is PPO's and GRPO's --max-new-tokens).
+TRL_ALIASES: dict[str, str] = {
+    "model_name_or_path": "model",            # TRL ModelConfig
+    "sft_model_path": "model",                # TRL PPOConfig
+    "reward_model_path": "reward_model",      # TRL PPOConfig
+    "dataset_name": "data",                   # TRL ScriptArguments; a hub name becomes hf:NAME
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",  # times the number of processes: ours is global
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "resume_from_checkpoint": "resume",
+    "use_peft": "lora",
+    "max_seq_length": "max_length",           # TRL SFTConfig before 0.20
+    "max_completion_length": "max_new_tokens",
+    "response_length": "max_new_tokens",      # TRL PPOConfig
+    "precompute_ref_log_probs": "precompute_ref",
+    "num_ppo_epochs": "ppo_epochs",
+    "num_iterations": "ppo_epochs",           # TRL GRPOConfig (mu)
+    "cliprange": "clip_eps",
+    "cliprange_value": "clip_eps_value",
+    "epsilon": "clip_eps",                    # TRL GRPOConfig
+    "epsilon_high": "clip_eps_high",
+}
+# TRL / transformers settings with no meaning here: refused with one line (and a hint).
+TRL_UNSUPPORTED: dict[str, str] = {
+    **dict.fromkeys(["push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo"],
+                    "upload the final model yourself (it is an HF-format directory)"),
+    "per_device_eval_batch_size": "evaluation batches use --batch-size",
+    "warmup_steps": "use --warmup-ratio",
+    "fp16": "mixed precision is bf16 only (--bf16)",
+    **dict.fromkeys(["torch_dtype", "dtype", "tf32", "load_in_4bit", "load_in_8bit", "use_bnb_nested_quant",
+                     "bnb_4bit_quant_type", "torch_compile", "use_liger_kernel", "optim", "run_name",
+                     "dataloader_num_workers", "dataset_num_proc", "dataset_text_field", "lora_task_type",
+                     "gradient_checkpointing_kwargs", "do_train", "do_eval", "eval_on_start", "scale_rewards",
+                     "label_names", "remove_unused_columns"], ""),
+    "loss_type": "grpo's loss is set by --estimator and --loss-agg; dpo's is --loss-type",
+    **dict.fromkeys(["deepspeed", "fsdp", "fsdp_config"], "use accelerate launch --config_file (configs/accelerate/)"),
+    "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard",
+    **dict.fromkeys(["eval_strategy", "evaluation_strategy"], "use --eval-every"),
+    "save_strategy": "use --save-every",
+    "logging_strategy": "use --log-every",
+    "dataset_train_split": "use --data hf:NAME:SPLIT",
+    "dataset_test_split": "use --eval-data hf:NAME:SPLIT",
+    "dataset_config": "use --data hf:NAME:SPLIT",
+    **dict.fromkeys(["use_vllm", "vllm_mode"], "use --rollout-engine"),
+    "padding_free": "use --packing (sft) or --share-prompt (dpo, grpo)",
+    "reward_weights": "give weights in --reward-fn module:function:weight",
+}
+# Aliases whose value is converted, so they keep their own argparse dest.
+_CONVERTED = ("per_device_train_batch_size", "dataset_name")
+
+
+def flag(name: str) -> str:
+    """Our flag for field ``name``: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+def spellings(cls: type) -> dict[str, str]:
+    """Every name ``cls`` answers to (its fields, their TRL aliases) -> the field it sets."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {**{a: t for a, t in TRL_ALIASES.items() if t in names}, **{n: n for n in names}}
+
+
+def unknown_name(cls: type, name: str, recipe: str, dash: str = "--") -> str:
+    """The one-line complaint about flag or key ``name`` that ``cls`` does not have: a TRL setting
+    with no meaning here, an alias of a field this recipe lacks, or a typo and its closest match."""
+    key = name.lstrip("-").split("=", 1)[0].replace("-", "_")
+    shown = dash + name.lstrip("-").split("=", 1)[0] if dash else repr(key)
+    if key in TRL_UNSUPPORTED:
+        hint = TRL_UNSUPPORTED[key]
+        return f"{shown} (TRL/transformers) is not supported by rlhf {recipe}" + (f"; {hint}" if hint else "")
+    if key in TRL_ALIASES:
+        return f"{shown} (TRL's name for {flag(TRL_ALIASES[key])}) has no meaning in rlhf {recipe}"
+    known = spellings(cls)
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    what = "flag" if dash == "--" else "field"
+    if not close:
+        return f"unknown {what} {shown}"
+    target = known[close[0]]
+    return f"unknown {what} {shown}; did you mean {flag(target) if dash == '--' else target}?"
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -95,6 +188,43 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             extra = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, choices=choices, help=help_text,
                                 metavar=None if choices else f.name.upper(), **extra)
+    # Hidden spellings (README, "TRL's names"): underscores, and TRL's names for our fields.
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, target in spellings(cls).items():
+        if name == target and "_" not in name:  # --lr, --seed: the flag above already
+            continue
+        base, _ = _base_type(hints[target])
+        metadata = fields[target].metadata
+        extra = ({"nargs": "?", "const": "true"} if base is bool  # --use_peft, --bf16 false
+                 else {"nargs": "?", "const": metadata["const"]} if "const" in metadata else {})
+        dest = name if name in _CONVERTED else target
+        parser.add_argument("--" + name, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **extra)
+    for name, target in spellings(cls).items():  # TRL's --no_bf16, --no_use_peft
+        if _base_type(hints[target])[0] is bool:
+            parser.add_argument("--no_" + name, dest=target, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def bool_flags(cls: type) -> set[str]:
+    """Our ``--flag`` of each bool field (they also take TRL's ``--bf16 false``; see ``cli``)."""
+    hints = typing.get_type_hints(cls)
+    return {flag(f.name) for f in dataclasses.fields(cls) if _base_type(hints[f.name])[0] is bool}
+
+
+def _from_trl(name: str, value):
+    """The value of TRL setting ``name`` in our terms (``per_device_train_batch_size`` x the
+    processes of ``accelerate launch`` / ``torchrun``; a ``dataset_name`` that is not a local
+    path or data file as the hub's ``hf:NAME``)."""
+    if name == "per_device_train_batch_size":
+        per_device = _convert(name, int, value, "--per_device_train_batch_size")
+        return per_device * int(os.environ.get("WORLD_SIZE", "1"))
+    if name == "resume_from_checkpoint" and str(value).lower() == "true":  # transformers: the latest one
+        return "auto"
+    if name == "dataset_name":
+        value = str(value)
+        local = os.path.exists(value) or value.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))
+        return value if value.startswith("hf:") or local else f"hf:{value}"
+    return value
 
 
 def build_config(cls: type, yaml_path: str | None, flags: dict):
@@ -106,7 +236,7 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
         import yaml
 
         try:
-            with open(yaml_path) as fh:
+            with open(yaml_path, encoding="utf-8-sig") as fh:  # a byte-order mark is not text
                 loaded = yaml.safe_load(fh) or {}
         except OSError as e:
             raise ConfigError(f"{yaml_path}: cannot read ({e.strerror})") from None
@@ -116,14 +246,24 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of field: value")
+        known = spellings(cls)
         for key, value in loaded.items():
             key = str(key).replace("-", "_")
-            if key not in names:
-                raise ConfigError(f"{yaml_path}: unknown field {key!r}")
-            values[key] = _convert(key, hints[key], value, yaml_path)
+            if key not in known:
+                recipe = cls.__module__.rsplit(".", 1)[-1]
+                raise ConfigError(f"{yaml_path}: {unknown_name(cls, key, recipe, dash='')}")
+            if known[key] in values:
+                raise ConfigError(f"{yaml_path}: {key!r} sets {known[key]!r}, which another key set already")
+            values[known[key]] = _convert(known[key], hints[known[key]], _from_trl(key, value), yaml_path)
+    for key in _CONVERTED:
+        target = TRL_ALIASES[key]
+        if key in flags:
+            if target in flags:
+                raise ConfigError(f"--{key} and {flag(target)} both given; use {flag(target)}")
+            flags = {**flags, target: _from_trl(key, flags[key])}
     for key, value in flags.items():
         if key in names:
-            values[key] = _convert(key, hints[key], value, "--" + key.replace("_", "-"))
+            values[key] = _convert(key, hints[key], value, flag(key))
     try:
         cfg = cls(**values)
     except TypeError as e:

@@ -59,9 +59,12 @@ def _read_jsonl(path: str):
 
 
 def _decode_file(raw: bytes, path: str, first_line: int = 1) -> tuple[str | None, RecordError | None]:
-    """UTF-8 text of ``raw`` (which starts at line ``first_line`` of ``path``), or where it breaks."""
+    """UTF-8 text of ``raw`` (which starts at line ``first_line`` of ``path``), or where it breaks.
+
+    A leading byte-order mark (Excel's and Notepad's "UTF-8 with BOM") is dropped.
+    """
     try:
-        return raw.decode("utf-8"), None
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8"), None
     except UnicodeDecodeError as e:
         line = first_line + raw[: e.start].count(b"\n")
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1

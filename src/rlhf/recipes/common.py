@@ -11,7 +11,6 @@ whole step's item count (tokens or pairs), reduced across processes before the b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import time
@@ -26,7 +25,20 @@ from rlhf.recipes.checkpoints import (
 from rlhf.recipes.logs import RunLogger, write_model_card
 
 
-REPORT_SINKS = ("tensorboard", "wandb", "none")
+# pip package of each tracker accelerate knows (its names are accelerate's LOGGER_TYPE_TO_CLASS).
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+def report_sinks() -> tuple[str, ...]:
+    """Every --report-to name: accelerate's trackers, 'all' (those installed) and 'none'."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return (*LOGGER_TYPE_TO_CLASS, "all", "none")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The --report-to names to hand to ``Accelerator(log_with=...)`` ('none' dropped)."""
+    return [s for s in (s.strip() for s in report_to.split(",")) if s and s != "none"]
 
 
 class UserError(Exception):
@@ -109,8 +121,9 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     report_to: str = "tensorboard"
-    """Comma list of extra metric sinks: tensorboard, wandb, none (metrics.jsonl is always
-    written; other names are refused)."""
+    """Comma list of experiment trackers, through accelerate: tensorboard (into OUTPUT_DIR/tensorboard),
+    wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, all (every one installed) or none.
+    metrics.jsonl is always written."""
 
     def lora_targets(self) -> str | list[str]:
         """``'all-linear'`` or the list of module names to adapt."""
@@ -132,11 +145,15 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
+        from accelerate.tracking import get_available_trackers
+
+        installed = {str(t) for t in get_available_trackers()}
         for sink in (s.strip() for s in self.report_to.split(",")):
-            if sink not in REPORT_SINKS:
-                raise UserError(f"--report-to {sink}: not a sink here; valid: {', '.join(REPORT_SINKS)}")
-            if sink == "wandb" and importlib.util.find_spec("wandb") is None:
-                raise UserError("--report-to wandb: wandb is not installed (pip install wandb)")
+            if sink not in report_sinks():
+                raise UserError(f"--report-to {sink}: not a tracker accelerate knows; valid: {', '.join(report_sinks())}")
+            if sink not in ("all", "none") and sink not in installed:
+                raise UserError(f"--report-to {sink}: {sink} is not installed "
+                                f"(pip install {TRACKER_PACKAGES.get(sink, sink)})")
 
 
 # ---- setup ----------------------------------------------------------------------------------
@@ -144,16 +161,20 @@ class TrainConfig:
 def make_accelerator(cfg: TrainConfig):
     """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set.
 
+    Its trackers are --report-to's; TensorBoard writes under ``OUTPUT_DIR/tensorboard``.
+
     ``cfg.output_dir`` is claimed first (:func:`claim_output_dir`): locked, and refused if it
     holds another run's results and neither --resume nor --overwrite-output-dir is given.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
+                              log_with=trackers(cfg.report_to) or None, project_config=project)
     claim_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every process checked the directory before the main one writes
     accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
@@ -412,6 +433,7 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metr
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     release_output_dir(cfg.output_dir)
+    accelerator.print(f"saved model to {cfg.output_dir}")
 
 
 def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):

@@ -1,9 +1,11 @@
-"""Metrics to metrics.jsonl, TensorBoard and wandb, a progress bar, and the model card."""
+"""Metrics to metrics.jsonl and accelerate's trackers (TensorBoard, wandb, ...), progress, and the model card."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 from rlhf.config import to_dict, to_yaml
 
@@ -12,49 +14,76 @@ class LoggerError(Exception):
     """A metrics sink was asked for but cannot be used."""
 
 
+PROJECT = "rlhf"
+"""The project name given to the trackers (wandb's project; TensorBoard's OUTPUT_DIR/tensorboard/rlhf)."""
+
+
+def flat_config(cfg) -> dict[str, str | int | float | bool]:
+    """``cfg`` as the flat mapping of plain values that trackers store as hyper-parameters
+    (TensorBoard's ``add_hparams`` takes str, int, float and bool only): None becomes 'none',
+    a list a comma list, a nested mapping ``outer.inner`` keys."""
+    def flatten(prefix: str, value, out: dict) -> dict:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+        elif isinstance(value, (list, tuple)):
+            out[prefix] = ",".join(map(str, value))
+        elif value is None:
+            out[prefix] = "none"
+        elif isinstance(value, (str, int, float, bool)):
+            out[prefix] = value
+        else:
+            out[prefix] = str(value)
+        return out
+
+    return flatten("", to_dict(cfg), {})
+
+
 class RunLogger:
-    """Metrics to ``metrics.jsonl`` (always), TensorBoard and wandb (if asked), and a progress bar."""
+    """Metrics to ``metrics.jsonl`` (always) and to --report-to's trackers through accelerate
+    (``init_trackers``, ``log``, and in :meth:`close` the trackers' ``finish``), and progress."""
 
     def __init__(self, cfg, accelerator, total_steps: int, start_step: int, bar_keys: dict[str, str]):
         self.is_main = accelerator.is_main_process
+        self.accelerator = accelerator
         self.bar_keys = bar_keys
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.tb = self.wandb = self.bar = None
+        self.bar = None
+        self.total_steps, self.t0 = total_steps, time.perf_counter()
         self.last: dict[str, float] = {}
+        if accelerator.log_with:
+            accelerator.init_trackers(PROJECT, config=flat_config(cfg),
+                                      init_kwargs={"wandb": {"dir": cfg.output_dir, "resume": "allow"}})
         if not self.is_main:
             return
         os.makedirs(cfg.output_dir, exist_ok=True)
         _truncate_metrics(self.path, start_step)
-        sinks = {s.strip() for s in cfg.report_to.split(",")}
-        if "tensorboard" in sinks:
-            from torch.utils.tensorboard import SummaryWriter
+        if sys.stderr.isatty():  # a bar on a terminal; one line a logging step in CI logs and nohup.out
+            from tqdm.auto import tqdm
 
-            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-        if "wandb" in sinks:
-            try:
-                import wandb
-            except ImportError:
-                raise LoggerError("--report-to wandb: wandb is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(config=to_dict(cfg), dir=cfg.output_dir, resume="allow")
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=None)
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.last.update(metrics)
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-        if self.bar is not None:
-            shown = {short: f"{metrics[k]:.4g}" for k, short in self.bar_keys.items() if k in metrics}
-            if shown:
-                self.bar.set_postfix(shown, refresh=False)
+        self._append({"step": step, **metrics})
+        self.accelerator.log(metrics, step=step)
+        shown = {short: metrics[k] for k, short in self.bar_keys.items() if k in metrics}
+        if shown and self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif shown:
+            print(progress_line(step, self.total_steps, shown, metrics.get("train/lr"), time.perf_counter() - self.t0),
+                  flush=True)
+
+    def _append(self, record: dict) -> None:
+        """One line more in metrics.jsonl; a failed write (a full disk) stops the run before its final save."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise LoggerError(f"{self.path}: cannot append metrics ({e.strerror or e}); the run stopped and no "
+                              "final model was written") from None
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -64,17 +93,26 @@ class RunLogger:
         """A line for people (printed) and for programs (in metrics.jsonl)."""
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
+        self._append({"step": step, "event": message, **fields})
         (self.bar.write if self.bar is not None else print)(f"step {step}: {message}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+        # accelerator.end_training() without its destroy_process_group: one process may train several
+        # models (rm --ensemble, the demo), and the final save still needs the processes together.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+
+
+def progress_line(step: int, total_steps: int, shown: dict[str, float], lr: float | None, seconds: float) -> str:
+    """The line a logging step prints when stderr is no terminal:
+    ``step 3/10  loss 1.234  lr 1e-05  12.3 s`` (seconds since this run started or resumed)."""
+    parts = [f"step {step}/{total_steps}", *(f"{k} {v:.4g}" for k, v in shown.items())]
+    if lr is not None:
+        parts.append(f"lr {lr:.3g}")
+    return "  ".join([*parts, f"{seconds:.1f} s"])
 
 
 def _truncate_metrics(path: str, start_step: int) -> None:
