@@ -333,8 +333,10 @@ def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, 
     ("sft", ["--log-every", "0"], "--log-every must be at least 1"),
     ("sft", ["--lr", "0"], "--lr must be a positive number, got 0.0"),
     ("rm", ["--lr", "nan"], "--lr must be a positive number, got nan"),
-    ("ppo", ["--eval-data", "x.jsonl"], "--eval-data: ppo has no held-out evaluation; drop --eval-data and --eval-every"),
-    ("grpo", ["--eval-every", "5"], "--eval-every: grpo has no held-out evaluation; drop --eval-data and --eval-every"),
+    # PPO and GRPO use --eval-data (preference pairs: the monitor's implicit preference accuracy); alone,
+    # --eval-every would be ignored.
+    ("grpo", ["--eval-every", "5"], "--eval-every: grpo evaluates --eval-data preference pairs; give --eval-data too"),
+    ("ppo", ["--eval-every", "5"], "--eval-every: ppo evaluates --eval-data preference pairs; give --eval-data too"),
     ("ppo", ["--grad-accum", "2"], "--grad-accum: ppo accumulates micro-batches of --batch-size into each "
                                    "--mini-batch-size update; set those instead"),
 ])

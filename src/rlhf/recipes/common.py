@@ -403,13 +403,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metrics: dict[str, float],
-               checkpointer: Checkpointer | None = None) -> None:
+               checkpointer: Checkpointer | None = None, announce: bool = True) -> None:
     """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card.
 
     Everything is written to ``OUTPUT_DIR/.tmp-final`` first and moved into place only once
     the whole model is written (``config.json`` last), so a failed save (a full disk) leaves no
     ``config.json`` without weights; it is one line naming the directory, the error and the
-    last checkpoint.
+    last checkpoint. ``announce``: the run's model is complete (:func:`announce_saved`); off for
+    a save that more files follow (PPO's value head) or that is not the run's (``OUTPUT/best``).
     """
     import shutil
 
@@ -432,8 +433,14 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metr
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    release_output_dir(cfg.output_dir)
-    accelerator.print(f"saved model to {cfg.output_dir}")
+    if announce:
+        announce_saved(accelerator, cfg.output_dir)
+
+
+def announce_saved(accelerator, directory: str) -> None:
+    """The run's model is complete: its output directory is free again, and one line says where."""
+    release_output_dir(directory)
+    accelerator.print(f"saved model to {directory}")
 
 
 def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):

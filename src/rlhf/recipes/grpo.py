@@ -172,7 +172,7 @@ def run(cfg: Config) -> dict[str, float]:
     title = f"GRPO policy ({cfg.estimator})"
     best = (BestPolicy(cfg, accelerator, lambda d, m: save_final(accelerator, model, tokenizer,
                                                                  dataclasses.replace(cfg, output_dir=d), title, m,
-                                                                 checkpointer),
+                                                                 checkpointer, announce=False),
                        state.extra, "reward (before any KL in the reward)") if cfg.stop_on_overoptimisation else None)
     stop = False
 

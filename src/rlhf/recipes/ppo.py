@@ -27,7 +27,7 @@ from rlhf.models import (
 )
 from rlhf.recipes.common import (
     StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
-    make_accelerator, save_final, shard, start,
+    announce_saved, make_accelerator, save_final, shard, start,
 )
 from rlhf.recipes.logprobs import model_response_logprobs, response_logprobs
 from rlhf.recipes.logs import write_model_card
@@ -211,10 +211,11 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
                 directory: str | None = None) -> None:
     """The policy (HF format, LoRA merged or not), and its value head or critic, in ``directory``
     (default --output-dir; ``OUTPUT/best`` for --stop-on-overoptimisation)."""
-    if directory is not None:
+    final = directory is None
+    if not final:
         cfg = dataclasses.replace(cfg, output_dir=directory)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
-               checkpointer)
+               checkpointer, announce=False)
     if accelerator.is_main_process:
         try:
             if critic is None:
@@ -227,6 +228,8 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
             raise UserError(f"--output-dir {cfg.output_dir}: the policy was saved, but not the critic "
                             f"({e.strerror or e}); last checkpoint: {checkpointer.latest() or 'none'}") from None
     accelerator.wait_for_everyone()
+    if final:
+        announce_saved(accelerator, cfg.output_dir)
 
 
 def run(cfg: Config) -> dict[str, float]:
