@@ -337,6 +337,7 @@ def test_reward_model_without_score_head_is_refused(recipe, tmp_path, tiny_dir, 
     # --eval-every would be ignored.
     ("grpo", ["--eval-every", "5"], "--eval-every: grpo evaluates --eval-data preference pairs; give --eval-data too"),
     ("ppo", ["--eval-every", "5"], "--eval-every: ppo evaluates --eval-data preference pairs; give --eval-data too"),
+    ("grpo", ["--log-samples", "-1"], "--log-samples must be 0 (none) or more, got -1"),
     ("ppo", ["--grad-accum", "2"], "--grad-accum: ppo accumulates micro-batches of --batch-size into each "
                                    "--mini-batch-size update; set those instead"),
 ])

@@ -58,8 +58,6 @@ class Config(RLConfig):
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
-    log_samples: int = 4
-    """Prompts whose first response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()

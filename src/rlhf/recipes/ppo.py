@@ -78,8 +78,6 @@ class Config(RLConfig):
     """c1: weight of the value loss."""
     ent_coef: float = 0.01
     """c2: weight of the entropy bonus."""
-    log_samples: int = 4
-    """Prompts whose response, score and length go to samples.jsonl at step 1 and each logged step (0: none)."""
 
     def check(self) -> None:
         super().check()

@@ -238,6 +238,9 @@ class RLConfig(TrainConfig):
     """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
+    log_samples: int = 4
+    """Prompts whose response (GRPO: the first of each group), score and length go to samples.jsonl at step 1
+    and each logged step (0: none); rlhf report shows them."""
     monitor: bool = True
     """Over-optimisation monitor: log monitor/... signals of each rollout batch against the SFT model's samples
     at step 0, and warn once per signal when one crosses its --monitor-* threshold (--no-monitor: none of it)."""
@@ -269,6 +272,8 @@ class RLConfig(TrainConfig):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not (math.isfinite(self.reward_uncertainty_coef) and self.reward_uncertainty_coef >= 0):
             raise UserError(f"--reward-uncertainty-coef must be 0 or more, got {self.reward_uncertainty_coef}")
+        if self.log_samples < 0:
+            raise UserError(f"--log-samples must be 0 (none) or more, got {self.log_samples}")
         if self.truncated_sampling() and not self.allow_truncated_sampling:
             raise UserError(f"{self.truncated_sampling()}: sampling from a truncated distribution while the old, "
                             "reference and new log-probs score the full softmax makes every update off-policy; "
