@@ -260,3 +260,50 @@ def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeyp
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
     assert json.loads((killed / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]
+
+
+# ---- review fixes: an ensemble directory is never read or reused as something else ------------
+
+def test_a_single_reward_model_into_an_ensemble_directory_is_refused(ensemble_dir, tiny_dir, tmp_path, capsys):
+    """Before: exit 0, and PPO then scored with the old members, not the new model."""
+    import shutil
+
+    out = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, out)
+    one_line_error(capsys, rm_args(tiny_dir, tmp_path, out), f"--output-dir {out} holds another run's results",
+                   "ensemble.json")
+    assert main([*rm_args(tiny_dir, tmp_path, out), "--overwrite-output-dir"]) == 0
+    assert not (out / "ensemble.json").exists() and not (out / "member-0").exists()  # the old ensemble is gone
+    assert (out / "config.json").exists()
+
+
+def test_resume_checks_finished_members_and_needs_something_to_resume(ensemble_dir, tiny_dir, tmp_path, capsys):
+    """Before: --resume with other data or another --lr reused the finished members, exit 0, and
+    rewrote ensemble.json to name the new data; --resume of an empty directory started afresh."""
+    import shutil
+
+    from pathlib import Path
+
+    data_dir = Path(ensemble_dir).parent  # the ensemble's own data files
+    out = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, out)
+    one_line_error(capsys, [*rm_args(tiny_dir, data_dir, out, "--ensemble", "2", "--lr", "1e-3"), "--resume"],
+                   "--resume", "--lr 0.002 there, 0.001 now")
+    one_line_error(capsys, [*rm_args(tiny_dir, tmp_path, out, "--ensemble", "2"), "--resume"],  # other data files
+                   "--resume", "--data")
+    before = (out / "ensemble.json").read_text()
+    assert main([*rm_args(tiny_dir, data_dir, out, "--ensemble", "2"), "--resume"]) == 0  # the same config: done
+    assert json.loads((out / "ensemble.json").read_text())["members"] == json.loads(before)["members"]
+    one_line_error(capsys, [*rm_args(tiny_dir, tmp_path, tmp_path / "empty", "--ensemble", "2"), "--resume"],
+                   "--resume: no member of an ensemble", "to resume")
+
+
+def test_explain_scores_with_every_member(ensemble_dir, tiny_dir, capsys):
+    """Before: rlhf explain loaded member-0 alone, silently. Now the members' mean (the default)."""
+    from rlhf.models import ModelLoadError, load_sequence_classifier
+
+    assert main(["explain", "--model", tiny_dir, "--reward-model", ensemble_dir, "--prompt", "Hello",
+                 "--max-new-tokens", "4"]) == 0
+    with pytest.raises(ModelLoadError, match="a reward-model ensemble"):
+        load_sequence_classifier(ensemble_dir)  # no caller gets one member unawares
+    assert load_sequence_classifier(ensemble_dir, first_member=True) is not None  # a critic's start

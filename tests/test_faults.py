@@ -183,6 +183,19 @@ def test_second_run_in_a_directory_is_refused_then_replaces_it_only_when_asked(t
     assert not (out / ".rlhf.lock").exists()
 
 
+def test_overwrite_removes_what_an_online_run_left(tmp_path, tiny_dir, capsys):
+    """Before: samples.jsonl, best/ and report.html of an earlier PPO run survived
+    --overwrite-output-dir, and rlhf report showed PPO samples in the new SFT run's page."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("samples.jsonl", "report.html", "metrics.jsonl"):
+        (out / name).write_text("{}\n")
+    (out / "best").mkdir()
+    (out / "best" / "best.json").write_text("{}")
+    assert cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1, "--overwrite-output-dir"))[0] == 0
+    assert not any((out / n).exists() for n in ("samples.jsonl", "report.html", "best"))
+
+
 def test_two_live_runs_in_one_directory(tmp_path, tiny_dir, capsys):
     import fcntl
 

@@ -58,6 +58,17 @@ TRL_FLAGS = [
 ]
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (["--resume_from_checkpoint", "true"], {"resume": "auto"}),  # before: resume 'true', a missing directory
+    (["--resume_from_checkpoint", "false"], {"resume": None}),
+    (["--resume_from_checkpoint"], {"resume": "auto"}),
+    (["--num_train_epochs", "3.0"], {"epochs": 3}),  # TRL's field is a float
+])
+def test_trl_values_in_our_terms(flags, expected, capsys):
+    cfg = printed_config(capsys, "sft", "--model", "m", "--data", "d.jsonl", *flags)
+    assert {k: cfg[k] for k in expected} == expected
+
+
 @pytest.mark.parametrize("recipe,flags,expected", TRL_FLAGS, ids=[r for r, _, _ in TRL_FLAGS])
 def test_trl_flag_names_set_our_fields(recipe, flags, expected, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

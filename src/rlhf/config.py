@@ -79,7 +79,7 @@ TRL_UNSUPPORTED: dict[str, str] = {
     "reward_weights": "give weights in --reward-fn module:function:weight",
 }
 # Aliases whose value is converted, so they keep their own argparse dest.
-_CONVERTED = ("per_device_train_batch_size", "dataset_name")
+_CONVERTED = ("per_device_train_batch_size", "dataset_name", "resume_from_checkpoint")
 
 
 def flag(name: str) -> str:
@@ -164,6 +164,11 @@ def _convert(name: str, tp, value, where: str):
             return bool(value)
         if base is list:
             return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+        if base is int and isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+            try:
+                value = float(value)  # TRL's float fields: --num_train_epochs 3.0
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected an integer, got {value}")
         return base(value)
@@ -218,8 +223,8 @@ def _from_trl(name: str, value):
     if name == "per_device_train_batch_size":
         per_device = _convert(name, int, value, "--per_device_train_batch_size")
         return per_device * int(os.environ.get("WORLD_SIZE", "1"))
-    if name == "resume_from_checkpoint" and str(value).lower() == "true":  # transformers: the latest one
-        return "auto"
+    if name == "resume_from_checkpoint" and str(value).lower() in ("true", "false"):  # transformers: the latest
+        return "auto" if str(value).lower() == "true" else None                      # one; or no resume
     if name == "dataset_name":
         value = str(value)
         local = os.path.exists(value) or value.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))

@@ -99,17 +99,22 @@ def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remot
 
 
 def load_sequence_classifier(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
-                             attn_implementation: str | None = None, require_score_head: bool = False):
+                             attn_implementation: str | None = None, require_score_head: bool = False,
+                             first_member: bool = False):
     """A one-label ``AutoModelForSequenceClassification``: a reward model, or a critic body.
 
     Loading a causal-LM checkpoint this way keeps its body and adds a fresh scalar head
     (seed 003: "its final language modeling head is replaced with a scalar regression head").
-    An ensemble directory (:func:`is_ensemble`) loads its first member; score with all of them
-    through :func:`load_reward_models`. With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
+    An ensemble directory (:func:`is_ensemble`) is refused, so that no caller scores with one
+    member unawares: score with all of them through :func:`load_reward_models`, or pass
+    ``first_member`` to start from member 0 (a critic initialised from it). With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
     the weights, such as a causal LM's missing score head, is refused instead.
     """
     _check_local(path)
-    if is_ensemble(path):  # e.g. a critic initialised from an ensemble reward model starts from member 0
+    if is_ensemble(path):
+        if not first_member:
+            raise ModelLoadError(f"{path}: a reward-model ensemble ({len(read_ensemble(path)['members'])} members, "
+                                 f"{ENSEMBLE_FILE}); load one member directory, {ensemble_members(path)[0]}")
         path = ensemble_members(path)[0]
     from transformers.utils import logging as hf_logging
 

@@ -177,12 +177,13 @@ NOT_RUN_DEFINING = frozenset({
 PATH_FIELDS = frozenset({"model", "data", "reward_model", "critic_model"})
 # What a finished or interrupted run leaves: another run may not write here unless asked to.
 RESULT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                "value_head.safetensors", "metrics.jsonl")
+                "value_head.safetensors", "metrics.jsonl", "ensemble.json")
 # What --overwrite-output-dir removes once the new run has started (the tokenizer files and the
 # model card are rewritten at the end; nothing else in the directory is touched).
 OLD_RUN_OUTPUTS = ("checkpoints", "tensorboard", "critic", "metrics.jsonl", "config.json", "generation_config.json",
                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                   "adapter_model.safetensors", "adapter_config.json", "value_head.safetensors")
+                   "adapter_model.safetensors", "adapter_config.json", "value_head.safetensors",
+                   "ensemble.json", "member-*", "samples.jsonl", "best", ".tmp-best", "report.html")
 
 
 def run_record(cfg) -> dict:
@@ -224,11 +225,13 @@ def previous_results(output_dir: str) -> list[str]:
     return found + [n for n in RESULT_FILES if os.path.exists(os.path.join(output_dir, n))]
 
 
-def remove_old_run(output_dir: str) -> None:
-    """--overwrite-output-dir, once the new run has started: the earlier run's outputs go."""
+def remove_old_run(output_dir: str, keep: tuple[str, ...] = ()) -> None:
+    """--overwrite-output-dir, once the new run has started: the earlier run's outputs go (but
+    ``keep``, names this run has already written there: an ensemble's new members)."""
     for pattern in OLD_RUN_OUTPUTS:
         for path in glob.glob(os.path.join(glob.escape(output_dir), pattern)):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.basename(path) not in keep:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 class DirLock:

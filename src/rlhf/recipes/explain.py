@@ -18,7 +18,7 @@ import torch
 
 from rlhf.algos import kl_estimate, ppo_loss, ppo_policy_loss, value_loss
 from rlhf.models import (
-    ModelLoadError, PolicyWithValueHead, Reference, disable_dropout, freeze, load_causal_lm, load_sequence_classifier,
+    ModelLoadError, PolicyWithValueHead, Reference, disable_dropout, freeze, load_causal_lm, load_reward_models,
     load_tokenizer,
 )
 from rlhf.models.heads import VALUE_HEAD_FILE
@@ -141,7 +141,7 @@ def main(args, name: str = "explain") -> int:
     reward_model = None
     if args.reward_model:
         try:
-            reward_model = freeze(load_sequence_classifier(args.reward_model, require_score_head=True))
+            reward_model = [freeze(m) for m in load_reward_models(args.reward_model)]  # all members of an ensemble
         except ModelLoadError as e:
             raise UserError(f"--reward-model {e}") from None
     if reward_model is None and not args.reward_fn:

@@ -201,7 +201,8 @@ def build_models(cfg: Config, accelerator):
     else:
         model = policy
         critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model,
-                                                                attn_implementation=cfg.attn_implementation)))
+                                                                attn_implementation=cfg.attn_implementation,
+                                                                first_member=True)))
     return tokenizer, model, critic, ref
 
 

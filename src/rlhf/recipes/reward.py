@@ -20,19 +20,22 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from accelerate import PartialState
 
 from rlhf.algos import bradley_terry_loss, ensemble_std
 from rlhf.data import collate_preference
 from rlhf.models import (
-    ENSEMBLE_FILE, Critic, gather_at, get_score_stats, load_sequence_classifier, load_tokenizer, score_index,
-    set_score_stats,
+    ENSEMBLE_FILE, Critic, gather_at, get_score_stats, is_ensemble, load_sequence_classifier, load_tokenizer,
+    read_ensemble, score_index, set_score_stats,
 )
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.recipes.common import (
     StepPlan, TrainConfig, UserError, check_positions, fit, load_data, make_accelerator, make_optimizer, save_final,
     shard, start, to_device, with_lora,
 )
-from rlhf.recipes.checkpoints import Checkpointer, previous_results, remove_old_run
+from rlhf.recipes.checkpoints import (
+    RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
+)
 from rlhf.recipes.logs import write_model_card
 
 
@@ -210,6 +213,28 @@ def member_config(cfg: Config, i: int) -> Config:
     return dataclasses.replace(cfg, output_dir=out, seed=cfg.seed + i, resume=resume, overwrite_output_dir=overwrite)
 
 
+def check_ensemble_resume(cfg: Config, names: list[str]) -> None:
+    """--resume of an ensemble: something to resume, and every finished member (and a finished
+    ensemble's ``ensemble.json``) trained by this same config; else one line naming what differs."""
+    started = [n for n in names if is_finished(os.path.join(cfg.output_dir, n))
+               or Checkpointer(None, os.path.join(cfg.output_dir, n), 0).latest() is not None]
+    if not started:
+        raise CheckpointError(f"--resume: no member of an ensemble in {cfg.output_dir} has a checkpoint or a saved "
+                              "model to resume (drop --resume to start afresh)")
+    for i, name in enumerate(names):
+        member_dir = os.path.join(cfg.output_dir, name)
+        if is_finished(member_dir) and os.path.exists(os.path.join(member_dir, RUN_FILE)):
+            check_same_run(member_dir, member_config(cfg, i))
+    if is_ensemble(cfg.output_dir):
+        saved = read_ensemble(cfg.output_dir).get("run")
+        now = run_record(cfg)
+        differ = [k for k in now if saved and k in saved and saved[k] != now[k]]
+        if differ:
+            what = "; ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in differ)
+            raise CheckpointError(f"--resume {cfg.output_dir}: an ensemble trained by another run ({what}); resume "
+                                  "with the same config, or start afresh with --overwrite-output-dir")
+
+
 def is_finished(member_dir: str) -> bool:
     """A member whose final save completed (``save_final`` moves ``config.json`` last)."""
     return os.path.isfile(os.path.join(member_dir, "config.json"))
@@ -229,6 +254,8 @@ def run_ensemble(cfg: Config) -> dict[str, float]:
     """
     check_ensemble_dir(cfg)
     names = member_names(cfg.ensemble)
+    if cfg.resume:
+        check_ensemble_resume(cfg, names)
     for i, name in enumerate(names):
         member = member_config(cfg, i)
         if cfg.resume and is_finished(member.output_dir):
@@ -237,6 +264,9 @@ def run_ensemble(cfg: Config) -> dict[str, float]:
         print(f"{name} of {cfg.ensemble}: seed {member.seed}" + (", bootstrap resample" if cfg.ensemble_bootstrap
                                                               else ""))
         train_one(member, bootstrap_seed=member.seed if cfg.ensemble_bootstrap else None)
+        if PartialState().is_main_process:  # what trained it, for a later --resume to check
+            with open(os.path.join(member.output_dir, RUN_FILE), "w") as f:
+                json.dump(run_record(member), f)
         gc.collect()  # one member's weights and optimiser state at a time
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -290,19 +320,14 @@ def save_ensemble(cfg: Config, names: list[str], metrics: dict[str, float]) -> N
     --overwrite-output-dir removes here what an earlier run left at the top (a single model's
     files) and member directories beyond K.
     """
-    from accelerate import PartialState
-
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
         out = cfg.output_dir
         if cfg.overwrite_output_dir:
-            remove_old_run(out)
-            for name in os.listdir(out):
-                if name.startswith("member-") and name not in names and os.path.isdir(os.path.join(out, name)):
-                    shutil.rmtree(os.path.join(out, name))
+            remove_old_run(out, keep=tuple(names))  # also an earlier ensemble's members beyond K
         manifest = {
-            "format": "rlhf reward-model ensemble", "members": names, "aggregation": "mean",
+            "format": "rlhf reward-model ensemble", "members": names, "aggregation": "mean", "run": run_record(cfg),
             "std": "population (divide by K)",
             "trained": {"by": f"rlhf rm --ensemble {cfg.ensemble}", "model": cfg.model, "data": cfg.data,
                         "seeds": [cfg.seed + i for i in range(len(names))],

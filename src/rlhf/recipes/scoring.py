@@ -313,10 +313,10 @@ class RLConfig(TrainConfig):
         """The frozen reward model(s) (if any) and reward functions, as one :class:`Scorer`."""
         reward_models, aggregation = None, self.reward_aggregation or "mean"
         if self.reward_model:
-            if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
-                raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
-                                "the reward model must share the policy's tokenizer")
             try:
+                if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
+                    raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
+                                    "the reward model must share the policy's tokenizer")
                 if is_ensemble(self.reward_model) and self.reward_aggregation is None:
                     aggregation = read_ensemble(self.reward_model).get("aggregation", "mean")
                 reward_models = load_reward_models(self.reward_model, attn_implementation=self.attn_implementation)
