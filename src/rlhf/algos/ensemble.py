@@ -3,7 +3,8 @@
 Coste et al. 2023 ("Reward Model Ensembles Help Mitigate Overoptimization") and Eisenstein et
 al. 2023 ("Helping or Herding?") optimise a conservative reward built from K reward models
 trained from the same start with different seeds: the mean, the mean minus lambda times the
-members' standard deviation (uncertainty-weighted optimisation, UWO), or the minimum (worst-case
+members' standard deviation (a standard-deviation form of Coste et al.'s uncertainty-weighted
+optimisation, UWO, which subtracts lambda times the variance), or the minimum (worst-case
 optimisation, WCO). The members' disagreement is also a signal of over-optimisation on its own:
 where the policy exploits one member's flaw, the others do not follow it.
 
@@ -33,7 +34,8 @@ def aggregate_scores(member_scores: torch.Tensor, aggregation: str = "mean", unc
     """One score per sequence from K members' scores.
 
     ``mean``: the average; ``mean_minus_std``: ``mean - uncertainty_coef * std`` with the
-    population std of :func:`ensemble_std` (Coste et al.'s UWO); ``min``: the lowest member's
+    population std of :func:`ensemble_std` (UWO with the std where Coste et al. take the
+    variance: the penalty keeps the scores' units); ``min``: the lowest member's
     score (WCO).
 
     Shape:

@@ -147,7 +147,9 @@ class Encoder:
         (from it on) are truncated as a string prompt and its reply are."""
         ids, labels = self.conversation_ids(messages)
         trained = [k for k, t in enumerate(labels) if t != -100]
-        start = trained[0] if trained else len(ids)
+        if not trained:
+            raise BadRecord("messages", "the chat template marks no assistant token to train on")
+        start = trained[0]
         ids, labels = ids[: trained[-1] + 1], labels[: trained[-1] + 1]  # what follows the last turn trains nothing
         prompt, p_cut = self.fit_prompt(ids[:start])
         response, r_cut = self.fit_response(prompt, ids[start:])

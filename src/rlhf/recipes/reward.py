@@ -256,15 +256,16 @@ def run_ensemble(cfg: Config) -> dict[str, float]:
     names = member_names(cfg.ensemble)
     if cfg.resume:
         check_ensemble_resume(cfg, names)
+    state = PartialState()  # prints and writes once, from the main process
     for i, name in enumerate(names):
         member = member_config(cfg, i)
         if cfg.resume and is_finished(member.output_dir):
-            print(f"{name}: already trained in {member.output_dir}")
+            state.print(f"{name}: already trained in {member.output_dir}")
             continue
-        print(f"{name} of {cfg.ensemble}: seed {member.seed}" + (", bootstrap resample" if cfg.ensemble_bootstrap
-                                                              else ""))
+        state.print(f"{name} of {cfg.ensemble}: seed {member.seed}"
+                    + (", bootstrap resample" if cfg.ensemble_bootstrap else ""))
         train_one(member, bootstrap_seed=member.seed if cfg.ensemble_bootstrap else None)
-        if PartialState().is_main_process:  # what trained it, for a later --resume to check
+        if state.is_main_process:  # what trained it, for a later --resume to check
             with open(os.path.join(member.output_dir, RUN_FILE), "w") as f:
                 json.dump(run_record(member), f)
         gc.collect()  # one member's weights and optimiser state at a time

@@ -94,6 +94,10 @@ class Scorer:
             raise UserError("--reward-model: some ensemble members store score statistics and some do not, so their "
                             "scores cannot be whitened alike; pass --no-normalize-reward or retrain with rlhf rm")
         self.member_stats = member_stats if all(member_stats) else []
+        if len(self.members) > 1 and not self.member_stats and self.aggregation != "mean":
+            raise UserError(f"--reward-aggregation {self.aggregation} on raw scores: the Bradley-Terry loss fixes no "
+                            "member's offset or scale, so their spread is no disagreement; keep --normalize-reward "
+                            "(the statistics rlhf rm stores) or use mean")
         self.stats = self.member_stats[0] if len(self.members) == 1 and self.member_stats else None
         self.last_member_scores: torch.Tensor | None = None
 
@@ -208,8 +212,8 @@ class RLConfig(TrainConfig):
     K members take K times the reward model's memory and scoring time."""
     reward_aggregation: Literal["mean", "mean_minus_std", "min"] | None = None
     """How an ensemble's member scores (each whitened by its own statistics) become one: mean; mean_minus_std,
-    the mean minus --reward-uncertainty-coef times their population std (the uncertainty-weighted reward of
-    Coste et al. 2023); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
+    the mean minus --reward-uncertainty-coef times their population std (Coste et al. 2023's uncertainty-weighted
+    reward, with the std where they take the variance); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
     every aggregation is its score."""
     reward_uncertainty_coef: float = 1.0
     """Lambda of --reward-aggregation mean_minus_std (0 or more)."""
