@@ -10,17 +10,20 @@ Everything runs through the ``rlhf`` command line, as a user would run it:
 2. ``rlhf sft`` on fair demonstrations;
 3. ``rlhf rm`` (one model) and ``rlhf rm --ensemble K`` (K seeds) on the pairs;
 4. ``rlhf ppo`` against the single reward model and against the ensemble under each
-   aggregation (mean, mean - lambda std, min), all at the same KL coefficient and seed; and one
+   aggregation (mean, mean - lambda std, min), all at the same KL coefficient and seeds, and
+   against a second ensemble whose members also saw bootstrap resamples of the pairs; and one
    run whose reward is the gold scorer itself (a run with no flaw: both the score and the gold
    should rise, and the monitor should stay quiet).
 
 The gold is measured on each step's own rollout batch: the gold scorer is passed as a reward
 function of weight 0 (``--reward-fn rlhf.demo.facts:gold_reward:0``), so it is logged as
 ``rewards/rlhf.demo.facts:gold_reward`` and adds nothing to the reward (the script checks that
-the single-RM run's scores are the same with and without it). Prints one table: per run, gold,
+the single-RM run's scores are the same, at every step, with and without it). Prints one table: per run, gold,
 RM score and KL at the start and end, the step at which the gold began to fall (the peak of
-its 5-step moving average, when it later falls by more than 0.25 below it), and the step of the
-monitor's first warning.
+its 5-step moving average, when it later falls by more than 0.25 below it), the step of the
+monitor's first warning, and what ``--stop-on-overoptimisation`` would keep (the best
+``objective/scores`` before that warning, read from the same run's log: the run is the same up
+to the stop).
 
     python benchmarks/overoptimisation.py [--out runs/overopt] [--steps 60] [--ensemble 3]
 
@@ -76,13 +79,26 @@ def summarise(name: str, run_dir: str) -> dict:
     warnings = [e for e in events if e["event"].startswith("warning: over-optimisation")]
     first = lambda key: sum(s[key] for s in steps[:5]) / len(steps[:5])  # noqa: E731
     last = lambda key: sum(s[key] for s in steps[-5:]) / len(steps[-5:])  # noqa: E731
-    kl_key = "objective/kl"
-    score_key = "objective/rm_score" if "objective/rm_score" in steps[-1] else "objective/scores"
-    return {"run": name, "gold_start": first(GOLD), "gold_end": last(GOLD), "rm_start": first(score_key),
-            "rm_end": last(score_key), "kl_end": last(kl_key) if kl_key in steps[-1] else float("nan"),
-            "gold_fall_step": gold_fall_step(steps),
+    # The reward model's score: an ensemble's members' mean (its aggregate is lower by construction under
+    # mean_minus_std and min), a single model's score, or the reward itself when there is no reward model.
+    score_key = next(k for k in ("objective/rm_score_mean", "objective/rm_score", "objective/scores") if k in steps[-1])
+    stop = None  # what --stop-on-overoptimisation would keep: the best objective/scores before the first warning
+    if warnings:
+        before = [s for s in steps if s["step"] < warnings[0]["step"]]
+        if before:
+            kept = max(before, key=lambda s: s["objective/scores"])
+            stop = {"step": kept["step"], "gold": kept[GOLD]}
+    return {"run": name, "stop": stop, "gold_start": first(GOLD), "gold_end": last(GOLD), "rm_start": first(score_key),
+            "rm_end": last(score_key), "kl_end": last("objective/kl"), "gold_fall_step": gold_fall_step(steps),
             "first_warning": (warnings[0]["step"], warnings[0]["signal"]) if warnings else None,
-            "steps": len(steps)}
+            "curve": list(zip(moving([s["objective/kl"] for s in steps]), moving([s[GOLD] for s in steps])))}
+
+
+def gold_at_kl(curve: list[tuple[float, float]], kl: float, width: float = 1.0) -> float | None:
+    """The mean gold (5-step moving average) of a run's steps whose KL (moving average) is within
+    ``width`` of ``kl``: how the single reward model's run scored at that KL."""
+    near = [g for k, g in curve if abs(k - kl) <= width]
+    return sum(near) / len(near) if near else None
 
 
 def main() -> None:
@@ -91,8 +107,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--ensemble", type=int, default=3, help="ensemble members (0: no ensemble runs)")
     ap.add_argument("--kl-coef", type=float, default=0.02)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", default="single,gold,mean,mean_minus_std,min",
+    ap.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the reward models")
+    ap.add_argument("--ppo-seeds", default="0,1,2", help="PPO seeds: every run is repeated with each")
+    ap.add_argument("--bootstrap", type=int, default=5,
+                    help="members of a second ensemble trained with --ensemble-bootstrap (0: none)")
+    ap.add_argument("--runs", default="single,gold,mean,mean_minus_std,min,boot_mean_minus_std,boot_min",
                     help="which PPO runs (single, gold, and the ensemble aggregations)")
     ap.add_argument("--fresh", action="store_true", help="redo every stage")
     args = ap.parse_args()
@@ -126,11 +145,15 @@ def main() -> None:
         rlhf("rm", *rm_args, "--output-dir", path("rm"))
     if args.ensemble > 1 and not os.path.exists(path("rm-ensemble", "ensemble.json")):
         rlhf("rm", *rm_args, "--output-dir", path("rm-ensemble"), "--ensemble", str(args.ensemble))
+    if args.bootstrap > 1 and not os.path.exists(path("rm-bootstrap", "ensemble.json")):
+        rlhf("rm", *rm_args, "--output-dir", path("rm-bootstrap"), "--ensemble", str(args.bootstrap),
+             "--ensemble-bootstrap")
 
     ppo = ["--model", path("sft"), "--data", path("data", "rl.jsonl"), "--max-steps", str(args.steps),
            "--rollout-batch-size", "32", "--mini-batch-size", "16", "--batch-size", "16", "--ppo-epochs", "4",
            "--max-new-tokens", "48", "--lr", "5e-5", "--critic-lr", "5e-4", "--kl-coef", str(args.kl_coef),
-           "--missing-eos-penalty", "1.0", "--temperature", "0.8", "--overwrite-output-dir", *common]
+           "--missing-eos-penalty", "1.0", "--temperature", "0.8", "--overwrite-output-dir", "--report-to", "none",
+           "--max-length", "96"]
     gold0 = ["--reward-fn", "rlhf.demo.facts:gold_reward:0"]
     runs = {
         "single": ["--reward-model", path("rm"), *gold0],
@@ -139,22 +162,45 @@ def main() -> None:
         "mean_minus_std": ["--reward-model", path("rm-ensemble"), "--reward-aggregation", "mean_minus_std",
                            "--reward-uncertainty-coef", "1.0", *gold0],
         "min": ["--reward-model", path("rm-ensemble"), "--reward-aggregation", "min", *gold0],
+        "boot_mean_minus_std": ["--reward-model", path("rm-bootstrap"), "--reward-aggregation", "mean_minus_std",
+                                "--reward-uncertainty-coef", "1.0", *gold0],
+        "boot_min": ["--reward-model", path("rm-bootstrap"), "--reward-aggregation", "min", *gold0],
     }
     rows = []
+    seeds = [int(x) for x in args.ppo_seeds.split(",")]
     for name in args.runs.split(","):
-        run_dir = path(f"ppo-{name}")
-        if not os.path.exists(os.path.join(run_dir, "config.json")):
-            rlhf("ppo", *ppo, *runs[name], "--output-dir", run_dir)
-        rows.append(summarise(name, run_dir))
+        for seed in seeds:
+            run_dir = path(f"ppo-{name}-s{seed}")
+            if not os.path.exists(os.path.join(run_dir, "config.json")):
+                rlhf("ppo", *ppo, *runs[name], "--seed", str(seed), "--output-dir", run_dir)
+            rows.append({**summarise(name, run_dir), "seed": seed})
+    # The gold reward function has weight 0: the single-RM run without it must train identically.
+    inert = path("ppo-single-nogold-s0")
+    if "single" in args.runs.split(",") and 0 in seeds:
+        if not os.path.exists(os.path.join(inert, "config.json")):
+            rlhf("ppo", *ppo, "--reward-model", path("rm"), "--seed", "0", "--output-dir", inert)
+        a = [s["objective/scores"] for s in read_metrics(path("ppo-single-s0"))[0]]
+        b = [s["objective/scores"] for s in read_metrics(inert)[0]]
+        print(f"gold at weight 0 is inert: objective/scores of all {len(a)} steps equal without it: {a == b}")
     with open(path("summary.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    print("\n| PPO reward | gold start -> end | score start -> end | KL end | gold began to fall | monitor first warned |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        warn = f"step {r['first_warning'][0]} ({r['first_warning'][1]})" if r["first_warning"] else "no warning"
-        fall = f"step {r['gold_fall_step']}" if r["gold_fall_step"] else "did not fall"
-        print(f"| {r['run']} | {r['gold_start']:.2f} -> {r['gold_end']:.2f} | {r['rm_start']:.2f} -> {r['rm_end']:.2f} | "
-              f"{r['kl_end']:.2f} | {fall} | {warn} |")
+    single = {r["seed"]: r["curve"] for r in rows if r["run"] == "single"}
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    print(f"\nMeans over PPO seeds {args.ppo_seeds} (start: first 5 steps, end: last 5 of {args.steps}); per seed, "
+          "the step where the gold began to fall and the monitor's first warning.\n")
+    print("| PPO reward | gold start -> end | single RM's gold at the same KL | RM score start -> end | KL end | "
+          "gold began to fall | monitor first warned | --stop-on-overoptimisation keeps: step: its rollout's gold |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.runs.split(","):
+        rs = [r for r in rows if r["run"] == name]
+        same = [g for r in rs if r["seed"] in single and (g := gold_at_kl(single[r["seed"]], r["kl_end"])) is not None]
+        falls = ", ".join(f"{r['gold_fall_step']}" if r["gold_fall_step"] else "-" for r in rs)
+        warns = ", ".join(f"{r['first_warning'][0]} ({r['first_warning'][1].split('/')[-1]})" if r["first_warning"]
+                          else "-" for r in rs)
+        stops = ", ".join(f"{r['stop']['step']}: {r['stop']['gold']:.2f}" if r["stop"] else "-" for r in rs)
+        print(f"| {name} | {mean([r['gold_start'] for r in rs]):.2f} -> {mean([r['gold_end'] for r in rs]):.2f} | "
+              f"{mean(same):.2f} | {mean([r['rm_start'] for r in rs]):.2f} -> {mean([r['rm_end'] for r in rs]):.2f} | "
+              f"{mean([r['kl_end'] for r in rs]):.1f} | {falls} | {warns} | {stops} |")
     print(f"\n{time.perf_counter() - start:.0f} s; summary in {path('summary.json')}")
 
 
