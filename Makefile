@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-faults: setup
-	$(BIN)/python -m pytest -q tests/test_faults.py
+	$(BIN)/python -m pytest -q tests/test_faults.py tests/test_trl_compat.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -26,6 +26,8 @@ monitor's first warning, and what ``--stop-on-overoptimisation`` would keep (the
 to the stop).
 
     python benchmarks/overoptimisation.py [--out runs/overopt] [--steps 60] [--ensemble 3]
+    python benchmarks/overoptimisation.py --out runs/overopt-300 --rm-pairs 300 --bootstrap 0 \
+        --runs single,mean,mean_minus_std,min     # reward models from 300 pairs
 
 Stages whose output exists are reused (``--fresh`` to redo them).
 """
@@ -113,6 +115,9 @@ def main() -> None:
                     help="members of a second ensemble trained with --ensemble-bootstrap (0: none)")
     ap.add_argument("--runs", default="single,gold,mean,mean_minus_std,min,boot_mean_minus_std,boot_min",
                     help="which PPO runs (single, gold, and the ensemble aggregations)")
+    ap.add_argument("--rm-pairs", type=int, default=0,
+                    help="train the reward models on the first N pairs only (0: all): members then overfit each in "
+                         "its own way, where with all pairs they share the planted flaw")
     ap.add_argument("--fresh", action="store_true", help="redo every stage")
     args = ap.parse_args()
     out = args.out
@@ -138,8 +143,15 @@ def main() -> None:
         rlhf("sft", "--model", path("base"), "--data", path("data", "sft.jsonl"), "--output-dir", path("sft"),
              "--epochs", "4", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio", "0.05", "--lr-scheduler", "cosine",
              "--overwrite-output-dir", *common)
-    rm_args = ["--model", path("sft"), "--data", path("data", "pairs.jsonl"), "--eval-data",
-               path("data", "pairs_eval.jsonl"), "--epochs", "2", "--batch-size", "32", "--lr", "3e-4",
+    pairs = path("data", "pairs.jsonl")
+    if args.rm_pairs:
+        with open(pairs) as f:
+            rows = f.readlines()[: args.rm_pairs]
+        pairs = path("data", f"pairs-{args.rm_pairs}.jsonl")
+        with open(pairs, "w") as f:
+            f.writelines(rows)
+    rm_args = ["--model", path("sft"), "--data", pairs, "--eval-data",
+               path("data", "pairs_eval.jsonl"), "--epochs", str(2 if not args.rm_pairs else 6), "--batch-size", "32", "--lr", "3e-4",
                "--warmup-ratio", "0.05", "--overwrite-output-dir", *common]
     if not os.path.exists(path("rm", "config.json")):
         rlhf("rm", *rm_args, "--output-dir", path("rm"))
