@@ -62,7 +62,8 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the training data (when --max-steps is -1)."""
     batch_size: int = 8
-    """Examples per micro-batch, summed over all processes: a global size (TRL's per_device_train_batch_size is per process)."""
+    """Examples per micro-batch, summed over all processes: a global size (TRL's
+    per_device_train_batch_size is per process)."""
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step. PPO and GRPO use --mini-batch-size instead."""
     lr: float = 1e-5
