@@ -182,5 +182,5 @@ def test_config_precedence_defaults_yaml_flags(tmp_path):
     y.write_text("model: m\nbatch_sise: 3\n")
     with pytest.raises(ConfigError, match="unknown field 'batch_sise'"):
         build_config(sft.Config, str(y), {})
-    with pytest.raises(ConfigError, match="--batch-size: invalid literal"):
+    with pytest.raises(ConfigError, match="--batch-size: expected an integer, got 'many'"):
         build_config(sft.Config, None, {"model": "m", "batch_size": "many"})
