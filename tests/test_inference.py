@@ -204,7 +204,7 @@ def test_chat_ctrl_c_through_a_pseudo_terminal(tiny_dir, tmp_path):
         after = _read_until(fd, b"you> ")
         assert b"[stopped]" in after and b"you> " in after, after
         # As a person would: not within microseconds of the prompt. Sent at once, under load, the
-        # chat stayed at its prompt in 4 of 9 runs (the signal seemingly lost while input() sets up
+        # chat stayed at its prompt in 5 of 9 runs (the signal seemingly lost while input() sets up
         # readline and enters its wait); after a 1 s pause, 5 of 5 ended with status 0.
         time.sleep(1)
         os.kill(pid, signal.SIGINT)
