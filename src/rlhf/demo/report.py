@@ -160,7 +160,7 @@ def monitor_html(out: str, ppo_dir: str) -> str:
 def write_html(out: str, summary: dict, table_md: str, *, ppo_dir: str, sft_dir: str, rm_dir: str) -> None:
     """``report.html``: the table, the three plots, the PPO run's monitor signals and warnings, and the
     explain table for the seed's prompt."""
-    from rlhf.recipes.report import PLOT_STYLE
+    from rlhf.recipes.plots import PLOT_STYLE
 
     images = _plots(out, summary, ppo_dir)
     monitor = monitor_html(out, ppo_dir)

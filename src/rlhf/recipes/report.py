@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from rlhf.recipes.checkpoints import RUN_FILE
 from rlhf.recipes.common import UserError
+from rlhf.recipes.plots import PLOT_STYLE, fmt, svg_plot
 from rlhf.recipes.samples import SAMPLES_FILE
 
 # The headline curves, in this order, where the run logged them.
@@ -35,7 +36,6 @@ KEY_FIELDS = ("model", "data", "eval_data", "reward_model", "reward_fn", "critic
 # The model card's title -> recipe module (the run record's "recipe"); the command line names reward "rm".
 TITLES = {"SFT model": "sft", "Reward model": "reward", "PPO policy": "ppo", "DPO policy": "dpo", "GRPO policy": "grpo"}
 COMMANDS = {"reward": "rm"}
-MAX_POINTS = 500  # per curve; longer runs are thinned evenly (the last step always kept)
 
 
 @dataclass
@@ -203,75 +203,9 @@ def monitor_thresholds(run: Run) -> dict[str, list[float]]:
     return lines
 
 
-# ---- SVG plots ----------------------------------------------------------------------------------
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def _thin(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
-    if len(steps) <= MAX_POINTS:
-        return steps, values
-    idx = sorted({round(i * (len(steps) - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)})
-    return [steps[i] for i in idx], [values[i] for i in idx]
-
-
-def svg_plot(title: str, steps: list[int], values: list[float], hlines: list[float] = (),
-             marks: list[tuple[int, str]] = (), width: int = 300, height: int = 170) -> str:
-    """A small line plot as inline SVG.
-
-    Args:
-        title: shown above the plot (escaped).
-        steps, values: the curve.
-        hlines: dashed red lines at these values (thresholds); the y range includes them.
-        marks: ``(step, label)`` pairs drawn as orange vertical lines (monitor warnings), the label as a tooltip.
-    """
-    left, right, top, bottom = 54, 10, 20, 22
-    pw, ph = width - left - right, height - top - bottom
-    steps, values = _thin(list(steps), list(values))
-    lo, hi = min([*values, *hlines], default=0.0), max([*values, *hlines], default=1.0)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5 * max(abs(lo), 1.0), hi + 0.5 * max(abs(hi), 1.0)
-    pad = 0.05 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-    s0 = min([*steps, *(s for s, _ in marks)], default=0)
-    s1 = max([*steps, *(s for s, _ in marks)], default=1)
-    if s1 == s0:
-        s0, s1 = s0 - 1, s1 + 1
-    x = lambda s: left + pw * (s - s0) / (s1 - s0)
-    y = lambda v: top + ph * (hi - v) / (hi - lo)
-    esc = html.escape
-    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img"><title>{esc(title)}</title>'),
-           f'<text x="{left}" y="13" class="t">{esc(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
-    for v in (lo + pad, hi - pad):  # the data's range, labelled on the y axis
-        out.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" class="ya">{_fmt(v)}</text>')
-    out.append(f'<text x="{left}" y="{height - 6}" class="xa">{s0 if steps else ""}</text>')
-    out.append(f'<text x="{left + pw}" y="{height - 6}" class="xa end">step {steps[-1] if steps else ""}</text>')
-    for v in hlines:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="thr">'
-                   f'<title>threshold {_fmt(v)}</title></line>'
-                   f'<text x="{left + pw - 3}" y="{y(v) - 3:.1f}" class="thrl end">{_fmt(v)}</text>')
-    for s, label in marks:
-        out.append(f'<line x1="{x(s):.1f}" x2="{x(s):.1f}" y1="{top}" y2="{top + ph}" class="warn">'
-                   f'<title>{esc(label)}</title></line>')
-    if len(steps) == 1:
-        out.append(f'<circle cx="{x(steps[0]):.1f}" cy="{y(values[0]):.1f}" r="2.5" class="dot"/>')
-    elif steps:
-        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, values))
-        out.append(f'<polyline points="{points}" class="line"/>')
-    out.append("</svg>")
-    return "".join(out)
-
-
 # ---- sections -----------------------------------------------------------------------------------
 
-# The plots' and tables' look (the demo's page embeds it too), then the page's.
-PLOT_STYLE = """.plots{display:flex;flex-wrap:wrap;gap:8px}svg{background:#fff}svg text{font-size:10px;fill:#444}
-svg .t{font-size:11px;fill:#111}svg .ya{text-anchor:end}svg .end{text-anchor:end}svg .frame{fill:none;stroke:#bbb}
-svg .line{fill:none;stroke:#1f77b4;stroke-width:1.5}svg .dot{fill:#1f77b4}svg .thr{stroke:#d62728;stroke-dasharray:4 3}
-svg .thrl{fill:#d62728}svg .warn{stroke:#ff7f0e;stroke-width:1.5}"""
+# The page's look, after the plots' (the demo's page embeds those too).
 STYLE = PLOT_STYLE + """
 body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top;text-align:left}
@@ -306,7 +240,7 @@ def _run_section(run: Run) -> str:
     for key in HEADLINE:
         s, v = run.series(key)
         if s:
-            rows.append((f"final {key}", f"{_fmt(v[-1])} (step {s[-1]}; first {_fmt(v[0])} at step {s[0]})"))
+            rows.append((f"final {key}", f"{fmt(v[-1])} (step {s[-1]}; first {fmt(v[0])} at step {s[0]})"))
     table = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
     if run.config is None:
         source = ("<p>No config saved yet (no model card README.md and no checkpoint): the recipe is guessed from "
@@ -342,8 +276,8 @@ def monitor_section(run: Run, heading: str = "h2") -> str:
         head = "".join(f"<th>{h}</th>" for h in ("step", "signal", "value", "threshold", "message"))
         body = "".join(
             f"<tr><td>{esc(str(w['step']))}</td><td>{esc(str(w['signal']))}</td>"
-            f"<td>{esc(_fmt(w['value']) if _is_number(w.get('value')) else str(w.get('value')))}</td>"
-            f"<td>{esc(_fmt(w['threshold']) if _is_number(w.get('threshold')) else str(w.get('threshold')))}</td>"
+            f"<td>{esc(fmt(w['value']) if _is_number(w.get('value')) else str(w.get('value')))}</td>"
+            f"<td>{esc(fmt(w['threshold']) if _is_number(w.get('threshold')) else str(w.get('threshold')))}</td>"
             f"<td>{esc(str(w['event']))}</td></tr>" for w in warnings)
         parts.append(f"<table class=\"warnings\"><tr>{head}</tr>{body}</table>")
     else:
@@ -398,7 +332,7 @@ def samples_section(run: Run, steps: list[int]) -> str:
                 cells.append("<td></td>")
                 continue
             x = by_step[s][i]
-            score = _fmt(x["score"]) if _is_number(x.get("score")) else esc(str(x.get("score")))
+            score = fmt(x["score"]) if _is_number(x.get("score")) else esc(str(x.get("score")))
             cells.append(f'<td><div class="p">{esc(_prompt_text(x.get("prompt", "")))}</div>'
                          f'<pre>{esc(str(x.get("completion", "")))}</pre>'
                          f'<div class="m">score {score} · {esc(str(x.get("length", "?")))} tokens</div></td>')
