@@ -1,6 +1,6 @@
 """Shared pieces of every recipe, as plain functions: the common config, run setup on
-``accelerate``, the data plan, and the step loop (checkpoints and logs live in
-``checkpoints.py`` and ``logs.py``).
+``accelerate``, the data plan, and the step loop (checkpoints, logs and the final save live in
+``checkpoints.py``, ``logs.py`` and ``saving.py``).
 
 The batch arithmetic follows one rule so results do not depend on how work is split: a
 *step* consumes ``batch_size * grad_accum`` examples of a seeded per-epoch permutation
@@ -20,9 +20,9 @@ from typing import Callable, Literal
 import torch
 
 from rlhf.recipes.checkpoints import (
-    Checkpointer, TrainState, claim_output_dir, release_output_dir, remove_old_run, run_record,
+    Checkpointer, TrainState, claim_output_dir, remove_old_run, run_record,
 )
-from rlhf.recipes.logs import RunLogger, write_model_card
+from rlhf.recipes.logs import RunLogger
 
 
 # pip package of each tracker accelerate knows (its names are accelerate's LOGGER_TYPE_TO_CLASS).
@@ -401,47 +401,6 @@ def check_trained(state: TrainState) -> None:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def save_final(accelerator, model, tokenizer, cfg: TrainConfig, title: str, metrics: dict[str, float],
-               checkpointer: Checkpointer | None = None, announce: bool = True) -> None:
-    """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card.
-
-    Everything is written to ``OUTPUT_DIR/.tmp-final`` first and moved into place only once
-    the whole model is written (``config.json`` last), so a failed save (a full disk) leaves no
-    ``config.json`` without weights; it is one line naming the directory, the error and the
-    last checkpoint. ``announce``: the run's model is complete (:func:`announce_saved`); off for
-    a save that more files follow (PPO's value head) or that is not the run's (``OUTPUT/best``).
-    """
-    import shutil
-
-    from rlhf.models import save_pretrained
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = os.path.join(cfg.output_dir, ".tmp-final")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp, merge_adapters=cfg.merge_lora)
-            write_model_card(cfg, tmp, title, metrics)
-            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")  # config.json last
-            for name in names:
-                os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
-        except OSError as e:
-            last = checkpointer.latest() if checkpointer else None
-            raise UserError(f"--output-dir {cfg.output_dir}: cannot save the final model ({e.strerror or e}); "
-                            f"nothing of it was written; last checkpoint: {last or 'none'}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if announce:
-        announce_saved(accelerator, cfg.output_dir)
-
-
-def announce_saved(accelerator, directory: str) -> None:
-    """The run's model is complete: its output directory is free again, and one line says where."""
-    release_output_dir(directory)
-    accelerator.print(f"saved model to {directory}")
 
 
 def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):

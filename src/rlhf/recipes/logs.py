@@ -57,7 +57,7 @@ class RunLogger:
         if not self.is_main:
             return
         os.makedirs(cfg.output_dir, exist_ok=True)
-        _truncate_metrics(self.path, start_step)
+        truncate_metrics(self.path, start_step)
         if sys.stderr.isatty():  # a bar on a terminal; one line a logging step in CI logs and nohup.out
             from tqdm.auto import tqdm
 
@@ -115,8 +115,9 @@ def progress_line(step: int, total_steps: int, shown: dict[str, float], lr: floa
     return "  ".join([*parts, f"{seconds:.1f} s"])
 
 
-def _truncate_metrics(path: str, start_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file reads as one run."""
+def truncate_metrics(path: str, start_step: int) -> None:
+    """On resume, drop the lines of a run's JSON-lines log (metrics.jsonl, samples.jsonl) written after
+    the checkpoint, so the file reads as one run."""
     if not os.path.exists(path):
         return
     with open(path) as f:

@@ -15,7 +15,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,13 +29,14 @@ from rlhf.models import (
 )
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.recipes.common import (
-    StepPlan, TrainConfig, UserError, check_positions, fit, load_data, make_accelerator, make_optimizer, save_final,
-    shard, start, to_device, with_lora,
+    StepPlan, TrainConfig, UserError, check_positions, fit, load_data, make_accelerator, make_optimizer, shard,
+    start, to_device, with_lora,
 )
 from rlhf.recipes.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )
 from rlhf.recipes.logs import write_model_card
+from rlhf.recipes.saving import save_final, staged
 
 
 @dataclass
@@ -336,24 +336,20 @@ def save_ensemble(cfg: Config, names: list[str], metrics: dict[str, float]) -> N
                         "normalized_scores": cfg.normalize_scores},
             "metrics": metrics,
         }
-        tmp = os.path.join(out, ".tmp-final")
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            load_tokenizer(os.path.join(out, names[0]), trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
-            write_model_card(cfg, tmp, f"Reward-model ensemble ({len(names)} members)", metrics)
-            with open(os.path.join(tmp, "README.md"), "a") as f:
-                f.write(f"\n## Members\n\n{', '.join(names)}: each a plain reward model, loadable with "
-                        "`AutoModelForSequenceClassification.from_pretrained(DIR/member-i)`. `rlhf ppo` and "
-                        "`rlhf grpo --reward-model DIR` score with all of them (see ensemble.json).\n")
-            with open(os.path.join(tmp, ENSEMBLE_FILE), "w") as f:
-                json.dump(manifest, f, indent=1)
-            for name in sorted(os.listdir(tmp), key=lambda n: n == ENSEMBLE_FILE):  # ensemble.json last
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            with staged(out, last=ENSEMBLE_FILE) as tmp:
+                tokenizer = load_tokenizer(os.path.join(out, names[0]), trust_remote_code=cfg.trust_remote_code)
+                tokenizer.save_pretrained(tmp)
+                write_model_card(cfg, tmp, f"Reward-model ensemble ({len(names)} members)", metrics)
+                with open(os.path.join(tmp, "README.md"), "a") as f:
+                    f.write(f"\n## Members\n\n{', '.join(names)}: each a plain reward model, loadable with "
+                            "`AutoModelForSequenceClassification.from_pretrained(DIR/member-i)`. `rlhf ppo` and "
+                            "`rlhf grpo --reward-model DIR` score with all of them (see ensemble.json).\n")
+                with open(os.path.join(tmp, ENSEMBLE_FILE), "w") as f:
+                    json.dump(manifest, f, indent=1)
         except OSError as e:
             raise UserError(f"--output-dir {out}: cannot save the ensemble ({e.strerror or e}); its members are "
                             f"saved in {os.path.join(out, 'member-*')}; rerun with --resume to finish") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         print(f"Reward-model ensemble of {len(names)} saved in {out}" + (
             f": held-out accuracy of the mean {metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else ""))
     state.wait_for_everyone()

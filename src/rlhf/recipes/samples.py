@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from rlhf.recipes.logs import _truncate_metrics
+from rlhf.recipes.logs import truncate_metrics
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -41,7 +41,7 @@ class SampleLog:
         self.n_samples, self.log_every, self.total_steps = n_samples, log_every, total_steps
         self.is_main = is_main
         if is_main:
-            _truncate_metrics(self.path, start_step)  # the same rule as metrics.jsonl: one run, no later lines
+            truncate_metrics(self.path, start_step)  # the same rule as metrics.jsonl: one run, no later lines
 
     def due(self, step: int) -> bool:
         """Whether ``step`` writes samples: step 1, every ``log_every``-th step and the last one."""

@@ -32,6 +32,7 @@ from rlhf.models import eval_mode
 from rlhf.recipes.checkpoints import release_output_dir
 from rlhf.recipes.common import UserError, load_data, reduce_sum
 from rlhf.recipes.dpo import all_pair_logps
+from rlhf.recipes.saving import staged
 
 ACCURACY = "eval/implicit_pref_accuracy"
 ACCURACY_DROP = "eval/implicit_pref_accuracy_vs_start"
@@ -170,22 +171,14 @@ class BestPolicy:
 
 
 def install(best: str, out: str) -> None:
-    """Copy the model in ``best`` into ``out`` as save_final writes one: to ``out/.tmp-final``
-    first, then moved into place with ``config.json`` last (``best.json`` stays in ``best``)."""
-    tmp = os.path.join(out, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Copy the model in ``best`` into ``out`` as :func:`save_final` writes one (through
+    :func:`staged`, ``config.json`` last; ``best.json`` stays in ``best``)."""
     try:
-        shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("best.json"))
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-            target = os.path.join(out, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
+        with staged(out) as tmp:
+            shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("best.json"), dirs_exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {out}: cannot copy the best policy from {best} ({e.strerror or e}); "
                         f"it is still in {best}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def watch(step: int, total: int, metrics: dict[str, float], monitor, pref_eval: PreferenceEval | None,

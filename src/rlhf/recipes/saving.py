@@ -1,0 +1,68 @@
+"""The final model directory of a run, written whole or not at all.
+
+Everything goes to ``OUTPUT_DIR/.tmp-final`` first and is moved into place only once all of it
+is written, one named file last (``config.json`` for a model, ``ensemble.json`` for an
+ensemble), so a reader that finds that file finds the whole model, and a save that fails (a
+full disk) leaves no ``config.json`` without weights. The final model of SFT, RM, DPO, PPO and
+GRPO, an ensemble's top directory and ``--stop-on-overoptimisation``'s best policy all go
+through :func:`staged`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+from rlhf.recipes.checkpoints import Checkpointer, release_output_dir
+from rlhf.recipes.common import UserError
+from rlhf.recipes.logs import write_model_card
+
+
+@contextlib.contextmanager
+def staged(out: str, last: str = "config.json"):
+    """A fresh, empty ``out/.tmp-final`` to write into; when the block ends without an error, every
+    entry in it replaces its namesake in ``out``, ``last`` last. The temporary directory is removed
+    in any case; an ``OSError`` is the caller's to word."""
+    tmp = os.path.join(out, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp), key=lambda n: n == last):
+            target = os.path.join(out, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str, float],
+               checkpointer: Checkpointer | None = None, announce: bool = True) -> None:
+    """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card, through
+    :func:`staged`. A failed save is one line naming the directory, the error and the last
+    checkpoint. ``announce``: the run's model is complete (:func:`announce_saved`); off for a save
+    that more files follow (PPO's value head) or that is not the run's (``OUTPUT/best``).
+    """
+    from rlhf.models import save_pretrained
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            with staged(cfg.output_dir) as tmp:
+                save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp, merge_adapters=cfg.merge_lora)
+                write_model_card(cfg, tmp, title, metrics)
+        except OSError as e:
+            last = checkpointer.latest() if checkpointer else None
+            raise UserError(f"--output-dir {cfg.output_dir}: cannot save the final model ({e.strerror or e}); "
+                            f"nothing of it was written; last checkpoint: {last or 'none'}") from None
+    accelerator.wait_for_everyone()
+    if announce:
+        announce_saved(accelerator, cfg.output_dir)
+
+
+def announce_saved(accelerator, directory: str) -> None:
+    """The run's model is complete: its output directory is free again, and one line says where."""
+    release_output_dir(directory)
+    accelerator.print(f"saved model to {directory}")
