@@ -4,7 +4,7 @@ import json
 import os
 
 from rlhf.demo.evaluate import distinct_n, distinct_n_per_response
-from rlhf.recipes import demo
+from rlhf.demo import run as demo
 
 
 def test_distinct_n_by_hand():

@@ -142,7 +142,7 @@ class Events:
 
 
 def monitor(growth=0.5):
-    from rlhf.recipes.monitor import Monitor
+    from rlhf.watch.monitor import Monitor
 
     cfg = types.SimpleNamespace(monitor_distinct_drop=None, monitor_length_growth=None,
                                 monitor_reward_length_corr=None, monitor_kl_fraction=None,
@@ -190,7 +190,7 @@ def test_no_ensemble_no_disagreement_signal():
 
 def test_disagreement_growth_flag_may_change_on_resume():
     from rlhf.recipes import ppo
-    from rlhf.recipes.checkpoints import run_record
+    from rlhf.training.checkpoints import run_record
 
     assert run_record(ppo.Config(model="m")) == run_record(ppo.Config(model="m", monitor_disagreement_growth=0.1))
 
@@ -233,7 +233,7 @@ def test_broken_ensemble_directory_is_one_line_naming_it(ensemble_dir, tiny_dir,
 def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from rlhf.recipes import common
+    from rlhf.training import loop as common
 
     def argv(name):
         return rm_args(tiny_dir, tmp_path, tmp_path / name, "--ensemble", "2", "--max-steps", "4", "--save-every", "2")

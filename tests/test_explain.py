@@ -8,7 +8,7 @@ import torch
 
 from rlhf.algos import gae, kl_penalized_rewards
 from rlhf.models import PolicyWithValueHead, Reference, load_causal_lm
-from rlhf.recipes.explain import explain_rollout, render, td_and_gae
+from rlhf.commands.explain import explain_rollout, render, td_and_gae
 from rlhf.recipes.scoring import Scorer, load_reward_fns
 
 

@@ -87,7 +87,7 @@ def test_chat_history_follows_the_template(tiny_dir, monkeypatch):
     import io
     from types import SimpleNamespace
 
-    from rlhf.recipes import inference
+    from rlhf.commands import inference
 
     seen = []
     real = inference.stream_reply
@@ -116,7 +116,7 @@ def _chat_args(tiny_dir, **over):
 def _interrupt_reply(monkeypatch, after_tokens: dict[int, int]):
     """Ctrl-C arrives in reply k (0-based) after ``after_tokens[k]`` tokens: KeyboardInterrupt between two
     generation steps, raised where the streamer receives the next token. Returns the messages each reply saw."""
-    from rlhf.recipes import inference
+    from rlhf.commands import inference
 
     seen, real_put, real_reply = [], inference._Stream.put, inference.stream_reply
 
@@ -138,7 +138,7 @@ def _interrupt_reply(monkeypatch, after_tokens: dict[int, int]):
 def test_chat_ctrl_c_stops_the_reply_only_and_keeps_what_was_shown(tiny_dir, monkeypatch):
     import io
 
-    from rlhf.recipes import inference
+    from rlhf.commands import inference
 
     seen = _interrupt_reply(monkeypatch, {0: 3})
     out = io.StringIO()  # an untrained model says something only when sampling
@@ -153,7 +153,7 @@ def test_chat_ctrl_c_stops_the_reply_only_and_keeps_what_was_shown(tiny_dir, mon
 def test_chat_ctrl_c_before_the_first_token_drops_the_turn(tiny_dir, monkeypatch):
     import io
 
-    from rlhf.recipes import inference
+    from rlhf.commands import inference
 
     seen = _interrupt_reply(monkeypatch, {0: 0})
     out = io.StringIO()
@@ -165,7 +165,7 @@ def test_chat_ctrl_c_before_the_first_token_drops_the_turn(tiny_dir, monkeypatch
 def test_chat_ctrl_c_at_the_prompt_and_eof_end_with_status_0(tiny_dir):
     import io
 
-    from rlhf.recipes import inference
+    from rlhf.commands import inference
 
     class CtrlC(io.StringIO):
         def readline(self, *a):

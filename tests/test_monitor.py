@@ -176,7 +176,7 @@ def test_quiet_run_says_no_warnings(tiny_dir, prompts_file, tmp_path):
 
 
 def test_no_monitor_computes_nothing(tiny_dir, prompts_file, tmp_path, monkeypatch):
-    import rlhf.recipes.monitor as monitor
+    import rlhf.watch.monitor as monitor
     from rlhf.cli import build_parser
     from rlhf.recipes import grpo, ppo
 
@@ -199,7 +199,7 @@ def test_no_monitor_computes_nothing(tiny_dir, prompts_file, tmp_path, monkeypat
 def test_monitor_flags_may_change_on_resume():
     # They change what is reported, not what is trained: --resume must not refuse a checkpoint for them.
     from rlhf.recipes import ppo
-    from rlhf.recipes.checkpoints import run_record
+    from rlhf.training.checkpoints import run_record
 
     changed = dict(monitor=False, monitor_distinct_drop=0.1, monitor_length_growth=None, monitor_reward_length_corr=0.9,
                    monitor_kl_fraction=2.0)

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.config import ConfigError, build_config
+from rlhf.training.options import ConfigError, build_config
 from rlhf.recipes import reward, sft
-from rlhf.recipes.common import Checkpointer, UserError
+from rlhf.training.loop import Checkpointer, UserError
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray"]
 THINGS = ["car", "cup", "hat", "door", "box", "pen", "bag", "lamp", "shoe", "ball"]
@@ -73,7 +73,7 @@ def _weights(d):
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, monkeypatch):
     # Dropout on, so the restored RNG state matters as well as data position and optimizer.
-    import rlhf.recipes.common as common
+    import rlhf.training.loop as common
 
     full = sft_config(tmp_path, tiny_dir, output_dir=str(tmp_path / "full"), max_steps=6, save_every=2,
                       grad_accum=2, batch_size=4, warmup_ratio=0.3)
@@ -105,7 +105,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, monkeyp
 
 
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_dir, monkeypatch):
-    import rlhf.recipes.checkpoints as checkpoints
+    import rlhf.training.checkpoints as checkpoints
 
     cfg = sft_config(tmp_path, tiny_dir, max_steps=4, save_every=2)
     real = checkpoints._fsync_tree

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlhf.cli import main
-from rlhf.recipes import report
-from rlhf.recipes.samples import SampleLog
+from rlhf.watch import report
+from rlhf.watch.samples import SampleLog
 
 EVIL = "<script>alert('x')</script> & \"quotes\""
 

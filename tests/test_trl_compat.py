@@ -89,7 +89,7 @@ def test_trl_names_as_yaml_keys(recipe, flags, expected, capsys, monkeypatch, tm
     import importlib
 
     from rlhf.cli import RECIPES
-    from rlhf.config import spellings
+    from rlhf.training.options import spellings
 
     known = spellings(importlib.import_module(RECIPES[recipe][0]).Config)
     last = {known[k]: k for k in keys}  # a flag given twice: the last counts; in YAML one key a field
@@ -214,7 +214,7 @@ def test_tracker_config_is_flat_and_tensorboard_takes_it(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     from rlhf.recipes import grpo
-    from rlhf.recipes.logs import flat_config
+    from rlhf.training.logs import flat_config
 
     cfg = grpo.Config(model="m", data="p.jsonl", reward_fn="a:b")
     flat = flat_config(cfg)
@@ -283,7 +283,7 @@ def test_progress_keeps_the_bar_on_a_terminal(tmp_path, tiny_dir, capsys, monkey
 
 
 def test_progress_line():
-    from rlhf.recipes.logs import progress_line
+    from rlhf.training.logs import progress_line
 
     assert progress_line(3, 10, {"loss": 1.23449}, 1e-5, 12.34) == "step 3/10  loss 1.234  lr 1e-05  12.3 s"
     assert progress_line(1, 2, {"reward": 0.5, "kl": 0.01}, None, 0.04) == "step 1/2  reward 0.5  kl 0.01  0.0 s"
@@ -320,7 +320,7 @@ def test_disk_full_while_appending_metrics(tmp_path, tiny_dir, capsys, monkeypat
     import errno
     import os
 
-    from rlhf.recipes import logs
+    from rlhf.training import logs
 
     def full_disk_open(path, mode="r", *args, **kwargs):
         if str(path).endswith("metrics.jsonl") and "a" in mode:

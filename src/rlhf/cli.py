@@ -23,11 +23,11 @@ RECIPES = {
     "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
 }
 TOOLS = {
-    "generate": ("rlhf.recipes.inference", "Sample completions from a model (seed 002 Part 8)."),
-    "chat": ("rlhf.recipes.inference", "Interactive terminal chat with a model."),
-    "explain": ("rlhf.recipes.explain", "Print the seeds' Part 5 table for one real rollout."),
-    "report": ("rlhf.recipes.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
-    "demo": ("rlhf.recipes.demo", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
+    "generate": ("rlhf.commands.inference", "Sample completions from a model (seed 002 Part 8)."),
+    "chat": ("rlhf.commands.inference", "Interactive terminal chat with a model."),
+    "explain": ("rlhf.commands.explain", "Print the seeds' Part 5 table for one real rollout."),
+    "report": ("rlhf.watch.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
+    "demo": ("rlhf.demo.run", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
 }
 
 
@@ -50,12 +50,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _user_errors():
-    from rlhf.config import ConfigError
+    from rlhf.training.options import ConfigError
     from rlhf.data.readers import DataError
     from rlhf.models.loading import ModelLoadError
-    from rlhf.recipes.checkpoints import CheckpointError
-    from rlhf.recipes.common import UserError
-    from rlhf.recipes.logs import LoggerError
+    from rlhf.training.checkpoints import CheckpointError
+    from rlhf.training.loop import UserError
+    from rlhf.training.logs import LoggerError
 
     return (CheckpointError, ConfigError, DataError, LoggerError, ModelLoadError, UserError, FileNotFoundError)
 
@@ -85,7 +85,7 @@ def _run_data(args) -> int:
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser, name: str, module: str) -> None:
-    from rlhf.config import add_arguments
+    from rlhf.training.options import add_arguments
 
     mod = importlib.import_module(module)
     p.description = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None
@@ -163,7 +163,7 @@ def _bool_values(argv: list[str], bools: set[str]) -> list[str]:
 
 def _unknown(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> str:
     """One line about the first argument nobody took, naming the closest flag we have."""
-    from rlhf.config import unknown_name
+    from rlhf.training.options import unknown_name
 
     first = next((a for a in extras if a.startswith("-")), None)
     if first is None:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(parser, "command_parser"):  # a recipe or tool: its module is imported already
         mod = importlib.import_module(module)
         if hasattr(mod, "Config"):
-            from rlhf.config import bool_flags
+            from rlhf.training.options import bool_flags
 
             argv = _bool_values(argv, bool_flags(mod.Config))
     try:
@@ -207,7 +207,7 @@ def _main(args) -> int:
         module = importlib.import_module({**RECIPES, **TOOLS}[args.command][0])
         if not hasattr(module, "Config"):
             return int(module.main(args, args.command) or 0)
-        from rlhf.config import build_config, to_yaml
+        from rlhf.training.options import build_config, to_yaml
 
         cls = module.Config
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "print_config")}
@@ -227,7 +227,7 @@ def _main(args) -> int:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        from rlhf.recipes.checkpoints import release_output_dirs
+        from rlhf.training.checkpoints import release_output_dirs
 
         release_output_dirs()  # also after an error: the output directory is free again
 

@@ -108,7 +108,7 @@ def _plots(out: str, summary: dict, ppo_dir: str) -> list[str]:
 def _explain_table(ppo_dir: str, sft_dir: str, rm_dir: str, prompt: str) -> str:
     from rlhf.data import Encoder
     from rlhf.models import PolicyWithValueHead, Reference, disable_dropout, freeze, load_sequence_classifier, load_tokenizer
-    from rlhf.recipes.explain import explain_rollout, render
+    from rlhf.commands.explain import explain_rollout, render
     from rlhf.recipes.scoring import Scorer
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def monitor_html(out: str, ppo_dir: str) -> str:
     """The PPO run's over-optimisation monitor (its signals, thresholds and warnings) as a section of
     the demo's page, drawn by ``rlhf report``, which also writes the run's own page ``PPO_DIR/report.html``
     (curves, monitor, sample responses); the section links to it."""
-    from rlhf.recipes.report import load_run, monitor_section, write_report
+    from rlhf.watch.report import load_run, monitor_section, write_report
 
     page = write_report(ppo_dir)
     link = html.escape(os.path.relpath(page, out))
@@ -160,7 +160,7 @@ def monitor_html(out: str, ppo_dir: str) -> str:
 def write_html(out: str, summary: dict, table_md: str, *, ppo_dir: str, sft_dir: str, rm_dir: str) -> None:
     """``report.html``: the table, the three plots, the PPO run's monitor signals and warnings, and the
     explain table for the seed's prompt."""
-    from rlhf.recipes.plots import PLOT_STYLE
+    from rlhf.watch.plots import PLOT_STYLE
 
     images = _plots(out, summary, ppo_dir)
     monitor = monitor_html(out, ppo_dir)

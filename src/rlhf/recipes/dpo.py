@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from rlhf.algos import dpo_loss, logprobs_from_logits
 from rlhf.data import collate_preference, collate_preference_shared
 from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, packed_logits
-from rlhf.recipes.common import (
+from rlhf.training.loop import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, shard, start, to_device,
 )
 from rlhf.recipes.logprobs import choose_layout
-from rlhf.recipes.saving import save_final
+from rlhf.training.saving import save_final
 
 
 @dataclass

@@ -21,16 +21,16 @@ import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, disable_dropout, eval_mode
-from rlhf.recipes.common import (
+from rlhf.training.loop import (
     StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
     make_accelerator, make_optimizer, shard, start,
 )
 from rlhf.recipes.logprobs import choose_layout, model_response_logprobs, packed_response_logprobs
-from rlhf.recipes.monitor import Monitor
-from rlhf.recipes.samples import SampleLog
-from rlhf.recipes.saving import save_final
+from rlhf.watch.monitor import Monitor
+from rlhf.watch.samples import SampleLog
+from rlhf.training.saving import save_final
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
-from rlhf.recipes.stopping import BestPolicy, PreferenceEval, watch
+from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import merged_named_weights
 
 

@@ -25,17 +25,17 @@ from rlhf.algos import (
 from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
-from rlhf.recipes.common import (
+from rlhf.training.loop import (
     StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
     make_accelerator, shard, start,
 )
 from rlhf.recipes.logprobs import model_response_logprobs, response_logprobs
-from rlhf.recipes.logs import write_model_card
-from rlhf.recipes.monitor import Monitor
-from rlhf.recipes.samples import SampleLog
-from rlhf.recipes.saving import announce_saved, save_final
+from rlhf.training.logs import write_model_card
+from rlhf.watch.monitor import Monitor
+from rlhf.watch.samples import SampleLog
+from rlhf.training.saving import announce_saved, save_final
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
-from rlhf.recipes.stopping import BestPolicy, PreferenceEval, watch
+from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
 

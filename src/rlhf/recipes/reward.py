@@ -28,15 +28,15 @@ from rlhf.models import (
     read_ensemble, score_index, set_score_stats,
 )
 from rlhf.models.lora import set_gradient_checkpointing
-from rlhf.recipes.common import (
+from rlhf.training.loop import (
     StepPlan, TrainConfig, UserError, check_positions, fit, load_data, make_accelerator, make_optimizer, shard,
     start, to_device, with_lora,
 )
-from rlhf.recipes.checkpoints import (
+from rlhf.training.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )
-from rlhf.recipes.logs import write_model_card
-from rlhf.recipes.saving import save_final, staged
+from rlhf.training.logs import write_model_card
+from rlhf.training.saving import save_final, staged
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch
 from rlhf.algos import sft_loss
 from rlhf.data import collate_packed, collate_sft
 from rlhf.models import packed_logits
-from rlhf.recipes.common import (
+from rlhf.training.loop import (
     StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, shard, start, to_device,
 )
 from rlhf.recipes.logprobs import choose_layout
-from rlhf.recipes.saving import save_final
+from rlhf.training.saving import save_final
 
 
 @dataclass

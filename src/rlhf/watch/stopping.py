@@ -29,10 +29,10 @@ import torch
 from rlhf.algos import implicit_preference_accuracy
 from rlhf.data import collate_preference
 from rlhf.models import eval_mode
-from rlhf.recipes.checkpoints import release_output_dir
-from rlhf.recipes.common import UserError, load_data, reduce_sum
+from rlhf.training.checkpoints import release_output_dir
+from rlhf.training.loop import UserError, load_data, reduce_sum
 from rlhf.recipes.dpo import all_pair_logps
-from rlhf.recipes.saving import staged
+from rlhf.training.saving import staged
 
 ACCURACY = "eval/implicit_pref_accuracy"
 ACCURACY_DROP = "eval/implicit_pref_accuracy_vs_start"

@@ -113,5 +113,5 @@ class Monitor:
 
     def add_rule(self, name: str, flag: str, threshold: float | None, crossed, meaning: str) -> None:
         """One more signal for :meth:`warn`, read like the built-in ones: a signal a recipe measures
-        itself, such as the implicit preference accuracy on --eval-data (:mod:`rlhf.recipes.stopping`)."""
+        itself, such as the implicit preference accuracy on --eval-data (:mod:`rlhf.watch.stopping`)."""
         self.rules.append((name, flag, threshold, crossed, meaning))

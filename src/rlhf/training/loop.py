@@ -19,10 +19,10 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf.recipes.checkpoints import (
+from rlhf.training.checkpoints import (
     Checkpointer, TrainState, claim_output_dir, remove_old_run, run_record,
 )
-from rlhf.recipes.logs import RunLogger
+from rlhf.training.logs import RunLogger
 
 
 # pip package of each tracker accelerate knows (its names are accelerate's LOGGER_TYPE_TO_CLASS).

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from rlhf.config import to_dict, to_yaml
+from rlhf.training.options import to_dict, to_yaml
 
 
 class LoggerError(Exception):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.recipes.common import UserError
+from rlhf.training.loop import UserError
 
 
 @dataclass

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from rlhf.recipes.logs import truncate_metrics
+from rlhf.training.logs import truncate_metrics
 
 SAMPLES_FILE = "samples.jsonl"
 

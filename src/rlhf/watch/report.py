@@ -20,10 +20,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from rlhf.recipes.checkpoints import RUN_FILE
-from rlhf.recipes.common import UserError
-from rlhf.recipes.plots import PLOT_STYLE, fmt, svg_plot
-from rlhf.recipes.samples import SAMPLES_FILE
+from rlhf.training.checkpoints import RUN_FILE
+from rlhf.training.loop import UserError
+from rlhf.watch.plots import PLOT_STYLE, fmt, svg_plot
+from rlhf.watch.samples import SAMPLES_FILE
 
 # The headline curves, in this order, where the run logged them.
 HEADLINE = ("objective/scores", "reward", "objective/rm_score", "objective/rlhf_reward", "objective/kl", "kl",
@@ -168,7 +168,7 @@ def load_run(run_dir: str) -> Run:
 # ---- monitor thresholds -------------------------------------------------------------------------
 
 class _SavedConfig:
-    """The saved config as attributes for :class:`rlhf.recipes.monitor.Monitor` (a missing field is None)."""
+    """The saved config as attributes for :class:`rlhf.watch.monitor.Monitor` (a missing field is None)."""
 
     def __init__(self, values: dict):
         self.values = values
@@ -180,11 +180,11 @@ class _SavedConfig:
 def monitor_thresholds(run: Run) -> dict[str, list[float]]:
     """Signal -> the values at which the monitor warns (the lines on its plot).
 
-    The rules are the monitor's own (:class:`rlhf.recipes.monitor.Monitor`); each threshold is the
+    The rules are the monitor's own (:class:`rlhf.watch.monitor.Monitor`); each threshold is the
     saved config's ``monitor_*`` field, else the one a warning event recorded. A line sits where
     the rule's verdict flips: ``t`` for "grows by t", ``-t`` for "falls by t", both for ``|r| >= t``.
     """
-    from rlhf.recipes.monitor import Monitor
+    from rlhf.watch.monitor import Monitor
 
     config = run.config or {}
     recorded = {e["signal"]: e["threshold"] for e in run.warnings if _is_number(e.get("threshold"))}

@@ -14,9 +14,9 @@ import contextlib
 import os
 import shutil
 
-from rlhf.recipes.checkpoints import Checkpointer, release_output_dir
-from rlhf.recipes.common import UserError
-from rlhf.recipes.logs import write_model_card
+from rlhf.training.checkpoints import Checkpointer, release_output_dir
+from rlhf.training.loop import UserError
+from rlhf.training.logs import write_model_card
 
 
 @contextlib.contextmanager
