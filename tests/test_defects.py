@@ -151,7 +151,7 @@ def test_truncated_sampling_in_rl_is_refused_unless_asked(recipe, flags, tiny_di
 
 @pytest.mark.parametrize("recipe", ["ppo", "grpo"])
 def test_truncated_sampling_when_asked_runs_with_one_warning(recipe, tiny_dir, prompts_file, tmp_path):
-    from rlhf.training.loop import UserError
+    from rlhf.errors import UserError
 
     module = ppo if recipe == "ppo" else grpo
     kw = rl_kwargs(tiny_dir, prompts_file, tmp_path, top_k=5)

@@ -233,7 +233,7 @@ def test_broken_ensemble_directory_is_one_line_naming_it(ensemble_dir, tiny_dir,
 def test_resumed_ensemble_ends_with_the_same_members(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from rlhf.training import loop as common
+    from rlhf.training import logs as common
 
     def argv(name):
         return rm_args(tiny_dir, tmp_path, tmp_path / name, "--ensemble", "2", "--max-steps", "4", "--save-every", "2")

@@ -301,7 +301,7 @@ def test_a_run_whose_every_step_was_skipped_fails(tmp_path, tiny_dir, capsys, mo
 def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
     import torch
 
-    from rlhf.training.loop import UserError
+    from rlhf.errors import UserError
     from rlhf.recipes.scoring import RewardFn, Scorer
     from rlhf.rollout import RolloutBatch
 
@@ -437,9 +437,7 @@ def test_sizes_that_make_no_sense_are_refused(recipe, flags, message, capsys, ti
 
 
 def test_unwritable_output_directory_is_found_before_loading(tmp_path, tiny_dir, capsys, monkeypatch):
-    from rlhf.training import loop as common
-
-    monkeypatch.setattr(common, "load_policy", lambda *a, **kw: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("rlhf.recipes.sft.load_policy", lambda *a, **kw: pytest.fail("loaded the model first"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), blocker / "out", "--max-steps", 1))
@@ -592,16 +590,16 @@ def test_hub_ids_still_go_to_the_hub(tmp_path, monkeypatch):
 def test_sigterm_exits_like_ctrl_c(tmp_path, tiny_dir, capsys, monkeypatch):
     import signal
 
-    from rlhf.training import loop as common
+    from rlhf.training import setup
 
-    real = common.start
+    real = setup.start
 
     def start_then_terminated(*args, **kwargs):
         out = real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(common, "start", start_then_terminated)
+    monkeypatch.setattr(setup, "start", start_then_terminated)
     monkeypatch.setattr("rlhf.recipes.sft.start", start_then_terminated)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"

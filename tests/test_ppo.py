@@ -90,7 +90,7 @@ def test_experience_tensors_with_left_padding_and_mixed_endings(tiny_dir, tokeni
 
 def test_reward_model_with_another_tokenizer_is_one_clear_error(tiny_dir, prompts_file, tmp_path):
     from rlhf.models import save_pretrained, tiny_causal_lm, train_tokenizer
-    from rlhf.training.loop import UserError
+    from rlhf.errors import UserError
 
     other = train_tokenizer(["completely different words here"] * 10, vocab_size=280)
     save_pretrained(tiny_causal_lm(other, "llama", hidden_size=32), other, str(tmp_path / "rm"))
@@ -103,7 +103,7 @@ def test_killed_ppo_run_resumes_to_the_same_weights(tiny_dir, prompts_file, tmp_
     # the tied LM head too, so accelerate's "Removed shared tensor" note at each save is not shown.
     from safetensors.torch import load_file
 
-    import rlhf.training.loop as common
+    import rlhf.training.logs as common
 
     over = dict(max_steps=4, save_every=2, adaptive_kl=True, kl_target=0.5, kl_horizon=100)
     ppo.run(config(tiny_dir, prompts_file, tmp_path, output_dir=str(tmp_path / "full"), **over))

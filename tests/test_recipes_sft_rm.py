@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.training.options import ConfigError, build_config
 from rlhf.recipes import reward, sft
-from rlhf.training.loop import Checkpointer, UserError
+from rlhf.errors import UserError
+from rlhf.training.checkpoints import Checkpointer
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray"]
 THINGS = ["car", "cup", "hat", "door", "box", "pen", "bag", "lamp", "shoe", "ball"]
@@ -73,7 +74,7 @@ def _weights(d):
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, monkeypatch):
     # Dropout on, so the restored RNG state matters as well as data position and optimizer.
-    import rlhf.training.loop as common
+    import rlhf.training.logs as common
 
     full = sft_config(tmp_path, tiny_dir, output_dir=str(tmp_path / "full"), max_steps=6, save_every=2,
                       grad_accum=2, batch_size=4, warmup_ratio=0.3)

@@ -54,7 +54,7 @@ def _user_errors():
     from rlhf.data.readers import DataError
     from rlhf.models.loading import ModelLoadError
     from rlhf.training.checkpoints import CheckpointError
-    from rlhf.training.loop import UserError
+    from rlhf.errors import UserError
     from rlhf.training.logs import LoggerError
 
     return (CheckpointError, ConfigError, DataError, LoggerError, ModelLoadError, UserError, FileNotFoundError)

@@ -22,7 +22,7 @@ from rlhf.models import (
     load_tokenizer,
 )
 from rlhf.models.heads import VALUE_HEAD_FILE
-from rlhf.training.loop import UserError
+from rlhf.errors import UserError
 from rlhf.recipes.logprobs import model_response_logprobs
 from rlhf.recipes.ppo import policy_forward
 from rlhf.recipes.scoring import Scorer, in_prompt_form, load_reward_fns

@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from rlhf.data import Encoder
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.training.loop import UserError
+from rlhf.errors import UserError
 from rlhf.rollout import HFRollout, SamplingParams
 
 

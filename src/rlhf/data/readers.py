@@ -12,8 +12,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from rlhf.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A data problem that stops the run; the message is one line naming where."""
 
 

@@ -1,1 +1,4 @@
-"""The built-in default: SupportBot (seed 002 Part 5), from synthetic data to a report."""
+"""The built-in demo, end to end: synthetic worlds with hidden gold labellers (SupportBot in
+``world``, CityGuide in ``facts``), the evaluation and report page built on them, and ``run``,
+the pipeline that ``rlhf demo`` and ``make demo`` start. It sits above every other layer and
+nothing below imports it."""

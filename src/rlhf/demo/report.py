@@ -148,7 +148,8 @@ def monitor_html(out: str, ppo_dir: str) -> str:
     """The PPO run's over-optimisation monitor (its signals, thresholds and warnings) as a section of
     the demo's page, drawn by ``rlhf report``, which also writes the run's own page ``PPO_DIR/report.html``
     (curves, monitor, sample responses); the section links to it."""
-    from rlhf.watch.report import load_run, monitor_section, write_report
+    from rlhf.watch.report import monitor_section, write_report
+    from rlhf.watch.runs import load_run
 
     page = write_report(ppo_dir)
     link = html.escape(os.path.relpath(page, out))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.training.loop import UserError
+from rlhf.errors import UserError
 
 
 @dataclass

@@ -13,11 +13,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf.errors import UserError
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; the message names which and why."""
 
 

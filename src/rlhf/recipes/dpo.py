@@ -21,13 +21,13 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.algos import dpo_loss, logprobs_from_logits
+from rlhf.algos import dpo_loss
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, causal_logits, disable_dropout, eval_mode, packed_logits
-from rlhf.training.loop import (
-    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, shard, start, to_device,
-)
-from rlhf.recipes.logprobs import choose_layout
+from rlhf.models import Reference, disable_dropout, eval_mode
+from rlhf.training.config import TrainConfig
+from rlhf.training.loop import StepPlan, fit
+from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
+from rlhf.recipes.logprobs import all_pair_logps, choose_layout, count_pairs, pair_lengths, pair_logps
 from rlhf.training.saving import save_final
 
 
@@ -48,53 +48,6 @@ class Config(TrainConfig):
     share_prompt: bool = True
     """Encode each prompt once for chosen and rejected, packed padding-free (flash attention: packed without
     sharing; off where a probe finds the model's result differs from the padded one)."""
-
-
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log pi(y_t | x, y_<t) over each row's response tokens.
-
-    Shape:
-        logits: (N, L, V), input_ids, response_mask: (N, L) -> (N,).
-    """
-    lp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (N, L-1)
-    return (lp * response_mask[:, 1:]).sum(-1)
-
-
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probabilities from one forward. Shapes: (B,), (B,).
-
-    A shared-prompt batch (``collate_preference_shared``) encodes each prompt once; a
-    concatenated one (``collate_preference``) holds chosen rows then rejected rows.
-    """
-    if "src" not in batch:
-        logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
-                               batch["response_mask"])
-        half = logps.shape[0] // 2
-        return logps[:half], logps[half:]
-    logits = packed_logits(model, batch)
-    flat = logits.reshape(-1, logits.shape[-1])
-    lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
-    B = int(batch["n_pairs"])
-    sums = torch.zeros(2 * B, device=lp.device, dtype=lp.dtype).index_add_(0, batch["owner"], lp)
-    return sums[:B], sums[B:]
-
-
-def pair_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens scored in each chosen and rejected reply (what :func:`pair_logps` sums over).
-
-    Shapes: (B,), (B,).
-    """
-    if "src" not in batch:
-        n = batch["response_mask"][:, 1:].sum(-1).float()
-        half = n.shape[0] // 2
-        return n[:half], n[half:]
-    B = int(batch["n_pairs"])
-    n = torch.bincount(batch["owner"], minlength=2 * B).float()
-    return n[:B], n[B:]
-
-
-def count_pairs(batch: dict) -> int:
-    return int(batch["n_pairs"]) if "n_pairs" in batch else batch["input_ids"].shape[0] // 2
 
 
 def reference_fingerprint(ref: Reference, examples: list[dict]) -> str:
@@ -119,24 +72,6 @@ def reference_fingerprint(ref: Reference, examples: list[dict]) -> str:
     for e in examples:
         h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
     return h.hexdigest()[:32]
-
-
-@torch.no_grad()
-def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size: int,
-                   with_lengths: bool = False):
-    """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass;
-    with ``with_lengths`` also (n, 2) of their token counts (:func:`pair_lengths`)."""
-    out, lengths = torch.zeros(len(examples), 2), torch.zeros(len(examples), 2)
-    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
-        batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
-        out[idx] = torch.stack(pair_logps(model, batch), dim=1).float().cpu()
-        lengths[idx] = torch.stack(pair_lengths(batch), dim=1).cpu()
-    if accelerator.num_processes > 1:
-        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
-        lengths = accelerator.reduce(lengths.to(accelerator.device), reduction="sum").cpu()
-    return (out, lengths) if with_lengths else out
 
 
 def cached_reference_logps(cfg: Config, accelerator, ref: Reference, examples, collate) -> torch.Tensor:

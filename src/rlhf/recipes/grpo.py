@@ -21,11 +21,10 @@ import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import Reference, disable_dropout, eval_mode
-from rlhf.training.loop import (
-    StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
-    make_accelerator, make_optimizer, shard, start,
-)
-from rlhf.recipes.logprobs import choose_layout, model_response_logprobs, packed_response_logprobs
+from rlhf.errors import UserError
+from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
+from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import save_final
@@ -163,7 +162,7 @@ def run(cfg: Config) -> dict[str, float]:
     # Held-out preference pairs (implicit preference accuracy, step 0 first; without a reference, --beta 0,
     # the step-0 policy's log-probs are the reference) and --stop-on-overoptimisation.
     pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, accelerator.unwrap_model(model), ref, state.extra,
-                                state.step) if cfg.eval_data else None)
+                                state.step, all_pair_logps) if cfg.eval_data else None)
     if pref_eval is not None and monitor is not None:
         pref_eval.add_rule(monitor)
     if pref_eval is not None and state.step == 0:

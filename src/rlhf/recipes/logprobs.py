@@ -1,14 +1,19 @@
-"""Response log-probs for the RL recipes, padded or padding-free.
+"""Log-probs for the recipes: of each response token (the RL loops), padded or padding-free, and of
+each reply of a preference pair (DPO, and the monitor's implicit preference accuracy).
 
 ``response_logprobs`` reads them off logits; ``model_response_logprobs`` runs a model on a
 prompt + response batch; ``packed_response_logprobs`` does the same on a padding-free layout
 (:mod:`rlhf.models.packing`), and ``choose_layout`` decides, once per run, whether a recipe
-may use one on the model at hand.
+may use one on the model at hand. ``pair_logps`` and ``all_pair_logps`` sum a reply's log-probs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from rlhf.algos import logprobs_from_logits
+from rlhf.models import causal_logits, packed_logits
+from rlhf.training.loop import shard, to_device
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0,
@@ -135,3 +140,70 @@ def choose_layout(model, wanted: bool, kind: str, log=print, mixed_precision: bo
         return None
     log(f"padding-free batches: {layout} layout ({why}; probe within {error:.1g} of the padded batch)")
     return layout
+
+
+# ---- preference pairs: one log-prob per reply (DPO, and the monitor's implicit preference accuracy) ----
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log pi(y_t | x, y_<t) over each row's response tokens.
+
+    Shape:
+        logits: (N, L, V), input_ids, response_mask: (N, L) -> (N,).
+    """
+    lp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (N, L-1)
+    return (lp * response_mask[:, 1:]).sum(-1)
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probabilities from one forward. Shapes: (B,), (B,).
+
+    A shared-prompt batch (``collate_preference_shared``) encodes each prompt once; a
+    concatenated one (``collate_preference``) holds chosen rows then rejected rows.
+    """
+    if "src" not in batch:
+        logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                               batch["response_mask"])
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+    logits = packed_logits(model, batch)
+    flat = logits.reshape(-1, logits.shape[-1])
+    lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
+    B = int(batch["n_pairs"])
+    sums = torch.zeros(2 * B, device=lp.device, dtype=lp.dtype).index_add_(0, batch["owner"], lp)
+    return sums[:B], sums[B:]
+
+
+def pair_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens scored in each chosen and rejected reply (what :func:`pair_logps` sums over).
+
+    Shapes: (B,), (B,).
+    """
+    if "src" not in batch:
+        n = batch["response_mask"][:, 1:].sum(-1).float()
+        half = n.shape[0] // 2
+        return n[:half], n[half:]
+    B = int(batch["n_pairs"])
+    n = torch.bincount(batch["owner"], minlength=2 * B).float()
+    return n[:B], n[B:]
+
+
+def count_pairs(batch: dict) -> int:
+    return int(batch["n_pairs"]) if "n_pairs" in batch else batch["input_ids"].shape[0] // 2
+
+
+@torch.no_grad()
+def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size: int,
+                   with_lengths: bool = False):
+    """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass;
+    with ``with_lengths`` also (n, 2) of their token counts (:func:`pair_lengths`)."""
+    out, lengths = torch.zeros(len(examples), 2), torch.zeros(len(examples), 2)
+    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
+        out[idx] = torch.stack(pair_logps(model, batch), dim=1).float().cpu()
+        lengths[idx] = torch.stack(pair_lengths(batch), dim=1).cpu()
+    if accelerator.num_processes > 1:
+        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
+        lengths = accelerator.reduce(lengths.to(accelerator.device), reduction="sum").cpu()
+    return (out, lengths) if with_lengths else out

@@ -25,11 +25,10 @@ from rlhf.algos import (
 from rlhf.models import (
     Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
-from rlhf.training.loop import (
-    StepPlan, UserError, check_trained, clip_grad_norm, count_skip, reduce_sum, load_data, load_policy,
-    make_accelerator, shard, start,
-)
-from rlhf.recipes.logprobs import model_response_logprobs, response_logprobs
+from rlhf.errors import UserError
+from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.setup import load_data, load_policy, make_accelerator, start
+from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
 from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
@@ -268,7 +267,8 @@ def run(cfg: Config) -> dict[str, float]:
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics: dict[str, float] = {}
     # Held-out preference pairs (implicit preference accuracy, step 0 first) and --stop-on-overoptimisation.
-    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, sampled_policy, ref, state.extra, state.step)
+    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, sampled_policy, ref, state.extra, state.step,
+                                all_pair_logps)
                  if cfg.eval_data else None)
     if pref_eval is not None and monitor is not None:
         pref_eval.add_rule(monitor)

@@ -28,10 +28,10 @@ from rlhf.models import (
     read_ensemble, score_index, set_score_stats,
 )
 from rlhf.models.lora import set_gradient_checkpointing
-from rlhf.training.loop import (
-    StepPlan, TrainConfig, UserError, check_positions, fit, load_data, make_accelerator, make_optimizer, shard,
-    start, to_device, with_lora,
-)
+from rlhf.errors import UserError
+from rlhf.training.config import TrainConfig
+from rlhf.training.loop import StepPlan, fit, shard, to_device
+from rlhf.training.setup import check_positions, load_data, make_accelerator, make_optimizer, start, with_lora
 from rlhf.training.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )

@@ -25,7 +25,9 @@ from rlhf.models import (
     ModelLoadError, freeze, get_score_stats, is_ensemble, load_reward_models, load_tokenizer, member_scores,
     read_ensemble, sequence_scores,
 )
-from rlhf.training.loop import TrainConfig, UserError, max_positions
+from rlhf.errors import UserError
+from rlhf.training.config import TrainConfig
+from rlhf.training.setup import max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams
 
 

@@ -16,9 +16,9 @@ import torch
 from rlhf.algos import sft_loss
 from rlhf.data import collate_packed, collate_sft
 from rlhf.models import packed_logits
-from rlhf.training.loop import (
-    StepPlan, TrainConfig, fit, load_data, load_policy, make_accelerator, make_optimizer, shard, start, to_device,
-)
+from rlhf.training.config import TrainConfig
+from rlhf.training.loop import StepPlan, fit, shard, to_device
+from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import choose_layout
 from rlhf.training.saving import save_final
 

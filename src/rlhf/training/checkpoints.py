@@ -16,8 +16,10 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from rlhf.errors import UserError
 
-class CheckpointError(Exception):
+
+class CheckpointError(UserError):
     """A checkpoint or output directory that cannot be used as asked; one line naming why."""
 
 

@@ -7,10 +7,12 @@ import os
 import sys
 import time
 
+from rlhf.errors import UserError
+
 from rlhf.training.options import to_dict, to_yaml
 
 
-class LoggerError(Exception):
+class LoggerError(UserError):
     """A metrics sink was asked for but cannot be used."""
 
 

@@ -16,8 +16,10 @@ import textwrap
 import types
 import typing
 
+from rlhf.errors import UserError
 
-class ConfigError(Exception):
+
+class ConfigError(UserError):
     """A bad config value or file; the message is one line naming where."""
 
 

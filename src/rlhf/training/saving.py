@@ -15,7 +15,7 @@ import os
 import shutil
 
 from rlhf.training.checkpoints import Checkpointer, release_output_dir
-from rlhf.training.loop import UserError
+from rlhf.errors import UserError
 from rlhf.training.logs import write_model_card
 
 

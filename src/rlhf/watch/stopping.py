@@ -1,8 +1,8 @@
 """Held-out preference pairs as a monitor signal, and stopping a run that over-optimises (issue 15).
 
 :class:`PreferenceEval` scores ``--eval-data`` preference pairs (the format ``rlhf dpo`` reads)
-with the policy and the reference, with DPO's own log-prob code
-(:func:`rlhf.recipes.dpo.all_pair_logps`), and logs the implicit preference accuracy
+with the policy and the reference, through the log-prob function the recipe hands it (DPO's own,
+:func:`rlhf.recipes.logprobs.all_pair_logps`), and logs the implicit preference accuracy
 (:func:`rlhf.algos.implicit_preference_accuracy`) at step 0, every ``--eval-every`` steps and at
 the end. A fall below its step-0 value by ``--monitor-pref-accuracy-drop`` is a monitor warning.
 
@@ -30,8 +30,9 @@ from rlhf.algos import implicit_preference_accuracy
 from rlhf.data import collate_preference
 from rlhf.models import eval_mode
 from rlhf.training.checkpoints import release_output_dir
-from rlhf.training.loop import UserError, load_data, reduce_sum
-from rlhf.recipes.dpo import all_pair_logps
+from rlhf.errors import UserError
+from rlhf.training.loop import reduce_sum
+from rlhf.training.setup import load_data
 from rlhf.training.saving import staged
 
 ACCURACY = "eval/implicit_pref_accuracy"
@@ -48,8 +49,9 @@ class PreferenceEval:
     Log-probs are at temperature 1, as DPO's. ``policy`` is the unwrapped causal LM.
     """
 
-    def __init__(self, cfg, accelerator, tokenizer, policy, ref, extra: dict, step: int):
+    def __init__(self, cfg, accelerator, tokenizer, policy, ref, extra: dict, step: int, all_pair_logps: Callable):
         self.cfg, self.accelerator, self.policy = cfg, accelerator, policy
+        self.all_pair_logps = all_pair_logps  # (accelerator, model, pairs, collate, batch_size) -> (N, 2)
         self.pairs = load_data(cfg, cfg.eval_data, "preference", tokenizer, accelerator.print).examples
         self.collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)
         key = hashlib.sha256(json.dumps([[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]
@@ -74,7 +76,7 @@ class PreferenceEval:
     def logps(self, model) -> torch.Tensor:
         """(N, 2): chosen and rejected log-probs of every pair, summed over the reply's tokens."""
         with self.accelerator.autocast():
-            return all_pair_logps(self.accelerator, model, self.pairs, self.collate, self.cfg.batch_size)
+            return self.all_pair_logps(self.accelerator, model, self.pairs, self.collate, self.cfg.batch_size)
 
     def due(self, step: int, total: int) -> bool:
         """At step 0, every --eval-every steps and at the last step."""

@@ -1,0 +1,140 @@
+"""A run's setup: the accelerator (and the output directory it claims), the policy and its
+tokenizer, the data, the optimizer, and :func:`start`, which prepares them for ``accelerate``
+and resumes from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf.errors import UserError
+from rlhf.training.checkpoints import Checkpointer, TrainState, claim_output_dir, remove_old_run, run_record
+from rlhf.training.config import TrainConfig, trackers
+from rlhf.training.logs import RunLogger
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` (DDP/FSDP/DeepSpeed come from ``accelerate launch``) and the seed set.
+
+    Its trackers are --report-to's; TensorBoard writes under ``OUTPUT_DIR/tensorboard``.
+
+    ``cfg.output_dir`` is claimed first (:func:`claim_output_dir`): locked, and refused if it
+    holds another run's results and neither --resume nor --overwrite-output-dir is given.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
+    # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
+                              log_with=trackers(cfg.report_to) or None, project_config=project)
+    claim_output_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process checked the directory before the main one writes
+    accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
+                      f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def load_policy(cfg: TrainConfig, path: str | None = None):
+    """Tokenizer and causal LM from ``path`` (default ``cfg.model``), with LoRA / checkpointing.
+
+    --max-length beyond the model's positions is refused here, before the data is read.
+    """
+    from rlhf.models import load_causal_lm, load_tokenizer, set_gradient_checkpointing
+
+    path = path or cfg.model
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    check_positions(model, cfg.max_length, "--max-length", f"--model {path}")
+    if cfg.lora:
+        model = with_lora(cfg, model)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    return tokenizer, model
+
+
+def with_lora(cfg: TrainConfig, model, task_type: str = "CAUSAL_LM"):
+    """``model`` with LoRA adapters from the --lora-* flags; peft's refusal as one line naming the flag."""
+    from rlhf.models import apply_lora
+
+    try:
+        return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets(), task_type=task_type)
+    except ValueError as e:  # peft: no module matches, a rank below 1, a module type it cannot adapt
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--lora-target-modules {cfg.lora_target_modules} (--lora-r {cfg.lora_r}) on --model "
+                        f"{cfg.model}: peft refused it: {first}") from None
+
+
+def max_positions(model) -> tuple[int, str] | None:
+    """The longest sequence ``model``'s config allows and the config field that says so
+    (``max_position_embeddings``, GPT-2's ``n_positions``), or None where it names no limit."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_positions(model, length: int, what: str, whose: str) -> None:
+    """Refuse at start-up a sequence length beyond ``model``'s positions (one line naming
+    ``what`` asked for it and ``whose`` limit it is), rather than an index error mid-run."""
+    limit = max_positions(model)
+    if limit is not None and length > limit[0]:
+        raise UserError(f"{what} {length} is beyond the {limit[0]} positions of {whose} ({limit[1]} in its config); "
+                        f"lower it to {limit[0]} or less")
+
+
+def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
+    """Validate and tokenise a whole file before training; report skips and truncations."""
+    from rlhf.data import Encoder, prepare
+
+    prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
+    if kind == "prompt":  # each prompt knows its file:line, for errors about its completions
+        for example, where in zip(prepared.examples, prepared.where):
+            example["_where"] = where
+    log(f"{source}: {len(prepared)} examples ({prepared.n_skipped} bad records skipped, "
+        f"{prepared.n_prompt_truncated} prompts and {prepared.n_response_truncated} responses truncated)")
+    return prepared
+
+
+def make_optimizer(cfg: TrainConfig, params, total_steps: int, lr: float | None = None):
+    """AdamW and the warmup + decay schedule from transformers."""
+    from transformers import get_scheduler
+
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_steps: int, bar_keys: dict[str, str]):
+    """Prepare for ``accelerate``, register the checkpoint state, resume if asked.
+
+    This is where a run starts for real (model and data loaded and checked): only now does
+    --overwrite-output-dir remove the earlier run's outputs, and a resumed run's metrics.jsonl
+    lose the lines logged after its checkpoint.
+
+    Returns ``(model, optimizer, state, checkpointer, logger)``.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.save_total_limit, run_record(cfg))
+    resumed = checkpointer.resume(cfg.resume)
+    if state.step > total_steps:
+        raise UserError(f"--resume {resumed}: its step {state.step} is past this run's {total_steps} steps "
+                        "(raise --max-steps or --epochs)")
+    state.first_step, state.skipped_before = state.step, state.skipped_steps
+    if accelerator.is_main_process and cfg.overwrite_output_dir and not resumed:
+        remove_old_run(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    logger = RunLogger(cfg, accelerator, total_steps, state.step, bar_keys)
+    if resumed:
+        logger.event(state.step, f"resumed from {resumed}")
+    return model, optimizer, state, checkpointer, logger
