@@ -9,7 +9,7 @@ import pytest
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "rlhf"
 
 # Lower numbers are lower layers; a module may import its own layer or any below it.
-LAYERS = {"errors": 0, "algos": 1, "models": 2, "data": 2, "rollout": 2, "training": 3, "watch": 4, "recipes": 5,
+LAYERS = {"errors": 0, "handles": 0, "algos": 1, "models": 2, "data": 2, "rollout": 2, "training": 3, "watch": 4, "recipes": 5,
           "commands": 6, "api": 6, "demo": 7, "cli": 8, "__init__": 8}
 
 

@@ -1,7 +1,7 @@
-"""The ``rlhf`` command line: argument parsing and nothing else.
+"""The ``rlhf`` command line: argument parsing over the Python API (:mod:`rlhf.api`) and the commands.
 
-Every recipe module exposes a ``Config`` dataclass (its field docstrings are the ``--help``)
-and a ``run(config)`` function. User errors print one line and exit non-zero; Ctrl-C exits 130
+Every recipe module exposes a ``Config`` dataclass (its field docstrings are the ``--help``); the
+flags and ``--config`` YAML become one, and :func:`rlhf.api.train` runs it, as ``rlhf.sft(...)`` does. User errors print one line and exit non-zero; Ctrl-C exits 130
 and SIGTERM 143, each with one line.
 """
 
@@ -50,14 +50,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _user_errors():
-    from rlhf.training.options import ConfigError
-    from rlhf.data.readers import DataError
-    from rlhf.models.loading import ModelLoadError
-    from rlhf.training.checkpoints import CheckpointError
     from rlhf.errors import UserError
-    from rlhf.training.logs import LoggerError
 
-    return (CheckpointError, ConfigError, DataError, LoggerError, ModelLoadError, UserError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def _data_parser(sub) -> None:
@@ -215,7 +210,9 @@ def _main(args) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        module.run(cfg)
+        from rlhf.api import train
+
+        train(args.command, cfg)
         return 0
     except _user_errors() as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)

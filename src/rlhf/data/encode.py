@@ -224,6 +224,8 @@ def prepare(source: str, kind: str, encoder: Encoder, on_bad_record: str = "erro
         except BadRecord as e:
             errors.append(RecordError(loc, e.field, e.problem))
     errors.sort(key=lambda e: _order(e.where))
+    if len(errors) == 1 and on_bad_record == "error":  # one line, as every other error
+        raise DataError(f"{errors[0]} (the one bad record; fix it or pass --on-bad-record skip)")
     if errors and on_bad_record == "error":
         raise DataError(format_errors(errors) + f"\n{len(errors)} bad record(s) in {source}; "
                         "fix them or pass --on-bad-record skip")

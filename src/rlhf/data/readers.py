@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from rlhf import handles
 from rlhf.errors import UserError
 
 
@@ -119,13 +120,29 @@ def _from_dataset(ds, name: str):
     return [Record(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)], []
 
 
+def _from_rows(rows, label: str):
+    records, errors = [], []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            records.append(Record(f"{label}[{i}]", dict(row)))
+        else:
+            errors.append(RecordError(f"{label}[{i}]", None, f"expected a dict, got {type(row).__name__}"))
+    return records, errors
+
+
 def read_records(source: str) -> tuple[list[Record], list[RecordError]]:
     """All records of ``source`` plus the records that could not be read at all.
+
+    ``source`` may be a handle of records handed in from Python (:mod:`rlhf.handles`): a list of
+    dicts or a ``datasets.Dataset``, each record named ``LABEL[i]``.
 
     Raises:
         DataError: the source does not exist, has an unknown format, or holds no record.
     """
-    if source.startswith("hf:"):
+    rows = handles.lookup(source)
+    if isinstance(rows, handles.Rows):
+        records, errors = _from_rows(rows.rows, rows.label)
+    elif source.startswith("hf:"):
         import datasets
 
         name, _, split = source[3:].partition(":")
@@ -155,5 +172,6 @@ def read_records(source: str) -> tuple[list[Record], list[RecordError]]:
             raise DataError(f"{source}: unknown file type {ext or '(none)'}; use .jsonl, .json, .csv or .parquet")
         records, errors = readers[ext](source)
     if not records and not errors:
-        raise DataError(f"{source}: empty file (no records)")
+        raise DataError(f"{rows.label if isinstance(rows, handles.Rows) else source}: empty "
+                        f"{'' if isinstance(rows, handles.Rows) else 'file '}(no records)")
     return records, errors

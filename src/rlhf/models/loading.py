@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf import handles
 from rlhf.errors import UserError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -65,8 +66,19 @@ def _check_local(path: str) -> None:
         raise ModelLoadError(f"{path}: no such model directory")
 
 
+def _loaded(path: str) -> handles.Loaded | None:
+    """The model (and tokenizer) a Python caller handed in under ``path``, if ``path`` is such a handle."""
+    loaded = handles.lookup(path)
+    return loaded if isinstance(loaded, handles.Loaded) else None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer; give it a PAD token (EOS) if it has none."""
+    """Load a tokenizer (a handed-in model's own, :mod:`rlhf.handles`); give it a PAD token (EOS) if it has none."""
+    loaded = _loaded(path)
+    if loaded is not None:
+        if loaded.tokenizer is None:
+            raise ModelLoadError(f"{path}: a model given as an object needs its tokenizer too (tokenizer=...)")
+        return _checked_tokenizer(loaded.tokenizer, path)
     _check_local(path)
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
         raise ModelLoadError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
@@ -75,6 +87,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    return _checked_tokenizer(tok, path)
+
+
+def _checked_tokenizer(tok, path: str):
     if tok.eos_token is None:
         where = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else "its tokenizer_config.json"
         raise ModelLoadError(f"{path}: its tokenizer has no EOS token, so no response could end; set eos_token "
@@ -90,7 +106,14 @@ def _attn(attn_implementation: str | None) -> dict:
 
 def load_causal_lm(path: str, dtype=None, device: str | None = None, trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` with our dtype/device/attention-kernel options."""
+    """``AutoModelForCausalLM.from_pretrained`` with our dtype/device/attention-kernel options.
+
+    A model handed in from Python (:mod:`rlhf.handles`) is returned as it is, not copied: training
+    changes it in place, as TRL's trainers change the model they are given.
+    """
+    loaded = _loaded(path)
+    if loaded is not None:
+        return loaded.model.to(device) if device else loaded.model
     _check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
@@ -111,7 +134,24 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     member unawares: score with all of them through :func:`load_reward_models`, or pass
     ``first_member`` to start from member 0 (a critic initialised from it). With ``require_score_head`` (a reward model to score with), a checkpoint lacking any of
     the weights, such as a causal LM's missing score head, is refused instead.
+
+    A model handed in from Python (:mod:`rlhf.handles`) is copied when it is a sequence classifier
+    (a reward model scores with the copy, a critic trains it, and the caller's stays as it was);
+    a causal LM is written to a temporary directory and loaded from there like a checkpoint.
     """
+    loaded = _loaded(path)
+    if loaded is not None and _is_classifier(loaded.model):
+        model = copy.deepcopy(loaded.model)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        return model.to(device) if device else model
+    if loaded is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="rlhf-model-") as tmp:
+            loaded.model.save_pretrained(tmp)
+            return load_sequence_classifier(tmp, dtype, device, trust_remote_code, attn_implementation,
+                                            require_score_head)
     _check_local(path)
     if is_ensemble(path):
         if not first_member:
@@ -139,6 +179,10 @@ def load_sequence_classifier(path: str, dtype=None, device: str | None = None, t
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device) if device else model
+
+
+def _is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def is_ensemble(path: str) -> bool:

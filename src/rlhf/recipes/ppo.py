@@ -336,7 +336,7 @@ def run(cfg: Config) -> dict[str, float]:
         samples.write(state.step, [e["prompt"] for e in examples], completions, scores, mask)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpointer.save(state.step)
-        if stop:
+        if stop or logger.stop_requested:  # the monitor's warning, or a callback of the Python API
             break
 
     if monitor is not None:

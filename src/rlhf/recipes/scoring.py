@@ -20,6 +20,7 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhf import handles
 from rlhf.algos import AGGREGATIONS, aggregate_scores, ensemble_std
 from rlhf.models import (
     ModelLoadError, freeze, get_score_stats, is_ensemble, load_reward_models, load_tokenizer, member_scores,
@@ -39,13 +40,22 @@ class RewardFn:
 
 
 def load_reward_fns(spec: str | None) -> list[RewardFn]:
-    """Parse ``"pkg.mod:fn[:weight],other:fn2"`` into callables (the working directory is importable)."""
+    """Parse ``"pkg.mod:fn[:weight],other:fn2"`` into callables (the working directory is importable).
+
+    An item may also be the handle of a Python callable handed in (``<fn correct>[:weight]``,
+    :mod:`rlhf.handles`); it is named by its ``__name__`` in metrics and errors.
+    """
     if not spec:
         return []
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     fns = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
+        handle, _, weight = item.partition(">:")
+        fn = handles.lookup(handle + ">" if weight else item)
+        if callable(fn):
+            fns.append(RewardFn(getattr(fn, "__name__", handle.strip("<>")), fn, float(weight) if weight else 1.0))
+            continue
         parts = item.split(":")
         if len(parts) not in (2, 3):
             raise UserError(f"--reward-fn {item}: expected module:function[:weight]")

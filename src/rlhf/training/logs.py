@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from contextvars import ContextVar
 
 from rlhf.errors import UserError
 
@@ -15,6 +16,11 @@ from rlhf.training.options import to_dict, to_yaml
 class LoggerError(UserError):
     """A metrics sink was asked for but cannot be used."""
 
+
+CALLBACKS: ContextVar[tuple] = ContextVar("rlhf_callbacks", default=())
+"""The Python API's ``callbacks=`` for the run in progress: each ``fn(step, metrics)`` is called with
+every logged row, on every process; one that returns True stops the run after that step (the model
+is saved as at a normal end)."""
 
 PROJECT = "rlhf"
 """The project name given to the trackers (wandb's project; TensorBoard's OUTPUT_DIR/tensorboard/rlhf)."""
@@ -53,6 +59,8 @@ class RunLogger:
         self.bar = None
         self.total_steps, self.t0 = total_steps, time.perf_counter()
         self.last: dict[str, float] = {}
+        self.callbacks = CALLBACKS.get()
+        self.stop_requested = False  # a callback asked to stop
         if accelerator.log_with:
             accelerator.init_trackers(PROJECT, config=flat_config(cfg),
                                       init_kwargs={"wandb": {"dir": cfg.output_dir, "resume": "allow"}})
@@ -67,6 +75,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.last.update(metrics)
+        self._call_back(step, metrics)
         if not self.is_main:
             return
         self._append({"step": step, **metrics})
@@ -77,6 +86,19 @@ class RunLogger:
         elif shown:
             print(progress_line(step, self.total_steps, shown, metrics.get("train/lr"), time.perf_counter() - self.t0),
                   flush=True)
+
+    def _call_back(self, step: int, metrics: dict[str, float]) -> None:
+        """Each callback with the row; True from one sets :attr:`stop_requested`. An exception it
+        raises is a :class:`UserError` naming it, the step and the exception's first line."""
+        for fn in self.callbacks:
+            try:
+                stop = fn(step, dict(metrics))
+            except Exception as e:  # the user's code: any exception is theirs to fix
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                name = getattr(fn, "__name__", type(fn).__name__)
+                raise UserError(f"callback {name} raised {type(e).__name__}" + (f": {first}" if first else "")
+                                + f" at step {step}") from None
+            self.stop_requested = self.stop_requested or stop is True
 
     def _append(self, record: dict) -> None:
         """One line more in metrics.jsonl; a failed write (a full disk) stops the run before its final save."""

@@ -94,7 +94,8 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
     (means too); ``count(batch)`` gives its item count (labelled tokens, pairs). A step whose
     loss or gradient norm is not finite is skipped (no update), counted as
     ``train/skipped_steps`` and logged with its example locations; a checkpoint is never
-    written right after one, and ``cfg.max_consecutive_skips`` in a row stop the run.
+    written right after one, and ``cfg.max_consecutive_skips`` in a row stop the run. A callback of the
+    Python API that returns True (``logger.stop_requested``) ends the loop after its step.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,6 +143,8 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
             logger.log(state.step, evaluate())
         if cfg.save_every and state.step % cfg.save_every == 0 and finite:
             checkpointer.save(state.step)
+        if logger.stop_requested:  # a callback of the Python API asked to stop
+            break
     check_trained(state)
     return logger.last
 

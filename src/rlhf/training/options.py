@@ -281,6 +281,23 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
     return cfg
 
 
+def from_keywords(cls: type, keywords: dict, recipe: str):
+    """A config from Python keyword arguments (the Python API): our field names or TRL's, each value
+    checked as a flag's is. An unknown keyword is refused with the closest name, as the CLI refuses
+    an unknown flag."""
+    known = spellings(cls)
+    values: dict = {}
+    for key, value in keywords.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"rlhf.{recipe}(): " + unknown_name(cls, name, recipe, dash="").replace(
+                "unknown field", "unknown keyword"))
+        if known[name] in values:
+            raise ConfigError(f"rlhf.{recipe}(): {name}= sets {known[name]!r}, which another keyword set already")
+        values[known[name]] = _from_trl(name, value)
+    return build_config(cls, None, values)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -13,10 +13,26 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from contextvars import ContextVar
 
 from rlhf.training.checkpoints import Checkpointer, release_output_dir
 from rlhf.errors import UserError
 from rlhf.training.logs import write_model_card
+
+FINAL: ContextVar[dict | None] = ContextVar("rlhf_final", default=None)
+"""The Python API's view of what a run saved, while it asks (None otherwise): :func:`save_final` puts
+each model it writes under ``["models"][directory]`` (model and tokenizer, in memory), and
+:func:`announce_saved` the run's final directory under ``["path"]``."""
+
+
+def remember(directory: str, model=None, tokenizer=None, is_final: bool = False) -> None:
+    """Note for the Python API that ``directory`` holds ``model`` (None: what it holds is not in memory),
+    and with ``is_final`` that it is the run's final model."""
+    final = FINAL.get()
+    if final is not None:
+        final.setdefault("models", {})[os.path.abspath(directory)] = (model, tokenizer) if model is not None else None
+        if is_final:
+            final["path"] = directory
 
 
 @contextlib.contextmanager
@@ -57,6 +73,7 @@ def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str
             last = checkpointer.latest() if checkpointer else None
             raise UserError(f"--output-dir {cfg.output_dir}: cannot save the final model ({e.strerror or e}); "
                             f"nothing of it was written; last checkpoint: {last or 'none'}") from None
+    remember(cfg.output_dir, accelerator.unwrap_model(model), tokenizer)
     accelerator.wait_for_everyone()
     if announce:
         announce_saved(accelerator, cfg.output_dir)
@@ -65,4 +82,6 @@ def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str
 def announce_saved(accelerator, directory: str) -> None:
     """The run's model is complete: its output directory is free again, and one line says where."""
     release_output_dir(directory)
+    if FINAL.get() is not None:
+        FINAL.get()["path"] = directory
     accelerator.print(f"saved model to {directory}")

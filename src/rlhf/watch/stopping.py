@@ -33,7 +33,7 @@ from rlhf.training.checkpoints import release_output_dir
 from rlhf.errors import UserError
 from rlhf.training.loop import reduce_sum
 from rlhf.training.setup import load_data
-from rlhf.training.saving import staged
+from rlhf.training.saving import remember, staged
 
 ACCURACY = "eval/implicit_pref_accuracy"
 ACCURACY_DROP = "eval/implicit_pref_accuracy_vs_start"
@@ -168,6 +168,7 @@ class BestPolicy:
             install(self.dir, out)
         self.accelerator.wait_for_everyone()
         release_output_dir(out)
+        remember(out, is_final=True)  # the best policy's weights are on disk only: the policy in memory moved on
         self.accelerator.print(f"stopped at step {step}: saved the best policy, of step {best} ({self.criterion} "
                                f"{self.state['value']:.4g}, {self.dir}), to {out}")
 

@@ -1,0 +1,256 @@
+"""The Python API: one function per stage, named as the command line names them.
+
+    import rlhf
+
+    def brief(prompts, completions, **columns):
+        return [1.0 if len(c.split()) < 20 else 0.0 for c in completions]
+
+    result = rlhf.grpo(model="runs/sft", data=[{"prompt": "Say hi."}] * 64, reward_fns=[brief],
+                       output_dir="runs/grpo", max_steps=50)
+    result.model        # the trained policy, in memory
+
+Each function takes the stage's options as keyword arguments: the fields of the recipe's ``Config``
+(their docstrings are ``help(rlhf.grpo)``, as they are ``rlhf grpo --help``), under our names or
+TRL's (``learning_rate``, ``per_device_train_batch_size``, ...). Beside them it takes what the command
+line cannot name: a loaded model with its tokenizer, data in memory, reward functions as callables,
+and callbacks. A bad input raises :class:`rlhf.UserError` with the line the command line prints;
+nothing else is raised for it, and no model is written by a run that failed.
+
+Runs under ``accelerate launch script.py`` as the command line does: ``batch_size`` is global, every
+process returns the same metrics, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf import handles
+from rlhf.errors import UserError
+
+STAGES = {
+    "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
+    "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
+    "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model and/or reward functions."),
+    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO) from preference pairs."),
+    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
+}
+ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
+
+
+@dataclass
+class Result:
+    """What a run returns.
+
+    Attributes:
+        stage: ``sft``, ``rm``, ``ppo``, ``dpo`` or ``grpo``.
+        output_dir: the run's ``--output-dir``.
+        model_path: the directory of the saved final model (``output_dir``; None if none was saved).
+        metrics: the last value of every metric the run logged (``metrics.jsonl`` holds them all).
+        warnings: the over-optimisation monitor's warnings (PPO, GRPO), each a dict with ``step``,
+            ``signal``, ``value``, ``threshold`` and the message under ``event``.
+        model: the trained model in memory, on this process (with LoRA the ``PeftModel``, adapters not
+            merged; PPO's policy without its value head). None where the saved model is not the one in
+            memory (``stop_on_overoptimisation`` kept an earlier policy) or is several (an ensemble):
+            :meth:`load_model` reads it from ``model_path``.
+        tokenizer: the tokenizer that goes with ``model``.
+    """
+
+    stage: str
+    output_dir: str
+    model_path: str | None
+    metrics: dict[str, float]
+    warnings: list[dict] = field(default_factory=list)
+    model: Any = None
+    tokenizer: Any = None
+
+    def load_model(self):
+        """The saved model from ``model_path``: ``model`` if it is in memory, else read from disk (a
+        reward model as ``AutoModelForSequenceClassification``, a policy as ``AutoModelForCausalLM``)."""
+        if self.model is not None:
+            return self.model
+        if self.model_path is None:
+            raise UserError(f"{self.output_dir}: the run saved no model")
+        from rlhf.models import load_causal_lm, load_reward_models
+
+        if self.stage == "rm":
+            models = load_reward_models(self.model_path)
+            return models[0] if len(models) == 1 else models
+        return load_causal_lm(self.model_path)
+
+
+def _data_handle(rows, label: str, held: list[str]) -> str:
+    """A path stays a path; a list of dicts or a ``datasets.Dataset`` is handed in (:mod:`rlhf.handles`)."""
+    if isinstance(rows, (str, os.PathLike)):
+        return os.fspath(rows)
+    if type(rows).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise UserError(f"{label}=: a DatasetDict holds splits {', '.join(rows)}; give one, {label}=ds['train']")
+    if not hasattr(rows, "__iter__") or isinstance(rows, (dict, bytes)):
+        raise UserError(f"{label}=: expected a path, a list of dicts or a datasets.Dataset, got {type(rows).__name__}")
+    fingerprint = getattr(rows, "_fingerprint", None)
+    if fingerprint is None:
+        rows = list(rows)
+        fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    handle = handles.register(handles.Rows(rows, label), f"{label}: {len(rows)} records {fingerprint[:12]}")
+    held.append(handle)
+    return handle
+
+
+def _model_handle(model, tokenizer, what: str, held: list[str]) -> str:
+    """A path or hub id stays one; a loaded model is handed in with its tokenizer."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if not hasattr(model, "config"):
+        raise UserError(f"{what}=: expected a path, a hub id or a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    source = getattr(model.config, "_name_or_path", "") or "memory"
+    handle = handles.register(handles.Loaded(model, tokenizer), f"{what} {type(model).__name__} from {source}")
+    held.append(handle)
+    return handle
+
+
+def _reward_fn_spec(reward_fns, held: list[str]) -> str | None:
+    """``module:function[:weight]`` strings as they are; callables (or ``(callable, weight)``) as handles."""
+    if reward_fns is None:
+        return None
+    if isinstance(reward_fns, str) or callable(reward_fns):
+        reward_fns = [reward_fns]
+    items = []
+    for i, item in enumerate(reward_fns):
+        fn, weight = item if isinstance(item, tuple) else (item, None)
+        if isinstance(fn, str):
+            items.append(fn if weight is None else f"{fn}:{weight}")
+            continue
+        if not callable(fn):
+            raise UserError(f"reward_fns[{i}]: expected a callable or 'module:function', got {type(fn).__name__}")
+        handle = handles.register(fn, "fn " + getattr(fn, "__name__", type(fn).__name__).replace(",", "_"))
+        held.append(handle)
+        items.append(handle if weight is None else f"{handle}:{float(weight)}")
+    return ",".join(items)
+
+
+def train(stage: str, cfg, callbacks: list[Callable] = ()) -> Result:
+    """Run ``stage`` on a built config; the command line and the keyword functions both end here."""
+    from rlhf.training.checkpoints import release_output_dirs
+    from rlhf.training.logs import CALLBACKS
+    from rlhf.training.saving import FINAL
+    from rlhf.watch.runs import load_run
+
+    module = importlib.import_module(STAGES[stage][0])
+    final: dict = {}
+    tokens = (CALLBACKS.set(tuple(callbacks)), FINAL.set(final))
+    try:
+        metrics = module.run(cfg)
+    except FileNotFoundError as e:
+        raise UserError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+    finally:
+        FINAL.reset(tokens[1])
+        CALLBACKS.reset(tokens[0])
+        release_output_dirs()  # also after an error: the output directory is free again
+    path = final.get("path")
+    kept = final.get("models", {}).get(os.path.abspath(path)) if path else None
+    try:
+        warnings = load_run(cfg.output_dir).warnings
+    except UserError:  # another process's directory, not written here
+        warnings = []
+    return Result(stage, cfg.output_dir, path, dict(metrics), warnings, *(kept or (None, None)))
+
+
+def _call(stage: str, model, tokenizer, data, eval_data, reward_model, reward_fns, callbacks, options) -> Result:
+    from rlhf.training.options import from_keywords
+
+    module = importlib.import_module(STAGES[stage][0])
+    held: list[str] = []
+    try:
+        keywords = dict(options)
+        if tokenizer is not None and isinstance(model, (str, os.PathLike)):
+            raise UserError(f"rlhf.{stage}(): tokenizer= goes with a loaded model; a model path brings its own")
+        if model is not None:
+            keywords["model"] = _model_handle(model, tokenizer, "model", held)
+        for label, rows in (("data", data), ("eval_data", eval_data)):
+            if rows is not None:
+                keywords[label] = _data_handle(rows, label, held)
+        if reward_model is not None:
+            rm_tokenizer = tokenizer
+            if rm_tokenizer is None and not isinstance(reward_model, (str, os.PathLike)) and model is not None:
+                from rlhf.models import load_tokenizer
+
+                rm_tokenizer = load_tokenizer(os.fspath(model))  # the reward model shares the policy's
+            keywords["reward_model"] = _model_handle(reward_model, rm_tokenizer, "reward_model", held)
+        spec = _reward_fn_spec(reward_fns, held)
+        if spec:
+            keywords["reward_fn"] = ",".join(x for x in (keywords.get("reward_fn"), spec) if x)
+        cfg = from_keywords(module.Config, keywords, stage)
+        return train(stage, cfg, list(callbacks or ()))
+    finally:
+        handles.release(held)
+
+
+def _option_lines(cls, taken: set[str]) -> tuple[list[inspect.Parameter], str]:
+    """Keyword-only parameters (for the signature) and ``help()`` lines, from the Config's fields
+    (less the ``taken`` ones, which are objects here)."""
+    from rlhf.training.options import field_docs
+
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    params, lines = [], []
+    for f in [f for f in dataclasses.fields(cls) if f.name not in taken]:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name]))
+        lines.append(f"    {f.name} (default {default!r}): {docs.get(f.name, '')}")
+    return params, "\n".join(lines)
+
+
+_OBJECT_DOCS = {
+    "model": "a path, a hub id, or a loaded transformers PreTrainedModel (then with tokenizer=), trained in place.",
+    "tokenizer": "the tokenizer of a loaded model=.",
+    "data": "a path (JSONL, JSON, CSV, Parquet, a saved datasets directory, hf:NAME), a list of dicts, or a "
+            "datasets.Dataset (one split); records are checked as a file's are, a bad one named data[i].",
+    "eval_data": "held-out data, in the same forms as data=.",
+    "reward_model": "a reward-model directory or ensemble (rlhf rm), or a loaded sequence classifier.",
+    "reward_fns": "reward functions: callables with TRL's signature fn(prompts, completions, **columns) -> "
+                  "list[float], 'module:function[:weight]' strings, or (callable, weight) pairs; named in "
+                  "metrics (rewards/NAME) and errors by __name__.",
+    "callbacks": "callables fn(step, metrics) called with every logged row on every process; one that returns "
+                 "True stops the run after that step, and the model is saved as at a normal end.",
+}
+
+
+def _stage(stage: str) -> Callable[..., Result]:
+    objects = ["model", "tokenizer", "data", "eval_data", *(["reward_model", "reward_fns"] if stage in ONLINE else []),
+               "callbacks"]
+
+    def run_stage(model=None, *, tokenizer=None, data=None, eval_data=None, callbacks=None, **options) -> Result:
+        reward_model = options.pop("reward_model", None) if stage in ONLINE else None
+        reward_fns = options.pop("reward_fns", None) if stage in ONLINE else None
+        if stage not in ONLINE and "reward_fns" in options:
+            raise UserError(f"rlhf.{stage}(): reward_fns= is for rlhf.ppo and rlhf.grpo")
+        return _call(stage, model, tokenizer, data, eval_data, reward_model, reward_fns, callbacks, options)
+
+    cls = importlib.import_module(STAGES[stage][0]).Config
+    taken = set(objects)
+    params, lines = _option_lines(cls, taken)
+    head = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    head += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in objects[1:]]
+    run_stage.__signature__ = inspect.Signature([*head, *params],
+                                                return_annotation=Result)
+    run_stage.__name__ = run_stage.__qualname__ = stage
+    run_stage.__module__ = "rlhf"
+    objects_doc = "\n".join(f"    {n}: {_OBJECT_DOCS[n]}" for n in objects)
+    run_stage.__doc__ = (f"{STAGES[stage][1]}\n\nReturns a :class:`rlhf.Result`; a bad input raises :class:`rlhf.UserError`."
+                         f"\n\nObjects:\n{objects_doc}\n\nOptions (rlhf {stage} --help; TRL's names work too):\n{lines}\n")
+    return run_stage
+
+
+sft = _stage("sft")
+rm = _stage("rm")
+ppo = _stage("ppo")
+dpo = _stage("dpo")
+grpo = _stage("grpo")
