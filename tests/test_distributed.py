@@ -115,3 +115,39 @@ def test_rm_ppo_grpo_run_on_two_processes(recipe, tiny_dir, tmp_path):
         os.chdir(cwd)
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
     assert os.path.isdir(tmp_path / "out" / "checkpoints" / "step-00000002")
+
+
+API_SCRIPT = """
+import json, os, random, sys
+
+import rlhf
+
+rng = random.Random(0)
+rows = [{"prompt": f"Question {i}?", "completion": " answer" * rng.randint(1, 8)} for i in range(64)]
+per_device = int(sys.argv[3])
+result = rlhf.sft(sys.argv[1], data=rows, output_dir=sys.argv[2], max_steps=4, per_device_train_batch_size=per_device,
+                  learning_rate=5e-3, report_to="none", max_length=64)
+print("RESULT", json.dumps({"rank": int(os.environ.get("RANK", 0)), "loss": result.metrics["train/loss"],
+                            "path": result.model_path}))
+"""
+
+
+def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_dir, tmp_path):
+    """The same script with per_device_train_batch_size 4 on two processes and 8 on one: the global batch
+    is 8 either way, so the losses agree; every process gets the result, and only the main one writes."""
+    script = tmp_path / "train.py"
+    script.write_text(API_SCRIPT)
+    runs = {}
+    for n, per_device in ((1, 8), (2, 4)):
+        out = tmp_path / f"p{n}"
+        cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIG, "--num_processes", "2",
+                "--main_process_port", str(free_port())] if n == 2 else [sys.executable])
+        done = subprocess.run([*cmd, str(script), tiny_dir, str(out), str(per_device)], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert sorted(r["rank"] for r in results) == list(range(n)), done.stdout[-2000:]
+        assert done.stdout.count(f"saved model to {out}") == 1
+        assert {r["path"] for r in results} == {str(out)} and (out / "config.json").exists()
+        runs[n] = results[0]["loss"]
+    assert runs[2] == pytest.approx(runs[1], rel=1e-5)
