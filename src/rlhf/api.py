@@ -35,14 +35,8 @@ from typing import Any
 
 from rlhf import handles
 from rlhf.errors import UserError
+from rlhf.recipes import STAGES
 
-STAGES = {
-    "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
-    "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
-    "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model and/or reward functions."),
-    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO) from preference pairs."),
-    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
-}
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
 
 

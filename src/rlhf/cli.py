@@ -15,13 +15,9 @@ import importlib.util
 import signal
 import sys
 
-RECIPES = {
-    "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
-    "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
-    "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model or reward function."),
-    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO)."),
-    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
-}
+from rlhf.recipes import STAGES
+
+RECIPES = STAGES  # sft, rm, ppo, dpo, grpo: the Python API's stages
 TOOLS = {
     "generate": ("rlhf.commands.inference", "Sample completions from a model (seed 002 Part 8)."),
     "chat": ("rlhf.commands.inference", "Interactive terminal chat with a model."),

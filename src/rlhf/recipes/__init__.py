@@ -6,3 +6,12 @@ Each module has a ``Config`` dataclass (its field docstrings are the ``--help`` 
 and ``run(config)``. The machinery they use is in :mod:`rlhf.training`, the tools that watch them
 in :mod:`rlhf.watch`.
 """
+
+# Each stage's command and Python function name -> its module and one line about it (rlhf.api, rlhf.cli).
+STAGES = {
+    "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
+    "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
+    "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model and/or reward functions."),
+    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO) from preference pairs."),
+    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
+}
