@@ -106,7 +106,7 @@ def test_help_lists_every_option_and_the_signature_has_them():
     doc, params = rlhf.grpo.__doc__, inspect.signature(rlhf.grpo).parameters
     for f in __import__("dataclasses").fields(grpo.Config):
         assert f.name in params, f.name
-        if f.name not in ("model", "data", "eval_data", "reward_model"):
+        if f.name not in ("model", "data", "eval_data", "reward_model", "ref_model"):
             assert f"\n    {f.name} (default " in doc, f.name
     assert "reward_fns" in params and "callbacks" in params and "reward_fns" not in inspect.signature(rlhf.sft).parameters
 
@@ -148,3 +148,22 @@ def test_readme_python_blocks_run(tiny_dir, tmp_path, monkeypatch, capsys):
     for d in ("py-sft", "py-rm", "py-ppo", "py-dpo", "py-grpo"):
         assert (tmp_path / "runs" / d / "config.json").exists(), d
     assert not (tmp_path / "runs" / "py-bad" / "config.json").exists()
+
+
+def test_dpo_with_a_reference_of_its_own(tiny_dir, tokenizer, tmp_path):
+    """TRL's ref_model: by default the reference is the policy's copy, so the first DPO loss is log 2; the
+    same weights as a path give log 2 too, and other weights (a loaded model) another loss."""
+    from rlhf.models import tiny_causal_lm
+
+    other = tiny_causal_lm(tokenizer, "llama", hidden_size=32, num_layers=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pairs = [{"prompt": f"Help {i}.", "chosen": " I am sorry, I will check.", "rejected": " No."} for i in range(8)]
+    kw = dict(data=pairs, max_steps=1, batch_size=8, report_to="none")
+    base = rlhf.dpo(tiny_dir, output_dir=str(tmp_path / "a"), **kw).metrics["train/loss"]
+    same = rlhf.dpo(tiny_dir, ref_model=tiny_dir, output_dir=str(tmp_path / "b"), **kw).metrics["train/loss"]
+    moved = rlhf.dpo(tiny_dir, ref_model=other, output_dir=str(tmp_path / "c"), **kw).metrics["train/loss"]
+    assert base == pytest.approx(0.693147, abs=1e-5) and same == pytest.approx(base, abs=1e-6)
+    assert abs(moved - base) > 1e-3

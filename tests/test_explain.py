@@ -9,7 +9,8 @@ import torch
 from rlhf.algos import gae, kl_penalized_rewards
 from rlhf.models import PolicyWithValueHead, Reference, load_causal_lm
 from rlhf.commands.explain import explain_rollout, render, td_and_gae
-from rlhf.recipes.scoring import Scorer, load_reward_fns
+from rlhf.recipes.rewards import load_reward_fns
+from rlhf.recipes.scoring import Scorer
 
 
 def test_hand_arithmetic_reproduces_seed_part5():

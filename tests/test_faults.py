@@ -302,7 +302,8 @@ def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
     import torch
 
     from rlhf.errors import UserError
-    from rlhf.recipes.scoring import RewardFn, Scorer
+    from rlhf.recipes.rewards import RewardFn
+    from rlhf.recipes.scoring import Scorer
     from rlhf.rollout import RolloutBatch
 
     batch = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2, dtype=torch.long),

@@ -38,6 +38,7 @@ from rlhf.errors import UserError
 from rlhf.recipes import STAGES
 
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
+WITH_REFERENCE = ("dpo", "ppo", "grpo")  # the stages with ref_model=
 
 
 @dataclass
@@ -158,7 +159,8 @@ def train(stage: str, cfg, callbacks: list[Callable] = ()) -> Result:
     return Result(stage, cfg.output_dir, path, dict(metrics), warnings, *(kept or (None, None)))
 
 
-def _call(stage: str, model, tokenizer, data, eval_data, reward_model, reward_fns, callbacks, options) -> Result:
+def _call(stage: str, model, tokenizer, data, eval_data, reward_model, ref_model, reward_fns, callbacks,
+          options) -> Result:
     from rlhf.training.options import from_keywords
 
     module = importlib.import_module(STAGES[stage][0])
@@ -172,13 +174,14 @@ def _call(stage: str, model, tokenizer, data, eval_data, reward_model, reward_fn
         for label, rows in (("data", data), ("eval_data", eval_data)):
             if rows is not None:
                 keywords[label] = _data_handle(rows, label, held)
-        if reward_model is not None:
-            rm_tokenizer = tokenizer
-            if rm_tokenizer is None and not isinstance(reward_model, (str, os.PathLike)) and model is not None:
-                from rlhf.models import load_tokenizer
+        for label, other in (("reward_model", reward_model), ("ref_model", ref_model)):
+            if other is not None:  # a loaded one shares the policy's tokenizer
+                other_tokenizer = tokenizer
+                if other_tokenizer is None and not isinstance(other, (str, os.PathLike)) and model is not None:
+                    from rlhf.models import load_tokenizer
 
-                rm_tokenizer = load_tokenizer(os.fspath(model))  # the reward model shares the policy's
-            keywords["reward_model"] = _model_handle(reward_model, rm_tokenizer, "reward_model", held)
+                    other_tokenizer = load_tokenizer(os.fspath(model))
+                keywords[label] = _model_handle(other, other_tokenizer, label, held)
         spec = _reward_fn_spec(reward_fns, held)
         if spec:
             keywords["reward_fn"] = ",".join(x for x in (keywords.get("reward_fn"), spec) if x)
@@ -208,6 +211,8 @@ _OBJECT_DOCS = {
     "data": "a path (JSONL, JSON, CSV, Parquet, a saved datasets directory, hf:NAME), a list of dicts, or a "
             "datasets.Dataset (one split); records are checked as a file's are, a bad one named data[i].",
     "eval_data": "held-out data, in the same forms as data=.",
+    "ref_model": "the frozen reference: a path, a hub id or a loaded model with the policy's tokenizer (default: "
+                 "a frozen copy of model=; with LoRA its base with the adapters off).",
     "reward_model": "a reward-model directory or ensemble (rlhf rm), or a loaded sequence classifier.",
     "reward_fns": "reward functions: callables with TRL's signature fn(prompts, completions, **columns) -> "
                   "list[float], 'module:function[:weight]' strings, or (callable, weight) pairs; named in "
@@ -218,15 +223,15 @@ _OBJECT_DOCS = {
 
 
 def _stage(stage: str) -> Callable[..., Result]:
-    objects = ["model", "tokenizer", "data", "eval_data", *(["reward_model", "reward_fns"] if stage in ONLINE else []),
-               "callbacks"]
+    objects = ["model", "tokenizer", "data", "eval_data", *(["ref_model"] if stage in WITH_REFERENCE else []),
+               *(["reward_model", "reward_fns"] if stage in ONLINE else []), "callbacks"]
 
     def run_stage(model=None, *, tokenizer=None, data=None, eval_data=None, callbacks=None, **options) -> Result:
-        reward_model = options.pop("reward_model", None) if stage in ONLINE else None
-        reward_fns = options.pop("reward_fns", None) if stage in ONLINE else None
+        given = {name: options.pop(name, None) for name in ("ref_model", "reward_model", "reward_fns") if name in objects}
         if stage not in ONLINE and "reward_fns" in options:
             raise UserError(f"rlhf.{stage}(): reward_fns= is for rlhf.ppo and rlhf.grpo")
-        return _call(stage, model, tokenizer, data, eval_data, reward_model, reward_fns, callbacks, options)
+        return _call(stage, model, tokenizer, data, eval_data, given.get("reward_model"), given.get("ref_model"),
+                     given.get("reward_fns"), callbacks, options)
 
     cls = importlib.import_module(STAGES[stage][0]).Config
     taken = set(objects)

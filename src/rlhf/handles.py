@@ -5,7 +5,7 @@ Each object is registered under a *handle*, a string such as ``<model LlamaForCa
 stands in the config field a path or ``module:function`` would fill. Configs so stay plain values:
 YAML, ``--print-config``, the model card, run records and ``--resume`` treat a handle as they treat
 a path. The loaders (:mod:`rlhf.data.readers`, :mod:`rlhf.models.loading`,
-:func:`rlhf.recipes.scoring.load_reward_fns`) look a handle up before they look at the disk, and
+:func:`rlhf.recipes.rewards.load_reward_fns`) look a handle up before they look at the disk, and
 the API releases its handles when the run ends. Standard library only.
 """
 

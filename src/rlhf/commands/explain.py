@@ -25,7 +25,8 @@ from rlhf.models.heads import VALUE_HEAD_FILE
 from rlhf.errors import UserError
 from rlhf.recipes.logprobs import model_response_logprobs
 from rlhf.recipes.ppo import policy_forward
-from rlhf.recipes.scoring import Scorer, in_prompt_form, load_reward_fns
+from rlhf.recipes.rewards import in_prompt_form, load_reward_fns
+from rlhf.recipes.scoring import Scorer
 from rlhf.rollout import HFRollout, SamplingParams
 
 COLUMNS = ["t", "token", "logp_old", "logp_ref", "kl", "R_t", "V(s_t)", "delta_t", "A_t", "V_target",

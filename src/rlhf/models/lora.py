@@ -67,14 +67,17 @@ class Reference:
     """The frozen reference policy pi_ref (seed 002 Part 4: "a frozen copy of the SFT model").
 
     For a LoRA policy it is the same base with the adapters disabled, so no second copy of
-    the weights sits in memory; otherwise a frozen deep copy taken now, before training.
-    Call it like a model to get logits.
+    the weights sits in memory; otherwise a frozen deep copy taken now, before training, or
+    ``model``, a reference of its own. Call it like a model to get logits.
     """
 
-    def __init__(self, policy: nn.Module, share_lora_base: bool = True):
+    def __init__(self, policy: nn.Module, share_lora_base: bool = True, model: nn.Module | None = None):
         self.policy = policy
-        self.shares_base = share_lora_base and is_peft_model(policy)
-        self.model = None if self.shares_base else frozen_copy(policy)
+        self.shares_base = model is None and share_lora_base and is_peft_model(policy)
+        if model is not None:  # a reference model of its own (TRL's ref_model), frozen in place
+            self.model = model.eval().requires_grad_(False)
+        else:
+            self.model = None if self.shares_base else frozen_copy(policy)
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask, position_ids=None, keep: int = 0) -> torch.Tensor:

@@ -26,7 +26,7 @@ from rlhf.data import collate_preference, collate_preference_shared
 from rlhf.models import Reference, disable_dropout, eval_mode
 from rlhf.training.config import TrainConfig
 from rlhf.training.loop import StepPlan, fit
-from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
+from rlhf.training.setup import load_data, load_reference, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, count_pairs, pair_lengths, pair_logps
 from rlhf.training.saving import save_final
 
@@ -37,6 +37,9 @@ class Config(TrainConfig):
 
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
+    ref_model: str | None = None
+    """Reference model pi_ref: a directory or hub id with the policy's tokenizer (default: a frozen copy of
+    --model; with --lora, the base with the adapters off)."""
     beta: float = 0.1
     """beta: strength of the implicit KL constraint (higher stays closer to the reference)."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
@@ -96,7 +99,7 @@ def run(cfg: Config) -> dict[str, float]:
     log = accelerator.print
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)  # as TRL's DPOTrainer by default: the reference is scored without dropout too
-    ref = Reference(policy).to(accelerator.device)  # LoRA: base with adapters off; else a frozen copy
+    ref = load_reference(cfg, policy, tokenizer).to(accelerator.device)  # default: LoRA base / frozen copy
 
     # 1. Preference pairs, checked before training; each example remembers its index.
     train = load_data(cfg, cfg.data, "preference", tokenizer, log)

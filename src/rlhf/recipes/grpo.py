@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf.models import Reference, disable_dropout, eval_mode
+from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
 from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
-from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
+from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
@@ -138,7 +138,7 @@ def run(cfg: Config) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
-    ref = Reference(policy).to(accelerator.device) if cfg.beta > 0 else None
+    ref = load_reference(cfg, policy, tokenizer).to(accelerator.device) if cfg.beta > 0 else None
     scorer = cfg.scorer(tokenizer, accelerator.device)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     check_prompt_positions(cfg, policy, prompts)

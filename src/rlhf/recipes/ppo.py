@@ -23,11 +23,11 @@ from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
-    Critic, PolicyWithValueHead, Reference, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
+    Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
-from rlhf.training.setup import load_data, load_policy, make_accelerator, start
+from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
 from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
 from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
@@ -194,7 +194,7 @@ def build_models(cfg: Config, accelerator):
     """Actor (+ value head or separate critic) and the frozen reference."""
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
-    ref = Reference(policy).to(accelerator.device)  # LoRA: the base with adapters off; else a frozen copy
+    ref = load_reference(cfg, policy, tokenizer).to(accelerator.device)  # default: LoRA base / frozen copy
     critic = None
     if cfg.critic == "shared":
         model = PolicyWithValueHead(policy)

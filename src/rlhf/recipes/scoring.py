@@ -1,71 +1,26 @@
-"""Scoring responses for RL: a frozen reward model, Python reward functions, or both.
-
-A reward function is named ``module:function`` (optionally ``module:function:weight``). It
-receives ``prompts`` and ``completions`` as lists plus every extra dataset column as a keyword
-list, and returns one float per completion, as in TRL. Prompts are as in the dataset: text or
-messages. A completion takes its prompt's form, as in TRL: text for a text prompt, and
-``[{"role": "assistant", "content": text}]`` for a conversational one (:func:`in_prompt_form`). Anything else (NaN, inf, None, a string) stops
-the run with one line naming the function, the value and the prompt's ``file:line``.
+"""Scoring responses for RL: a frozen reward model, Python reward functions (:mod:`rlhf.recipes.rewards`),
+or both; and the options, rollout and scoring step the online recipes (PPO, GRPO) share.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
-from rlhf import handles
 from rlhf.algos import AGGREGATIONS, aggregate_scores, ensemble_std
 from rlhf.models import (
     ModelLoadError, freeze, get_score_stats, is_ensemble, load_reward_models, load_tokenizer, member_scores,
     read_ensemble, sequence_scores,
 )
 from rlhf.errors import UserError
+from rlhf.recipes.rewards import RewardFn, call_reward_fn, in_prompt_form, load_reward_fns, reward_value
 from rlhf.training.config import TrainConfig
 from rlhf.training.setup import max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams
-
-
-@dataclass
-class RewardFn:
-    name: str
-    fn: Callable
-    weight: float = 1.0
-
-
-def load_reward_fns(spec: str | None) -> list[RewardFn]:
-    """Parse ``"pkg.mod:fn[:weight],other:fn2"`` into callables (the working directory is importable).
-
-    An item may also be the handle of a Python callable handed in (``<fn correct>[:weight]``,
-    :mod:`rlhf.handles`); it is named by its ``__name__`` in metrics and errors.
-    """
-    if not spec:
-        return []
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    fns = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        handle, _, weight = item.partition(">:")
-        fn = handles.lookup(handle + ">" if weight else item)
-        if callable(fn):
-            fns.append(RewardFn(getattr(fn, "__name__", handle.strip("<>")), fn, float(weight) if weight else 1.0))
-            continue
-        parts = item.split(":")
-        if len(parts) not in (2, 3):
-            raise UserError(f"--reward-fn {item}: expected module:function[:weight]")
-        try:
-            fn = getattr(importlib.import_module(parts[0]), parts[1])
-            weight = float(parts[2]) if len(parts) == 3 else 1.0
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(f"--reward-fn {item}: {e}") from None
-        fns.append(RewardFn(f"{parts[0]}:{parts[1]}", fn, weight))
-    return fns
 
 
 @dataclass
@@ -132,13 +87,13 @@ class Scorer:
             metrics["objective/rm_score"] = float(rm.mean())
             scores += rm
         for r in self.reward_fns:
-            values = _call(r, prompts, completions, extras, where)
+            values = call_reward_fn(r, prompts, completions, extras, where)
             if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
                 raise UserError(f"reward function {r.name} returned {type(values).__name__}; expected a list of "
                                 f"{len(completions)} numbers, one per completion")
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
-            values = torch.tensor([_reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
+            values = torch.tensor([reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
             metrics[f"rewards/{r.name}"] = float(values.mean())
             scores += r.weight * values
         if self.clip is not None:
@@ -168,57 +123,15 @@ class Scorer:
         return aggregated
 
 
-def in_prompt_form(prompt, text: str):
-    """A completion as TRL gives it to reward functions: ``text`` after a string prompt,
-    ``[{"role": "assistant", "content": text}]`` after a message list."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
-def _call(r: RewardFn, prompts: list, completions: list, extras: dict[str, list], where: list[str] | None):
-    """``r.fn`` on the batch; an exception it raises is a :class:`UserError` naming the function,
-    the exception's first line and the record: the first completion that raises on its own
-    (the function is called once per completion to find it), else the batch's prompts."""
-    try:
-        return r.fn(prompts=prompts, completions=completions, **extras)
-    except Exception as e:  # the user's code: any exception is theirs to fix
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raised = f"{type(e).__name__}: {message}" if message else type(e).__name__
-    culprit = None
-    for i in range(len(completions)):
-        try:
-            r.fn(prompts=prompts[i : i + 1], completions=completions[i : i + 1],
-                 **{k: v[i : i + 1] for k, v in extras.items()})
-        except Exception:
-            culprit = i
-            break
-    known = [w for w in where or [] if w]
-    if culprit is not None:
-        at = f"completion {culprit + 1} of the batch" + (f" (prompt {where[culprit]})" if known else "")
-    else:
-        at = "a batch of prompts" + (f" {known[0]} to {known[-1]}" if known else "")
-    raise UserError(f"reward function {r.name} raised {raised} on {at}") from None
-
-
-def _reward_value(name: str, value, i: int, where: list[str] | None) -> float:
-    number = None
-    if not isinstance(value, (str, bytes)):  # bools count as 0 and 1, as in TRL
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            pass
-    if number is None or not math.isfinite(number):
-        prompt = f" (prompt {where[i]})" if where and where[i] else ""
-        raise UserError(f"reward function {name} returned {value!r} for completion {i + 1} of the batch{prompt}; "
-                        "a reward must be a finite number")
-    return number
-
-
 @dataclass
 class RLConfig(TrainConfig):
     """Options shared by the online recipes (PPO, GRPO): prompts, sampling, rewards, minibatches."""
 
     prompts: str | None = None
     """Prompt file (same as --data)."""
+    ref_model: str | None = None
+    """Reference model pi_ref: a directory or hub id with the policy's tokenizer (default: a frozen copy of
+    --model; with --lora, the base with the adapters off)."""
     reward_model: str | None = None
     """Frozen reward model directory (from rlhf rm), or a reward-model ensemble directory (rlhf rm --ensemble K):
     K members take K times the reward model's memory and scoring time."""

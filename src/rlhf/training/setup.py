@@ -57,6 +57,21 @@ def load_policy(cfg: TrainConfig, path: str | None = None):
     return tokenizer, model
 
 
+def load_reference(cfg, policy, tokenizer):
+    """The frozen reference: ``cfg.ref_model`` when given (it must share the policy's tokenizer), else
+    the policy's frozen copy, or with LoRA its base with the adapters off (:class:`rlhf.models.Reference`)."""
+    from rlhf.models import Reference, load_causal_lm, load_tokenizer
+
+    if not getattr(cfg, "ref_model", None):
+        return Reference(policy)
+    if load_tokenizer(cfg.ref_model, trust_remote_code=cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--ref-model {cfg.ref_model}: its tokenizer differs from the policy's; the reference must "
+                        "share the policy's tokenizer")
+    model = load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
+                           attn_implementation=cfg.attn_implementation)
+    return Reference(policy, model=model)
+
+
 def with_lora(cfg: TrainConfig, model, task_type: str = "CAUSAL_LM"):
     """``model`` with LoRA adapters from the --lora-* flags; peft's refusal as one line naming the flag."""
     from rlhf.models import apply_lora
