@@ -167,3 +167,48 @@ def test_dpo_with_a_reference_of_its_own(tiny_dir, tokenizer, tmp_path):
     moved = rlhf.dpo(tiny_dir, ref_model=other, output_dir=str(tmp_path / "c"), **kw).metrics["train/loss"]
     assert base == pytest.approx(0.693147, abs=1e-5) and same == pytest.approx(base, abs=1e-6)
     assert abs(moved - base) > 1e-3
+
+
+def test_trl_trainer_names_and_the_mistakes_a_trl_user_makes(tiny_dir, tokenizer, tmp_path):
+    from rlhf.models import load_causal_lm, load_sequence_classifier, tiny_causal_lm, train_tokenizer
+    from rlhf.recipes import sft
+    from rlhf.training.options import from_keywords
+
+    # GRPOTrainer's names: reward_funcs, train_dataset, processing_class; two lambdas keep a metric each.
+    seen = []
+    result = rlhf.grpo(load_causal_lm(tiny_dir), processing_class=tokenizer, train_dataset=prompts(8),
+                       reward_funcs=[lambda prompts, completions, **c: [1.0] * len(completions),
+                                     lambda prompts, completions, **c: [2.0] * len(completions)],
+                       callbacks=lambda step, metrics: seen.append(step), output_dir=str(tmp_path / "g"),
+                       max_steps=1, **FAST)
+    assert result.metrics["rewards/<lambda>"] == 1.0 and result.metrics["rewards/<lambda>#2"] == 2.0 and seen == [1]
+    assert from_keywords(sft.Config, {"model": "m", "data": "d", "resume": True}, "sft").resume == "auto"
+
+    def refused(match, **kwargs):
+        kwargs = {"data": prompts(8), "output_dir": str(tmp_path / "bad"), "max_steps": 1, **FAST, **kwargs}
+        kwargs.setdefault("reward_fns", [lambda prompts, completions, **c: [0.0] * len(completions)])
+        with pytest.raises(rlhf.UserError, match=match) as e:
+            rlhf.grpo(kwargs.pop("model", tiny_dir), **kwargs)
+        assert "\n" not in str(e.value) and not (tmp_path / "bad" / "config.json").exists()
+
+    refused(r"^rlhf.grpo\(\): unknown keyword 'reward_fnss'; did you mean reward_fns\?$", reward_fnss=[len])
+    refused(r"^callbacks\[0\]: expected a callable fn\(step, metrics\), got int$", callbacks=[5])
+    refused(r"^reward_fns\[0\]: weight 'high' is not a number$", reward_fns=[(len, "high")])
+    refused(r"^rlhf.grpo\(\): model_name_or_path= takes a plain value \(a path, a name, a number\), not a "
+            r"LlamaForCausalLM; objects go in model=, ", model=None, model_name_or_path=load_causal_lm(tiny_dir))
+    refused(r"^rlhf.grpo\(\): a model given as an object needs its tokenizer too \(tokenizer=...\)$",
+            model=load_causal_lm(tiny_dir), reward_model=load_sequence_classifier(tiny_dir))
+    small = load_sequence_classifier(tiny_dir)
+    small.resize_token_embeddings(100)
+    refused(r"^reward_model=: its 100 token embeddings are fewer than the policy tokenizer's \d+ tokens; give "
+            r"reward_model=\(model, its_tokenizer\)$", reward_model=small)
+    other_tokenizer = train_tokenizer(["completely different words here"] * 50, vocab_size=120)
+    refused(r"^--ref-model <ref_model LlamaForCausalLM from .*>: its tokenizer differs from the policy's",
+            ref_model=(tiny_causal_lm(other_tokenizer, "llama", hidden_size=32, num_layers=2), other_tokenizer))
+
+
+def test_an_ensemble_result_is_the_ensemble(tiny_dir, tmp_path):
+    pairs = [{"prompt": f"Help {i}.", "chosen": " I am sorry, I will check.", "rejected": " No."} for i in range(8)]
+    result = rlhf.rm(tiny_dir, data=pairs, ensemble=2, output_dir=str(tmp_path / "e"), max_steps=1, report_to="none")
+    assert result.model_path == str(tmp_path / "e") and result.model is None
+    assert [type(m).__name__ for m in result.load_model()] == ["LlamaForSequenceClassification"] * 2

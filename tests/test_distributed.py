@@ -125,8 +125,9 @@ import rlhf
 rng = random.Random(0)
 rows = [{"prompt": f"Question {i}?", "completion": " answer" * rng.randint(1, 8)} for i in range(64)]
 per_device = int(sys.argv[3])
+stop_on_rank_1 = lambda step, metrics: os.environ.get("RANK") == "1" and step == 2  # noqa: E731
 result = rlhf.sft(sys.argv[1], data=rows, output_dir=sys.argv[2], max_steps=4, per_device_train_batch_size=per_device,
-                  learning_rate=5e-3, report_to="none", max_length=64)
+                  learning_rate=5e-3, report_to="none", max_length=64, callbacks=[stop_on_rank_1])
 print("RESULT", json.dumps({"rank": int(os.environ.get("RANK", 0)), "loss": result.metrics["train/loss"],
                             "path": result.model_path}))
 """
@@ -134,7 +135,8 @@ print("RESULT", json.dumps({"rank": int(os.environ.get("RANK", 0)), "loss": resu
 
 def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_dir, tmp_path):
     """The same script with per_device_train_batch_size 4 on two processes and 8 on one: the global batch
-    is 8 either way, so the losses agree; every process gets the result, and only the main one writes."""
+    is 8 either way, so the losses agree; every process gets the result, and only the main one writes.
+    A callback that asks to stop on process 1 alone stops both (at step 2), rather than leaving one waiting."""
     script = tmp_path / "train.py"
     script.write_text(API_SCRIPT)
     runs = {}
@@ -149,5 +151,8 @@ def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_di
         assert sorted(r["rank"] for r in results) == list(range(n)), done.stdout[-2000:]
         assert done.stdout.count(f"saved model to {out}") == 1
         assert {r["path"] for r in results} == {str(out)} and (out / "config.json").exists()
-        runs[n] = results[0]["loss"]
+        rows = {r["step"]: r["train/loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "train/loss" in r}
+        assert list(rows) == ([1, 2, 3, 4] if n == 1 else [1, 2])  # no RANK 1 in one process: no stop
+        assert {r["loss"] for r in results} == {rows[max(rows)]}  # every process: the main one's metrics
+        runs[n] = rows[2]
     assert runs[2] == pytest.approx(runs[1], rel=1e-5)

@@ -39,6 +39,9 @@ from rlhf.recipes import STAGES
 
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
 WITH_REFERENCE = ("dpo", "ppo", "grpo")  # the stages with ref_model=
+# TRL's trainer arguments (GRPOTrainer(model, reward_funcs, train_dataset=, eval_dataset=, processing_class=)).
+TRAINER_ALIASES = {"reward_funcs": "reward_fns", "train_dataset": "data", "eval_dataset": "eval_data",
+                   "processing_class": "tokenizer"}
 
 
 @dataclass
@@ -49,7 +52,8 @@ class Result:
         stage: ``sft``, ``rm``, ``ppo``, ``dpo`` or ``grpo``.
         output_dir: the run's ``--output-dir``.
         model_path: the directory of the saved final model (``output_dir``; None if none was saved).
-        metrics: the last value of every metric the run logged (``metrics.jsonl`` holds them all).
+        metrics: the last value of every metric the run logged, as the main process logged them
+            (``metrics.jsonl`` holds them all), the same on every process.
         warnings: the over-optimisation monitor's warnings (PPO, GRPO), each a dict with ``step``,
             ``signal``, ``value``, ``threshold`` and the message under ``event``.
         model: the trained model in memory, on this process (with LoRA the ``PeftModel``, adapters not
@@ -112,6 +116,57 @@ def _model_handle(model, tokenizer, what: str, held: list[str]) -> str:
     return handle
 
 
+def _with_tokenizer(other, what: str, tokenizer, model, held: list[str]) -> str:
+    """``reward_model=`` / ``ref_model=``: a path, a loaded model, or ``(model, tokenizer)``. A loaded one
+    without a tokenizer of its own is read with the policy's, so it must have an embedding for each of its
+    tokens (a path's tokenizer is compared with the policy's when the run loads it)."""
+    own = None
+    if isinstance(other, tuple):
+        if len(other) != 2:
+            raise UserError(f"{what}=: expected a model or (model, tokenizer), got a tuple of {len(other)}")
+        other, own = other
+    if isinstance(other, (str, os.PathLike)) or own is not None:
+        return _model_handle(other, own, what, held)
+    from rlhf.models import load_tokenizer
+
+    policy_tokenizer = tokenizer if tokenizer is not None else (
+        load_tokenizer(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None)
+    if policy_tokenizer is None:  # no policy to take it from: the run refuses the model with one line
+        return _model_handle(other, None, what, held)
+    embeddings = other.get_input_embeddings() if hasattr(other, "get_input_embeddings") else None
+    if embeddings is not None and embeddings.num_embeddings < len(policy_tokenizer):
+        raise UserError(f"{what}=: its {embeddings.num_embeddings} token embeddings are fewer than the policy "
+                        f"tokenizer's {len(policy_tokenizer)} tokens; give {what}=(model, its_tokenizer)")
+    return _model_handle(other, policy_tokenizer, what, held)
+
+
+def _plain(value) -> bool:
+    """A value a flag could give: a string, a number, a bool, None, or a list of those."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) and not isinstance(v, (list, tuple)) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool, os.PathLike))
+
+
+def _check_keywords(stage: str, cls, options: dict, objects: list[str]) -> None:
+    """Refuse an option given an object, and a misspelt object keyword (with the object's name)."""
+    import difflib
+
+    from rlhf.training.options import TRL_ALIASES, TRL_UNSUPPORTED, spellings
+
+    known = spellings(cls)
+    where = ", ".join(f"{o}=" for o in objects)
+    for key, value in options.items():
+        if key in known and not _plain(value):
+            raise UserError(f"rlhf.{stage}(): {key}= takes a plain value (a path, a name, a number), not a "
+                            f"{type(value).__name__}; objects go in {where}")
+        if key in known or key in TRL_UNSUPPORTED or key in TRL_ALIASES:
+            continue
+        ratio = lambda name: difflib.SequenceMatcher(None, key, name).ratio()  # noqa: E731
+        best = max([*known, *objects, *TRAINER_ALIASES], key=ratio)
+        if best not in known and ratio(best) >= 0.75:
+            raise UserError(f"rlhf.{stage}(): unknown keyword {key!r}; did you mean {TRAINER_ALIASES.get(best, best)}?")
+
+
 def _reward_fn_spec(reward_fns, held: list[str]) -> str | None:
     """``module:function[:weight]`` strings as they are; callables (or ``(callable, weight)``) as handles."""
     if reward_fns is None:
@@ -120,7 +175,14 @@ def _reward_fn_spec(reward_fns, held: list[str]) -> str | None:
         reward_fns = [reward_fns]
     items = []
     for i, item in enumerate(reward_fns):
+        if isinstance(item, tuple) and len(item) != 2:
+            raise UserError(f"reward_fns[{i}]: expected a function or (function, weight), got a tuple of {len(item)}")
         fn, weight = item if isinstance(item, tuple) else (item, None)
+        if weight is not None:
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise UserError(f"reward_fns[{i}]: weight {weight!r} is not a number") from None
         if isinstance(fn, str):
             items.append(fn if weight is None else f"{fn}:{weight}")
             continue
@@ -128,7 +190,7 @@ def _reward_fn_spec(reward_fns, held: list[str]) -> str | None:
             raise UserError(f"reward_fns[{i}]: expected a callable or 'module:function', got {type(fn).__name__}")
         handle = handles.register(fn, "fn " + getattr(fn, "__name__", type(fn).__name__).replace(",", "_"))
         held.append(handle)
-        items.append(handle if weight is None else f"{handle}:{float(weight)}")
+        items.append(handle if weight is None else f"{handle}:{weight}")
     return ",".join(items)
 
 
@@ -150,43 +212,61 @@ def train(stage: str, cfg, callbacks: list[Callable] = ()) -> Result:
         FINAL.reset(tokens[1])
         CALLBACKS.reset(tokens[0])
         release_output_dirs()  # also after an error: the output directory is free again
+    metrics = _from_main_process(dict(metrics))
     path = final.get("path")
     kept = final.get("models", {}).get(os.path.abspath(path)) if path else None
     try:
         warnings = load_run(cfg.output_dir).warnings
     except UserError:  # another process's directory, not written here
         warnings = []
-    return Result(stage, cfg.output_dir, path, dict(metrics), warnings, *(kept or (None, None)))
+    return Result(stage, cfg.output_dir, path, metrics, warnings, *(kept or (None, None)))
 
 
-def _call(stage: str, model, tokenizer, data, eval_data, reward_model, ref_model, reward_fns, callbacks,
-          options) -> Result:
+def _from_main_process(metrics: dict) -> dict:
+    """The main process's metrics (those metrics.jsonl holds) on every process: PPO's and GRPO's
+    rollout means (reward, lengths, the monitor) are each process's own share until then."""
+    from accelerate import PartialState
+
+    if not PartialState._shared_state or PartialState().num_processes == 1:
+        return metrics
+    from accelerate.utils import broadcast_object_list
+
+    box = [metrics]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _call(stage: str, objects: list[str], given: dict, options: dict) -> Result:
     from rlhf.training.options import from_keywords
 
     module = importlib.import_module(STAGES[stage][0])
+    _check_keywords(stage, module.Config, options, objects)
+    model, tokenizer = given.get("model"), given.get("tokenizer")
     held: list[str] = []
     try:
         keywords = dict(options)
         if tokenizer is not None and isinstance(model, (str, os.PathLike)):
             raise UserError(f"rlhf.{stage}(): tokenizer= goes with a loaded model; a model path brings its own")
+        if model is not None and not isinstance(model, (str, os.PathLike)) and tokenizer is None:
+            raise UserError(f"rlhf.{stage}(): a model given as an object needs its tokenizer too (tokenizer=...)")
         if model is not None:
             keywords["model"] = _model_handle(model, tokenizer, "model", held)
-        for label, rows in (("data", data), ("eval_data", eval_data)):
-            if rows is not None:
-                keywords[label] = _data_handle(rows, label, held)
-        for label, other in (("reward_model", reward_model), ("ref_model", ref_model)):
-            if other is not None:  # a loaded one shares the policy's tokenizer
-                other_tokenizer = tokenizer
-                if other_tokenizer is None and not isinstance(other, (str, os.PathLike)) and model is not None:
-                    from rlhf.models import load_tokenizer
-
-                    other_tokenizer = load_tokenizer(os.fspath(model))
-                keywords[label] = _model_handle(other, other_tokenizer, label, held)
-        spec = _reward_fn_spec(reward_fns, held)
+        for label in ("data", "eval_data"):
+            if given.get(label) is not None:
+                keywords[label] = _data_handle(given[label], label, held)
+        for label in ("reward_model", "ref_model"):
+            if given.get(label) is not None:
+                keywords[label] = _with_tokenizer(given[label], label, tokenizer, model, held)
+        spec = _reward_fn_spec(given.get("reward_fns"), held)
         if spec:
             keywords["reward_fn"] = ",".join(x for x in (keywords.get("reward_fn"), spec) if x)
+        callbacks = given.get("callbacks") or []
+        callbacks = [callbacks] if callable(callbacks) else list(callbacks)
+        for i, fn in enumerate(callbacks):
+            if not callable(fn):
+                raise UserError(f"callbacks[{i}]: expected a callable fn(step, metrics), got {type(fn).__name__}")
         cfg = from_keywords(module.Config, keywords, stage)
-        return train(stage, cfg, list(callbacks or ()))
+        return train(stage, cfg, callbacks)
     finally:
         handles.release(held)
 
@@ -206,19 +286,23 @@ def _option_lines(cls, taken: set[str]) -> tuple[list[inspect.Parameter], str]:
 
 
 _OBJECT_DOCS = {
-    "model": "a path, a hub id, or a loaded transformers PreTrainedModel (then with tokenizer=), trained in place.",
-    "tokenizer": "the tokenizer of a loaded model=.",
-    "data": "a path (JSONL, JSON, CSV, Parquet, a saved datasets directory, hf:NAME), a list of dicts, or a "
+    "model": "a path, a hub id, or a loaded transformers PreTrainedModel (then with tokenizer=), trained in place "
+             "(with lora=True peft adds the adapters to it).",
+    "tokenizer": "the tokenizer of a loaded model= (TRL's processing_class=).",
+    "data": "(TRL's train_dataset=) a path (JSONL, JSON, CSV, Parquet, a saved datasets directory, hf:NAME), a list of dicts, or a "
             "datasets.Dataset (one split); records are checked as a file's are, a bad one named data[i].",
-    "eval_data": "held-out data, in the same forms as data=.",
-    "ref_model": "the frozen reference: a path, a hub id or a loaded model with the policy's tokenizer (default: "
-                 "a frozen copy of model=; with LoRA its base with the adapters off).",
-    "reward_model": "a reward-model directory or ensemble (rlhf rm), or a loaded sequence classifier.",
-    "reward_fns": "reward functions: callables with TRL's signature fn(prompts, completions, **columns) -> "
+    "eval_data": "held-out data, in the same forms as data= (PPO and GRPO: preference pairs, prompt/chosen/rejected, "
+                 "for the monitor's implicit preference accuracy).",
+    "ref_model": "the frozen reference: a path, a hub id, or a loaded model alone or as (model, tokenizer); its "
+                 "tokenizer must be the policy's (default: a frozen copy of model=; with LoRA its base, adapters off).",
+    "reward_model": "a reward-model directory or ensemble (rlhf rm), or a loaded sequence classifier (scored as a "
+                    "copy), alone or as (model, tokenizer).",
+    "reward_fns": "(TRL's reward_funcs=) reward functions: callables with TRL's signature fn(prompts, completions, **columns) -> "
                   "list[float], 'module:function[:weight]' strings, or (callable, weight) pairs; named in "
                   "metrics (rewards/NAME) and errors by __name__.",
-    "callbacks": "callables fn(step, metrics) called with every logged row on every process; one that returns "
-                 "True stops the run after that step, and the model is saved as at a normal end.",
+    "callbacks": "a callable or a list: fn(step, metrics) is called with every logged row on every process; "
+                 "True from one (on any process) stops the run after that step, and the model is saved as at a "
+                 "normal end (rm with ensemble=K: each member is a run of its own, steps from 1).",
 }
 
 
@@ -226,12 +310,19 @@ def _stage(stage: str) -> Callable[..., Result]:
     objects = ["model", "tokenizer", "data", "eval_data", *(["ref_model"] if stage in WITH_REFERENCE else []),
                *(["reward_model", "reward_fns"] if stage in ONLINE else []), "callbacks"]
 
-    def run_stage(model=None, *, tokenizer=None, data=None, eval_data=None, callbacks=None, **options) -> Result:
-        given = {name: options.pop(name, None) for name in ("ref_model", "reward_model", "reward_fns") if name in objects}
-        if stage not in ONLINE and "reward_fns" in options:
+    def run_stage(model=None, **keywords) -> Result:
+        given, options = {"model": model}, {}
+        for key, value in keywords.items():
+            name = TRAINER_ALIASES.get(key, key)
+            if name not in objects:
+                options[key] = value
+            elif given.get(name) is not None:
+                raise UserError(f"rlhf.{stage}(): {key}= and {name}= both given; use {name}=")
+            else:
+                given[name] = value
+        if stage not in ONLINE and ("reward_fns" in options or "reward_funcs" in options):
             raise UserError(f"rlhf.{stage}(): reward_fns= is for rlhf.ppo and rlhf.grpo")
-        return _call(stage, model, tokenizer, data, eval_data, given.get("reward_model"), given.get("ref_model"),
-                     given.get("reward_fns"), callbacks, options)
+        return _call(stage, objects, given, options)
 
     cls = importlib.import_module(STAGES[stage][0]).Config
     taken = set(objects)

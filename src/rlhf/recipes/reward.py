@@ -36,7 +36,7 @@ from rlhf.training.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )
 from rlhf.training.logs import write_model_card
-from rlhf.training.saving import save_final, staged
+from rlhf.training.saving import remember, save_final, staged
 
 
 @dataclass
@@ -353,3 +353,4 @@ def save_ensemble(cfg: Config, names: list[str], metrics: dict[str, float]) -> N
         print(f"Reward-model ensemble of {len(names)} saved in {out}" + (
             f": held-out accuracy of the mean {metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else ""))
     state.wait_for_everyone()
+    remember(out, is_final=True)  # the run's model is the ensemble, not its last member

@@ -56,6 +56,11 @@ def load_reward_fns(spec: str | None) -> list[RewardFn]:
         except (ImportError, AttributeError, ValueError) as e:
             raise UserError(f"--reward-fn {item}: {e}") from None
         fns.append(RewardFn(f"{parts[0]}:{parts[1]}", fn, weight))
+    seen: dict[str, int] = {}
+    for r in fns:  # two functions of one name (two lambdas, two closures) keep a metric each
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}#{seen[r.name]}"
     return fns
 
 

@@ -36,7 +36,8 @@ class TrainConfig:
     data: str = ""
     """Training data: JSONL, JSON, CSV, Parquet, a saved datasets directory, or hf:NAME[:SPLIT]."""
     eval_data: str | None = None
-    """Held-out data in the same format, evaluated every --eval-every steps and at the end (sft, rm, dpo)."""
+    """Held-out data in the same format, evaluated every --eval-every steps and at the end (sft, rm, dpo);
+    for ppo and grpo, preference pairs (prompt/chosen/rejected) for the implicit preference accuracy."""
     output_dir: str = "runs/out"
     """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
     max_steps: int = -1
@@ -65,7 +66,7 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep only the newest K checkpoints (0: keep all)."""
     eval_every: int = 0
-    """Evaluate on --eval-data every N steps (0: only at the end; sft, rm, dpo)."""
+    """Evaluate on --eval-data every N steps (0: only at the end)."""
     log_every: int = 1
     """Write metrics every N steps."""
     resume: str | None = field(default=None, metadata={"const": "auto"})

@@ -19,8 +19,8 @@ class LoggerError(UserError):
 
 CALLBACKS: ContextVar[tuple] = ContextVar("rlhf_callbacks", default=())
 """The Python API's ``callbacks=`` for the run in progress: each ``fn(step, metrics)`` is called with
-every logged row, on every process; one that returns True stops the run after that step (the model
-is saved as at a normal end)."""
+every logged row, on every process; one that returns True, on any process, stops the run after that
+step (the model is saved as at a normal end)."""
 
 PROJECT = "rlhf"
 """The project name given to the trackers (wandb's project; TensorBoard's OUTPUT_DIR/tensorboard/rlhf)."""
@@ -99,6 +99,11 @@ class RunLogger:
                 raise UserError(f"callback {name} raised {type(e).__name__}" + (f": {first}" if first else "")
                                 + f" at step {step}") from None
             self.stop_requested = self.stop_requested or stop is True
+        if self.callbacks and self.accelerator.num_processes > 1:  # one process's True stops them all
+            import torch
+
+            flag = torch.tensor(float(self.stop_requested), device=self.accelerator.device)
+            self.stop_requested = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     def _append(self, record: dict) -> None:
         """One line more in metrics.jsonl; a failed write (a full disk) stops the run before its final save."""

@@ -294,6 +294,8 @@ def from_keywords(cls: type, keywords: dict, recipe: str):
                 "unknown field", "unknown keyword"))
         if known[name] in values:
             raise ConfigError(f"rlhf.{recipe}(): {name}= sets {known[name]!r}, which another keyword set already")
+        if known[name] == "resume" and isinstance(value, bool):  # resume=True: the latest, as plain --resume
+            value = "auto" if value else None
         values[known[name]] = _from_trl(name, value)
     return build_config(cls, None, values)
 

@@ -106,6 +106,8 @@ def check_positions(model, length: int, what: str, whose: str) -> None:
 
 def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
     """Validate and tokenise a whole file before training; report skips and truncations."""
+    if not source:
+        raise UserError("--data is required")
     from rlhf.data import Encoder, prepare
 
     prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
