@@ -193,6 +193,9 @@ def test_chat_ctrl_c_through_a_pseudo_terminal(tiny_dir, tmp_path):
     tiny_dir = str(model)
     pid, fd = pty.fork()
     if pid == 0:
+        # A person's terminal delivers Ctrl-C; a test run started in the background (nohup, `&`) ignores
+        # SIGINT, and the chat would inherit that (Python leaves an ignored SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "rlhf.cli", "chat", "--model", tiny_dir, "--max-new-tokens",
                                   "100000", "--temperature", "1.0", "--seed", "0"])
     try:
