@@ -167,6 +167,14 @@ def test_dpo_with_a_reference_of_its_own(tiny_dir, tokenizer, tmp_path):
     moved = rlhf.dpo(tiny_dir, ref_model=other, output_dir=str(tmp_path / "c"), **kw).metrics["train/loss"]
     assert base == pytest.approx(0.693147, abs=1e-5) and same == pytest.approx(base, abs=1e-6)
     assert abs(moved - base) > 1e-3
+    # The policy object itself as its reference: the reference is its copy, and the policy still trains.
+    from rlhf.models import load_causal_lm
+
+    policy = load_causal_lm(tiny_dir)
+    result = rlhf.dpo(policy, tokenizer=tokenizer, ref_model=policy, output_dir=str(tmp_path / "d"), lr=1e-2, **kw)
+    assert result.metrics["train/loss"] == pytest.approx(base, abs=1e-5)
+    assert all(p.requires_grad for p in policy.parameters())
+    assert result.metrics["train/grad_norm"] > 0
 
 
 def test_trl_trainer_names_and_the_mistakes_a_trl_user_makes(tiny_dir, tokenizer, tmp_path):

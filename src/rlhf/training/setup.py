@@ -69,6 +69,8 @@ def load_reference(cfg, policy, tokenizer):
                         "share the policy's tokenizer")
     model = load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=cfg.attn_implementation)
+    if model is policy:  # ref_model= the very object being trained: its copy, or freezing it would freeze the policy
+        return Reference(policy)
     return Reference(policy, model=model)
 
 
