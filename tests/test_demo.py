@@ -14,8 +14,11 @@ def test_distinct_n_by_hand():
 
 
 def test_fast_demo_produces_every_output_and_repeats_exactly(tmp_path):
-    s1 = demo.run(demo.Config(output_dir=str(tmp_path / "a"), fast=True))
+    from rlhf.cli import main
+
+    assert main(["demo", "--fast", "--output-dir", str(tmp_path / "a")]) == 0  # the command line, as make demo runs it
     out = tmp_path / "a"
+    s1 = json.loads((out / "summary.json").read_text())
     for d in ("sft", "rm", "ppo", "dpo"):
         assert (out / d / "model.safetensors").exists(), d
     for f in ("summary.json", "report.html", "ppo_curves.png", "frontier.png", "rm_vs_gold.png", "explain.md"):

@@ -206,6 +206,9 @@ def _main(args) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if args.command not in RECIPES:  # a tool with a config of its own (the demo)
+            module.run(cfg)
+            return 0
         from rlhf.api import train
 
         train(args.command, cfg)
