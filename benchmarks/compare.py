@@ -28,6 +28,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def fresh(a, name: str) -> str:
+    """A new, empty output directory for one run of one job: repeats never reuse a run's directory."""
+    return tempfile.mkdtemp(prefix=name + "-", dir=a.root)
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -72,7 +77,7 @@ def job_dpo_ours(a, p):
     from rlhf.recipes import dpo
 
     t = time.perf_counter()
-    dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=os.path.join(a.root, "dpo-ours"), max_steps=a.steps,
+    dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=fresh(a, "dpo-ours"), max_steps=a.steps,
                        batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0))
     return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size, "tokens": pair_tokens(p),
             "peak_rss_mb": rss_mb()}
@@ -87,7 +92,7 @@ def job_dpo_trl(a, p):
              "rejected": [{"role": "assistant", "content": r["rejected"]}]}
             for r in (json.loads(x) for x in open(p["pairs"]))]
     t = time.perf_counter()
-    args = DPOConfig(output_dir=os.path.join(a.root, "dpo-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+    args = DPOConfig(output_dir=fresh(a, "dpo-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                      learning_rate=1e-4, max_length=a.max_length, beta=0.1, report_to=[], save_strategy="no",
                      logging_steps=a.steps, use_cpu=True, precompute_ref_log_probs=True, dataloader_num_workers=0)
     trainer = DPOTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
@@ -102,12 +107,13 @@ def job_grpo_ours(a, p):
 
     sys.modules.setdefault("bench_rewards", sys.modules[__name__])
     t = time.perf_counter()
-    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=os.path.join(a.root, "grpo-ours"), max_steps=a.steps,
+    out = fresh(a, "grpo-ours")
+    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps,
                          rollout_batch_size=a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                          reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, report_to="none", log_every=1))
     seconds = time.perf_counter() - t
-    rows = [json.loads(x) for x in open(os.path.join(a.root, "grpo-ours", "metrics.jsonl")) if '"reward"' in x]
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"reward"' in x]
     tokens = sum(r["completions/mean_length"] * a.batch_size for r in rows)
     return {"seconds": seconds, "items": a.steps * a.batch_size, "tokens": tokens, "peak_rss_mb": rss_mb()}
 
@@ -118,7 +124,7 @@ def job_grpo_trl(a, p):
 
     rows = [{"prompt": json.loads(x)["prompt"]} for x in open(p["rl"])]
     t = time.perf_counter()
-    args = GRPOConfig(output_dir=os.path.join(a.root, "grpo-trl"), per_device_train_batch_size=a.batch_size,
+    args = GRPOConfig(output_dir=fresh(a, "grpo-trl"), per_device_train_batch_size=a.batch_size,
                       num_generations=a.generations, max_completion_length=a.max_new_tokens, max_steps=a.steps,
                       learning_rate=1e-4, beta=0.04, report_to=[], save_strategy="no", logging_steps=1,
                       use_cpu=True, temperature=1.0, dataloader_num_workers=0)
@@ -141,7 +147,7 @@ def job_ppo_breakdown(a, p):
     from rlhf.rollout import HFRollout, SamplingParams
 
     sys.modules.setdefault("bench_rewards", sys.modules[__name__])
-    out = os.path.join(a.root, "ppo-ours")
+    out = fresh(a, "ppo-ours")
     ppo.run(ppo.Config(model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps, rollout_batch_size=a.batch_size,
                        mini_batch_size=a.batch_size, batch_size=a.batch_size, ppo_epochs=1, max_new_tokens=a.max_new_tokens,
                        reward_fn="bench_rewards:vowel_fraction", lr=1e-5, report_to="none"))
@@ -173,7 +179,7 @@ def job_sft_mem(a, p):
     from rlhf.recipes import sft
 
     base = rss_mb()
-    sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=os.path.join(a.root, "sft-mem"), max_steps=3,
+    sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=fresh(a, "sft-mem"), max_steps=3,
                        batch_size=a.batch_size, max_length=a.max_length, report_to="none"))
     return {"peak_rss_mb": rss_mb(), "baseline_rss_mb": base}
 
@@ -183,7 +189,7 @@ def job_ppo_lora_mem(a, p):
 
     sys.modules.setdefault("bench_rewards", sys.modules[__name__])
     base = rss_mb()
-    ppo.run(ppo.Config(model=p["model"], data=p["rl"], output_dir=os.path.join(a.root, "ppo-lora-mem"), max_steps=3,
+    ppo.run(ppo.Config(model=p["model"], data=p["rl"], output_dir=fresh(a, "ppo-lora-mem"), max_steps=3,
                        rollout_batch_size=a.batch_size, mini_batch_size=a.batch_size, batch_size=a.batch_size, ppo_epochs=1,
                        max_new_tokens=a.max_new_tokens, reward_fn="bench_rewards:vowel_fraction", lora=True, lora_r=16,
                        report_to="none"))

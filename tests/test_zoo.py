@@ -105,6 +105,42 @@ def test_packed_equals_padded_for_sft_dpo_and_grpo(arch, kernel, tokenizer):
 
 
 @pytest.mark.parametrize("arch,kernel", cases())
+def test_layout_mask_equals_create_causal_masks(arch, kernel, tokenizer):
+    """The shared-prefix mask, expanded by indexing, is the one transformers' create_causal_mask
+    writes (through vmap) for the same layout: value for value, in the kernel's own form, for
+    each layer type (sliding windows on positions)."""
+    from transformers.masking_utils import and_masks, create_causal_mask, sliding_window_overlay
+
+    from rlhf.data import pack_shared_prefixes
+    from rlhf.models.packing import _text_config, layer_types, shared_prefix_mask
+
+    model = zoo_model(tokenizer, arch, kernel)
+    rng = random.Random(2)
+    groups = [(rand_ids(rng, 1, 7), [rand_ids(rng, 1, 6) for _ in range(rng.randint(1, 3))]) for _ in range(5)]
+    b = pack_shared_prefixes(groups, 0, row_tokens=24)  # several groups a row, and row padding
+    pos, seg, br = b["position_ids"], b["segment_ids"], b["branch_ids"]
+    got = shared_prefix_mask(model, pos, seg, br)
+    config = _text_config(model)
+
+    def layout(bi, hi, q, kv):
+        return (seg[bi, q] == seg[bi, kv]) & ((br[bi, kv] == 0) | (br[bi, kv] == br[bi, q]))
+
+    def window(bi, hi, q, kv):
+        return sliding_window_overlay(config.sliding_window)(bi, hi, pos[bi, q], pos[bi, kv])
+
+    embeds = torch.empty(*pos.shape, 0, dtype=model.dtype)
+    for kind in layer_types(config):
+        fn = and_masks(layout, window) if kind == "sliding_attention" else layout
+        want = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                                  position_ids=None, and_mask_function=fn, allow_is_causal_skip=False)
+        mine = got[kind] if isinstance(got, dict) else got
+        if kernel == "flex_attention":
+            mine, want = mine.to_dense(), want.to_dense()
+        assert mine.dtype == want.dtype and mine.shape == want.shape
+        assert torch.equal(mine, want), kind
+
+
+@pytest.mark.parametrize("arch,kernel", cases())
 def test_left_padded_prompts_score_as_alone(arch, kernel, tokenizer, tmp_path):
     """The rollout's batch (prompts of different lengths, left-padded) gives each response the
     log-probs and values it has alone: what makes the first PPO ratio exactly 1 against the

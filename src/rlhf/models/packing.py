@@ -11,9 +11,11 @@ Two layouts are run padding-free:
 - **Shared prefixes** (DPO's prompt with its chosen and rejected replies, GRPO's prompt with its
   G samples): ``[prefix | c1 | c2 | ...]`` where every continuation sees its prefix and itself
   only and continues the prefix's positions. No position-id convention expresses that, so the
-  mask is built here, but by ``masking_utils.create_causal_mask`` itself, with the layout as its
-  ``and_mask_function``: transformers then writes it in the form the model's attention kernel
-  takes (boolean for SDPA, additive in the model's dtype for eager, a ``BlockMask`` for flex).
+  mask is built here, but by transformers' own mask interface for the model's kernel (what
+  ``masking_utils.create_causal_mask`` calls), with the layout and'd to the causal mask function:
+  transformers then writes it in the form the kernel takes (boolean for SDPA, additive in the
+  model's dtype for eager, a ``BlockMask`` for flex). The layout's functions index tensors, so
+  they are expanded by broadcasting, not vmap (equal masks: ``tests/test_zoo.py``).
   A continuation token sits further from its prefix in the row than in its own sequence, so a
   sliding window is applied on positions, through transformers' ``sliding_window_overlay``.
   Models whose layers mix full and sliding attention get one mask per layer type, as their
@@ -112,11 +114,12 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
         position_ids, segment_ids, branch_ids: (N, L) -> (N, 1, L, L) or a ``BlockMask``, or a
         dict of those by layer type for models that take one.
     """
-    from transformers.masking_utils import and_masks, create_causal_mask, sliding_window_overlay
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function,
+                                            create_causal_mask, sliding_window_overlay)
 
     config = _text_config(model)
-    embeds = _inner(model).get_input_embeddings().weight
-    shape = torch.empty(position_ids.shape[0], position_ids.shape[1], 0, dtype=embeds.dtype, device=position_ids.device)
+    dtype = _inner(model).get_input_embeddings().weight.dtype
+    (N, L), device = position_ids.shape, position_ids.device
 
     def layout(batch_idx, head_idx, q_idx, kv_idx):
         q_branch, kv_branch = branch_ids[batch_idx, q_idx], branch_ids[batch_idx, kv_idx]
@@ -124,8 +127,18 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
         return same & ((kv_branch == 0) | (kv_branch == q_branch))
 
     def build(mask_fn):
-        return create_causal_mask(config=config, inputs_embeds=shape, attention_mask=None, past_key_values=None,
-                                  position_ids=None, and_mask_function=mask_fn, allow_is_causal_skip=False)
+        if not getattr(config, "is_causal", True):  # not a causal model: transformers' own path decides
+            return create_causal_mask(config=config, inputs_embeds=torch.empty(N, L, 0, dtype=dtype, device=device),
+                                      attention_mask=None, past_key_values=None, position_ids=None,
+                                      and_mask_function=mask_fn, allow_is_causal_skip=False)
+        # What create_causal_mask does for a batch with no cache and no padding mask, except that it
+        # expands the mask functions by indexing (use_vmap=False), as transformers does for its own
+        # ones: create_causal_mask vmaps any custom function, 30 ms a call on a 16 x 300 layout.
+        # Ours index tensors only, so both expansions give the same mask (tests/test_zoo.py).
+        return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+            batch_size=N, q_length=L, kv_length=L, q_offset=0, kv_offset=0,
+            mask_function=and_masks(causal_mask_function, mask_fn), attention_mask=None, allow_is_causal_skip=False,
+            dtype=dtype, config=config, use_vmap=False, device=device)
 
     masks = {}
     for kind in layer_types(config):
