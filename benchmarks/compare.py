@@ -280,7 +280,8 @@ def report(a, r: dict) -> None:
     split, bound = r["ppo_breakdown"]["split"], r["ppo_breakdown"]["bound"]
     out["ppo_step_over_bound"] = split["time/step"] / bound["total"]
     print("\nPPO step (rlhf), mean seconds:")
-    for k in ("time/generate", "time/policy_value_pass", "time/reference_pass", "time/score", "time/train", "time/step"):
+    for k in ("time/generate", "time/score", "time/policy_value_pass", "time/reference_pass", "time/train",
+                  "time/weight_sync", "time/step"):
         print(f"  {k:28}{split.get(k, float('nan')):8.3f}")
     print(f"  lower bound: generate {bound['generate']:.3f} + update fwd/bwd {bound['forward_backward']:.3f} + "
           f"2 x forward {bound['forward']:.3f} = {bound['total']:.3f}")

@@ -317,8 +317,7 @@ def job_grpo_ours(a, p):
     rows = [json.loads(x) for x in open(os.path.join(a.root, "grpo-ours", "metrics.jsonl")) if '"reward"' in x]
     return {"seconds": seconds, "items": a.rl_steps * a.rl_batch, "peak_gib": peak_gib(),
             "mean_length": statistics.mean(r["completions/mean_length"] for r in rows),
-            "generate_share": sum(r["time/generate"] for r in rows[1:]) / max(1e-9, sum(
-                r["time/generate"] + r["time/score"] + r["time/train"] for r in rows[1:]))}
+            "generate_share": sum(r["time/generate"] for r in rows[1:]) / max(1e-9, sum(r["time/step"] for r in rows[1:]))}
 
 
 def job_grpo_trl(a, p):
@@ -481,7 +480,8 @@ def report(a, r: dict) -> None:
     if "ppo" in jobs and "split" in jobs["ppo"]:
         split, bound = jobs["ppo"]["split"], jobs["ppo"]["bound"]
         print(f"\n4. PPO step ({a.rl_batch} prompts, {a.rl_new_tokens} new tokens, 1 epoch), mean seconds after the first:")
-        for k in ("time/generate", "time/policy_value_pass", "time/reference_pass", "time/score", "time/train", "time/step"):
+        for k in ("time/generate", "time/score", "time/policy_value_pass", "time/reference_pass", "time/train",
+                  "time/weight_sync", "time/step"):
             print(f"  {k:26}{split.get(k, float('nan')):8.3f}")
         print(f"  lower bound: generate {bound['generate']:.3f} + update fwd/bwd {bound['forward_backward']:.3f} + "
               f"2 x forward {bound['forward']:.3f} = {bound['total']:.3f}")

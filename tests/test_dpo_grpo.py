@@ -108,6 +108,14 @@ def test_grpo_kl_in_reward_and_several_weighted_rewards(tiny_dir, prompts_file, 
     m = grpo.run(grpo_config(tiny_dir, prompts_file, tmp_path, max_steps=3, kl_in_reward=True, ppo_epochs=2,
                              mini_batch_size=16, reward_fn="rule_rewards:vowel_fraction:1.0,rule_rewards:has_answer:0.5"))
     assert "rewards/rule_rewards:has_answer" in m and "kl" not in m
+    assert_timers_add_up(m, "time/old_logprob_pass", "time/reference_pass", "time/generate", "time/train")
+
+
+def assert_timers_add_up(m: dict, *needed: str) -> None:
+    """Every second of a step is under a named timer: the laps add up to time/step."""
+    laps = {k: v for k, v in m.items() if k.startswith("time/") and k != "time/step"}
+    assert set(needed) <= set(laps), laps
+    assert sum(laps.values()) == pytest.approx(m["time/step"], rel=1e-9, abs=1e-9) and m["time/step"] > 0
 
 
 def test_shared_prompt_packing_gives_the_concatenated_logps(tiny_dir, tokenizer):

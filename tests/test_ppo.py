@@ -35,6 +35,9 @@ def test_ppo_raises_rule_reward(tiny_dir, prompts_file, tmp_path):
                 "val/clipfrac", "val/explained_variance", "val/mean", "response/length_mean",
                 "response/no_eos_fraction", "speed/tokens_per_second", "time/generate", "time/score", "time/train"):
         assert key in rows[-1], key
+    from test_dpo_grpo import assert_timers_add_up
+
+    assert_timers_add_up(rows[-1], "time/policy_value_pass", "time/reference_pass", "time/generate", "time/train")
 
 
 def test_first_step_ratio_is_exactly_one(tiny_dir, prompts_file, tmp_path):

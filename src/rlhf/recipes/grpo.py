@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -22,7 +21,7 @@ import torch
 from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
-from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.loop import StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
@@ -175,30 +174,33 @@ def run(cfg: Config) -> dict[str, float]:
     stop = False
 
     while state.step < total:
-        t0 = time.perf_counter()
+        timer = StepTimer()  # laps: generate, score, old_logprob_pass, reference_pass, advantages, train, weight_sync
         # 1. Prompts.
         examples = [prompts.examples[i]
                     for i in shard(plan.step_indices(state.step)[0], accelerator.process_index, accelerator.num_processes)]
         # 2-3. G samples of each prompt (contiguous), and their rewards.
         batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
-                                                                       accelerator.device)
+                                                                       accelerator.device, timer)
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(completions)
                                                                                       * accelerator.num_processes)))
+            timer.lap("time/score")
         mask, P = batch.response_mask, batch.prompt_ids.shape[1]
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
         old_logprobs = ref_logprobs = None
         with torch.no_grad(), eval_mode(model):
             if not reuse_old or (cfg.beta > 0 and cfg.kl_in_reward):
                 old_logprobs, _ = logprobs_fn(model, batch.input_ids, batch.attention_mask, P, cfg.temperature)
+                timer.lap("time/old_logprob_pass")
             if ref is not None:
                 ref_logprobs, _ = logprobs_fn(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
+                timer.lap("time/reference_pass")
         raw_scores = scores
         if cfg.beta > 0 and cfg.kl_in_reward:
             scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
         # 4. Group-relative advantages.
         advantages, _ = compute_advantages(cfg.estimator, response_mask=mask, scores=scores, group_size=G)
-        t_score = time.perf_counter()
+        timer.lap("time/advantages")
         # 5. Policy update.
         buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
                "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
@@ -206,8 +208,9 @@ def run(cfg: Config) -> dict[str, float]:
         if monitor is not None and old_logprobs is None and ref_logprobs is not None:
             buf["kl_tokens"] = torch.zeros(mask.shape, device=mask.device)  # filled by the update's single pass
         train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf, logprobs_fn)
+        timer.lap("time/train")
         rollout.load_weights(merged_named_weights(accelerator.unwrap_model(model)))  # the sampler follows the policy
-        t_train = time.perf_counter()
+        timer.lap("time/weight_sync")
         state.step += 1
         logger.advance()
         count_skip(cfg, state, train_metrics["train/skipped_updates"] == train_metrics["train/updates"], checkpointer)
@@ -217,9 +220,9 @@ def run(cfg: Config) -> dict[str, float]:
                    "frac_reward_zero_std": float((grouped.std(1) < 1e-6).float().mean()) if G > 1 else 1.0,
                    "completions/mean_length": float(mask.sum(1).float().mean()),
                    "completions/clipped_ratio": float((~batch.finished).float().mean()),
-                   "speed/completions_per_second": len(completions) * accelerator.num_processes / (t_train - t0),
-                   "time/train": t_train - t_score,
-                   **score_metrics, **train_metrics}
+                   "speed/completions_per_second": len(completions) * accelerator.num_processes
+                                                   / timer.metrics()["time/step"],
+                   **timer.metrics(), **score_metrics, **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
                                            member_scores=scorer.last_member_scores))

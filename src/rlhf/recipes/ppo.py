@@ -26,7 +26,7 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
 )
 from rlhf.errors import UserError
-from rlhf.training.loop import StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.loop import StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
 from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
 from rlhf.training.logs import write_model_card
@@ -107,20 +107,18 @@ def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, te
 def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
     """Step 4: old log-probs and values from the policy, log-probs from the reference.
 
-    Returns ``(old_logprobs, values, ref_logprobs, seconds)`` with the time of each pass.
+    Returns ``(old_logprobs, values, ref_logprobs, seconds)``, ``seconds`` those of the reference's passes.
     """
     prompt_len = batch.prompt_ids.shape[1]
     ids, mask = batch.input_ids, batch.attention_mask
     old, values, refs = [], [], []
-    seconds = {"time/policy_value_pass": 0.0, "time/reference_pass": 0.0}
+    seconds = 0.0
     with eval_mode(*(m for m in (model, critic) if m is not None)):
         for i in range(0, ids.shape[0], chunk):
-            t0 = time.perf_counter()
             lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
             t1 = time.perf_counter()
             ref_lp, _ = model_response_logprobs(ref, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
-            seconds["time/policy_value_pass"] += t1 - t0
-            seconds["time/reference_pass"] += time.perf_counter() - t1
+            seconds += time.perf_counter() - t1
             old.append(lp)
             values.append(v)
             refs.append(ref_lp)
@@ -280,18 +278,19 @@ def run(cfg: Config) -> dict[str, float]:
     stop = False
 
     while state.step < total:
-        t0 = time.perf_counter()
+        timer = StepTimer()  # laps: generate, score, policy_value_pass, reference_pass, train, weight_sync
         # 1. Sample a batch of prompts.
         examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
         # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them.
         batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
-                                                                       scorer, accelerator.device)
+                                                                       scorer, accelerator.device, timer)
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)))
+            timer.lap("time/score")
         # 4. Old log-probs, values and reference log-probs, without gradients, dropout off.
-        old_logprobs, old_values, ref_logprobs, pass_seconds = rollout_forwards(cfg, model, critic, ref, batch,
-                                                                                cfg.batch_size)
-        t_fwd = time.perf_counter()
+        old_logprobs, old_values, ref_logprobs, ref_seconds = rollout_forwards(cfg, model, critic, ref, batch,
+                                                                               cfg.batch_size)
+        timer.lap("time/policy_value_pass", time_reference_pass=ref_seconds)
         mask = batch.response_mask
         # 5. Per-token rewards: the score at the last token minus beta KL at every token.
         kl_coef = kl_ctl.value
@@ -307,8 +306,9 @@ def run(cfg: Config) -> dict[str, float]:
                   "returns": returns, "prompt_len": batch.prompt_ids.shape[1]}
         groups = [actor_params, critic_params]
         train_metrics = ppo_update(cfg, accelerator, model, critic, optimizer, scheduler, buffer, groups)
+        timer.lap("time/train")
         rollout.load_weights(merged_named_weights(sampled_policy))  # the sampler follows the policy
-        t_train = time.perf_counter()
+        timer.lap("time/weight_sync")
         # 8. Adapt beta to the measured KL.
         kl_per_seq = float(reduce_sum(accelerator, kl.sum(1).sum()) / (len(examples) * world))
         kl_ctl.update(kl_per_seq, n_steps=cfg.rollout_batch_size)
@@ -323,9 +323,8 @@ def run(cfg: Config) -> dict[str, float]:
             "val/mean": float(masked_mean(old_values, mask)),
             "response/length_mean": float(mask.sum(1).float().mean()),
             "response/no_eos_fraction": float((~batch.finished).float().mean()),
-            "speed/tokens_per_second": float(mask.sum() * world) / (t_train - t0),
-            "time/train": t_train - t_fwd,
-            "time/step": t_train - t0, **pass_seconds, **score_metrics, **train_metrics,
+            "speed/tokens_per_second": float(mask.sum() * world) / timer.metrics()["time/step"],
+            **timer.metrics(), **score_metrics, **train_metrics,
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,

@@ -5,7 +5,6 @@ or both; and the options, rollout and scoring step the online recipes (PPO, GRPO
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +18,7 @@ from rlhf.models import (
 from rlhf.errors import UserError
 from rlhf.recipes.rewards import RewardFn, call_reward_fn, in_prompt_form, load_reward_fns, reward_value
 from rlhf.training.config import TrainConfig
+from rlhf.training.loop import StepTimer
 from rlhf.training.setup import max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams
 
@@ -291,17 +291,17 @@ def is_sharded(accelerator) -> bool:
 _NOT_EXTRA = ("prompt", "prompt_ids", "prompt_truncated", "response_truncated", "_where")
 
 
-def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device):
+def generate_and_score(rollout, examples: list[dict], params: SamplingParams, tokenizer, scorer: Scorer, device,
+                       timer: StepTimer):
     """Sample ``params.num_samples`` responses per prompt and score them.
 
     Returns ``(batch, completions, scores, metrics)`` with ``completions`` as text; the reward
     functions receive each prompt, its completion in the prompt's form (:func:`in_prompt_form`)
     and the prompt's extra dataset columns, repeated per sample.
-    ``metrics`` holds the scorer's and ``time/generate`` and ``time/score``.
+    ``metrics`` holds the scorer's; ``timer`` gets the laps ``time/generate`` and ``time/score``.
     """
-    t0 = time.perf_counter()
     batch = rollout.generate([e["prompt_ids"] for e in examples], params).to(device)
-    t1 = time.perf_counter()
+    timer.lap("time/generate")
     ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     repeated = [e for e in examples for _ in range(params.num_samples)]
@@ -309,5 +309,5 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
     prompts = [e["prompt"] for e in repeated]
     scores, metrics = scorer(batch, prompts, [in_prompt_form(p, c) for p, c in zip(prompts, completions)], extras,
                              [e.get("_where") for e in repeated])
-    metrics.update({"time/generate": t1 - t0, "time/score": time.perf_counter() - t1})
+    timer.lap("time/score")
     return batch, completions, scores, metrics

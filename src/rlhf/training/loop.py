@@ -57,6 +57,30 @@ class StepPlan:
         return [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
 
 
+class StepTimer:
+    """The seconds of one step under named timers that add up to ``time/step``: each :meth:`lap` is
+    the time since the previous one (or since the step began)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str, **inside: float) -> None:
+        """Close a lap under ``name``; ``inside`` are parts of it timed within (``time_reference_pass=s``
+        is logged as ``time/reference_pass``), the rest of the lap counts under ``name``."""
+        now = time.perf_counter()
+        rest = now - self.mark
+        for key, seconds in inside.items():
+            key = "time/" + key.removeprefix("time_")
+            self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+            rest -= seconds
+        self.seconds[name] = self.seconds.get(name, 0.0) + rest
+        self.mark = now
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.seconds, "time/step": self.mark - self.start}
+
+
 def shard(indices: list[int], rank: int, world: int) -> list[int]:
     """This process's share of a micro-batch."""
     return indices[rank::world]
