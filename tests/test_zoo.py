@@ -140,6 +140,55 @@ def test_layout_mask_equals_create_causal_masks(arch, kernel, tokenizer):
         assert torch.equal(mine, want), kind
 
 
+@pytest.mark.parametrize("arch,kernel", cases(grad=True))
+def test_lm_head_over_chunks_equals_whole_logits(arch, kernel, tokenizer, monkeypatch):
+    """Response log-probs, entropy and their gradients, and DPO's reply log-probs, with the LM head
+    run over chunks of positions (recomputed in the backward pass) equal those read off the whole
+    logits, to 1e-6 of each tensor's largest entry (the gradient: in L2 norm). Matmuls of another
+    shape round differently in float32, so exact equality is not to be had."""
+    import rlhf.algos.tokens as tokens
+    from rlhf.models import causal_hidden
+    from rlhf.recipes.logprobs import pair_logps, response_logprobs, sequence_logps
+
+    model = zoo_model(tokenizer, arch, kernel)
+    assert causal_hidden(model, torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)) is not None
+    monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7 positions a chunk
+    rng = random.Random(3)
+    seqs = [(rand_ids(rng, 1, 6), rand_ids(rng, 2, 7)) for _ in range(4)]
+    P = max(len(p) for p, _ in seqs)
+    ids = torch.cat([pad([p for p, _ in seqs], 0, side="left"), pad([r for _, r in seqs], 0)], 1)
+    mask = torch.cat([pad([[1] * len(p) for p, _ in seqs], 0, side="left"), pad([[1] * len(r) for _, r in seqs], 0)], 1)
+    weights = torch.randn(ids.shape[0], ids.shape[1] - P, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters()]
+    results = []
+    for chunked in (True, False):
+        if chunked:
+            lp, ent = model_response_logprobs(model, ids, mask, P, 0.7, with_entropy=True)
+        else:
+            logits = causal_logits(model, ids, mask, ids.shape[1] - P + 1)
+            lp, ent = response_logprobs(logits, ids, P, 0.7, with_entropy=True)
+        grads = torch.autograd.grad((lp * weights).sum() + (ent * weights).sum(), params, allow_unused=True)
+        results.append((lp.detach(), ent.detach(), grads))
+    (lp1, ent1, g1), (lp2, ent2, g2) = results
+
+    def close(a, b, what):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12, (what, float((a - b).abs().max()), float(b.abs().max()))
+
+    close(lp1, lp2, "logprobs")
+    close(ent1, ent2, "entropy")
+    # The gradient, all parameters as one vector: relative L2 error (some entries are 0 in exact
+    # arithmetic, OPT's key biases, and float32 noise in both).
+    a, b = (torch.cat([g.flatten() for g in gs if g is not None]) for gs in (g1, g2))
+    assert torch.linalg.vector_norm(a - b) <= 1e-6 * torch.linalg.vector_norm(b), float((a - b).norm() / b.norm())
+    pairs = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r[::-1]} for p, r in seqs]
+    batch = collate_preference(pairs, 0)
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, batch)
+        whole = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                               batch["response_mask"])
+    close(torch.cat([chosen, rejected]), whole, "pair logps")
+
+
 @pytest.mark.parametrize("arch,kernel", cases())
 def test_left_padded_prompts_score_as_alone(arch, kernel, tokenizer, tmp_path):
     """The rollout's batch (prompts of different lengths, left-padded) gives each response the

@@ -52,6 +52,40 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).view(logits.shape[:-1])
 
 
+def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_from_logits` (and :func:`entropy_from_logits`) of ``head(hidden) / temperature``
+    without the whole ``(N, V)`` logits: the LM head runs over chunks of rows, and under autograd
+    each chunk is recomputed in the backward pass (activation checkpointing), so one chunk's logits
+    are alive at a time, in either pass (the idea of chunked and fused LM-head losses).
+
+    ``head`` maps hidden states to logits (the LM head, with any softcapping).
+
+    Shape:
+        hidden: (N, H), tokens: (N,) -> (N,) and (N,) or None, float32.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h: torch.Tensor, t: torch.Tensor):
+        z = head(h)
+        if temperature > 0 and temperature != 1.0:
+            z = z / temperature
+        lp = logprobs_from_logits(z, t)
+        return (lp, entropy_from_logits(z)) if with_entropy else (lp,)
+
+    with torch.no_grad():
+        vocab = head(hidden[:0]).shape[-1]
+    starts, step = _row_chunks(hidden.shape[0], vocab)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(chunk, hidden[i : i + step], tokens[i : i + step], use_reentrant=False) if grad
+             else chunk(hidden[i : i + step], tokens[i : i + step]) for i in starts]
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    logprobs = torch.cat([p[0] for p in parts])
+    return logprobs, (torch.cat([p[1] for p in parts]) if with_entropy else None)
+
+
 def sft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -4,6 +4,7 @@ from rlhf.models.heads import (
     Critic, PolicyWithValueHead, gather_at, gather_last, get_score_stats, member_scores, position_ids_from_mask,
     score_index, sequence_scores, set_score_stats, token_scores,
 )
+from rlhf.models.lm_head import causal_hidden, lm_head
 from rlhf.models.loading import (
     ENSEMBLE_FILE, ModelLoadError, ensemble_members, freeze, frozen_copy, is_ensemble, load_causal_lm,
     load_reward_models, load_sequence_classifier, load_tokenizer, read_ensemble, resolve_dtype,
@@ -17,7 +18,7 @@ from rlhf.models.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_config, train_t
 
 __all__ = [
     "CHAT_TEMPLATE", "Critic", "ENSEMBLE_FILE", "ModelLoadError", "PolicyWithValueHead", "Reference", "apply_lora",
-    "causal_logits", "check_packing", "default_tolerance", "disable_dropout", "ensemble_members", "eval_mode",
+    "causal_hidden", "causal_logits", "lm_head", "check_packing", "default_tolerance", "disable_dropout", "ensemble_members", "eval_mode",
     "freeze", "frozen_copy", "gather_at", "gather_last", "get_score_stats", "is_ensemble", "is_peft_model",
     "load_causal_lm", "load_reward_models", "load_sequence_classifier", "load_tokenizer", "member_scores",
     "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask", "read_ensemble", "resolve_dtype",

@@ -156,23 +156,31 @@ def shared_prefix_mask(model, position_ids: torch.Tensor, segment_ids: torch.Ten
     return masks
 
 
-def packed_logits(model, batch: dict[str, torch.Tensor], keep: int = 0) -> torch.Tensor:
+def packed_logits(model, batch: dict[str, torch.Tensor], keep: int = 0, hidden: bool = False):
     """Logits of a padding-free batch from :func:`rlhf.data.pack_shared_prefixes` or
     ``collate_packed``: under its layout mask (:func:`shared_prefix_mask`), or, under flash
-    attention, from its restarting ``position_ids`` alone.
+    attention, from its restarting ``position_ids`` alone. With ``hidden``, the last hidden
+    states and the LM head instead (:func:`rlhf.models.lm_head.causal_hidden`), or None.
 
     Shape:
-        batch["input_ids"]: (N, L) -> (N, L, V)
+        batch["input_ids"]: (N, L) -> (N, L, V), or (N, L, H) and the head.
     """
+    from rlhf.models.lm_head import causal_hidden
+
+    ids, pos = batch["input_ids"], batch["position_ids"]
     if packing_support(model)[0] == "packed":
         # transformers' flash path reads sequence boundaries from positions only in a batch of one
         # row, so the rows go side by side (row padding, at position 0, is sequences of one token).
-        ids, pos = batch["input_ids"], batch["position_ids"]
+        if hidden:
+            out = causal_hidden(model, ids.reshape(1, -1), None, pos.reshape(1, -1))
+            return None if out is None else (out[0].reshape(ids.shape[0], ids.shape[1], -1), out[1])
         logits = causal_logits(model, ids.reshape(1, -1), None, 0, position_ids=pos.reshape(1, -1))
         logits = logits.reshape(ids.shape[0], ids.shape[1], -1)
         return logits[:, -keep:] if keep else logits
-    mask = shared_prefix_mask(model, batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
-    return causal_logits(model, batch["input_ids"], mask, keep, position_ids=batch["position_ids"])
+    mask = shared_prefix_mask(model, pos, batch["segment_ids"], batch["branch_ids"])
+    if hidden:
+        return causal_hidden(model, ids, mask, pos)
+    return causal_logits(model, ids, mask, keep, position_ids=pos)
 
 
 @torch.no_grad()

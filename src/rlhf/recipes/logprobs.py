@@ -39,13 +39,23 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
 def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                             temperature: float = 1.0, with_entropy: bool = False):
     """:func:`response_logprobs` of a causal LM (or a ``Reference``) run on the batch, with the LM
-    head computed on the ``R + 1`` positions that score the response only.
+    head computed on the ``R`` positions that score the response only, a chunk of them at a time
+    (:func:`rlhf.algos.head_logprobs`; on models whose head cannot be split off, the ``R + 1``
+    positions' logits at once).
 
     Shape:
         input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
     """
-    from rlhf.models import causal_logits
+    from rlhf.algos import head_logprobs
+    from rlhf.models import causal_hidden, causal_logits
 
+    split = causal_hidden(model, input_ids, attention_mask)
+    if split is not None:
+        hidden, head = split
+        B, R = input_ids.shape[0], input_ids.shape[1] - prompt_len
+        h = hidden[:, prompt_len - 1 : -1].reshape(B * R, -1)
+        logprobs, entropy = head_logprobs(h, head, input_ids[:, prompt_len:].reshape(-1), temperature, with_entropy)
+        return logprobs.view(B, R), (entropy.view(B, R) if with_entropy else None)
     keep = input_ids.shape[1] - prompt_len + 1
     return response_logprobs(causal_logits(model, input_ids, attention_mask, keep), input_ids, prompt_len, temperature,
                              with_entropy)
@@ -68,7 +78,7 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
     Shape:
         input_ids, attention_mask: (B, P + R) -> (B, R) and (B, R) or None.
     """
-    from rlhf.algos import entropy_from_logits, logprobs_from_logits
+    from rlhf.algos import entropy_from_logits, head_logprobs, logprobs_from_logits
     from rlhf.data import pack_shared_prefixes
     from rlhf.models import packed_logits
 
@@ -94,16 +104,23 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
         groups.append((list(prompt), chunk))
     packed = pack_shared_prefixes(groups, 0, row_tokens=0 if shared else max_row_tokens)
     packed = {k: v.to(input_ids.device) for k, v in packed.items()}
-    logits = packed_logits(model, packed)
-    logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
     where = (torch.tensor(order, device=input_ids.device)[packed["owner"]], packed["col"])
+    targets = packed["input_ids"].reshape(-1)[packed["tgt"]]
 
     def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R), zeros off the mask
         return per_token.new_zeros(B, input_ids.shape[1] - P).index_put(where, per_token)
 
-    logprobs = unpack(logprobs_from_logits(logits, packed["input_ids"].reshape(-1)[packed["tgt"]]))
+    split = packed_logits(model, packed, hidden=True)
+    if split is not None:  # the LM head over chunks of the response positions
+        hidden, head = split
+        logprobs, entropy = head_logprobs(hidden.reshape(-1, hidden.shape[-1])[packed["src"]], head, targets,
+                                          temperature, with_entropy)
+        return unpack(logprobs), unpack(entropy) if with_entropy else None
+    logits = packed_logits(model, packed)
+    logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logprobs = unpack(logprobs_from_logits(logits, targets))
     return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
 
 
@@ -160,14 +177,29 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     A shared-prompt batch (``collate_preference_shared``) encodes each prompt once; a
     concatenated one (``collate_preference``) holds chosen rows then rejected rows.
     """
+    from rlhf.algos import head_logprobs
+    from rlhf.models import causal_hidden
+
     if "src" not in batch:
-        logps = sequence_logps(causal_logits(model, batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
-                               batch["response_mask"])
+        ids, response = batch["input_ids"], batch["response_mask"]
+        split = causal_hidden(model, ids, batch["attention_mask"])
+        if split is not None:  # the LM head over chunks of the positions that score a reply
+            hidden, head = split
+            rows, cols = response[:, 1:].nonzero(as_tuple=True)
+            lp = head_logprobs(hidden[rows, cols], head, ids[rows, cols + 1])[0]
+            logps = lp.new_zeros(ids.shape[0]).index_add_(0, rows, lp)
+        else:
+            logps = sequence_logps(causal_logits(model, ids, batch["attention_mask"]), ids, response)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
-    logits = packed_logits(model, batch)
-    flat = logits.reshape(-1, logits.shape[-1])
-    lp = logprobs_from_logits(flat[batch["src"]][None], batch["input_ids"].reshape(-1)[batch["tgt"]][None])[0]
+    targets = batch["input_ids"].reshape(-1)[batch["tgt"]]
+    split = packed_logits(model, batch, hidden=True)
+    if split is not None:
+        hidden, head = split
+        lp = head_logprobs(hidden.reshape(-1, hidden.shape[-1])[batch["src"]], head, targets)[0]
+    else:
+        logits = packed_logits(model, batch)
+        lp = logprobs_from_logits(logits.reshape(-1, logits.shape[-1])[batch["src"]][None], targets[None])[0]
     B = int(batch["n_pairs"])
     sums = torch.zeros(2 * B, device=lp.device, dtype=lp.dtype).index_add_(0, batch["owner"], lp)
     return sums[:B], sums[B:]
