@@ -56,6 +56,26 @@ def setup(root: str, hidden: int, layers: int, n_rows: int) -> dict:
     return paths
 
 
+def setup_vocab(root: str, small: dict, vocab: int) -> dict:
+    """A Qwen2.5-0.5B-shaped model cut to 2 layers (hidden 896, 14 heads, 2 KV heads, MLP 4864, tied
+    embeddings) at a real vocabulary, random weights, nothing downloaded; the small setup's
+    tokenizer (ids it lacks decode to nothing) and data. At this size the logits dominate."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.models import load_tokenizer, save_pretrained
+
+    tok = load_tokenizer(small["model"])
+    config = Qwen2Config(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = os.path.join(root, f"model-qwen2-2x896-v{vocab}")
+    save_pretrained(Qwen2ForCausalLM(config), tok, model_dir)
+    return {**small, "model": model_dir}
+
+
 def vowel_fraction(prompts, completions, **kw):
     """The same rule reward for both libraries (TRL passes conversational completions as messages)."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -136,6 +156,60 @@ def job_grpo_trl(a, p):
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     tokens = sum(h["completions/mean_length"] * a.batch_size for h in logs)
     return {"seconds": seconds, "items": a.steps * a.batch_size, "tokens": tokens, "peak_rss_mb": rss_mb()}
+
+
+def job_grpo4_ours(a, p):
+    """GRPO with 4 optimizer steps per rollout: a rollout of 4 x batch completions, minibatches of batch."""
+    from rlhf.recipes import grpo
+
+    sys.modules.setdefault("bench_rewards", sys.modules[__name__])
+    t = time.perf_counter()
+    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=fresh(a, "grpo4-ours"), max_steps=a.steps,
+                         rollout_batch_size=4 * a.batch_size // a.generations, num_generations=a.generations,
+                         mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, clip_eps_high=0.28,
+                         report_to="none", log_every=1))
+    return {"seconds": time.perf_counter() - t, "items": 4 * a.steps * a.batch_size, "tokens": 0, "peak_rss_mb": rss_mb()}
+
+
+def job_grpo4_trl(a, p):
+    """TRL's GRPO with steps_per_generation=4: the same rollouts and optimizer steps as job_grpo4_ours."""
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [{"prompt": json.loads(x)["prompt"]} for x in open(p["rl"])]
+    t = time.perf_counter()
+    args = GRPOConfig(output_dir=fresh(a, "grpo4-trl"), per_device_train_batch_size=a.batch_size,
+                      steps_per_generation=4, num_generations=a.generations, max_completion_length=a.max_new_tokens,
+                      max_steps=4 * a.steps, learning_rate=1e-4, beta=0.04, epsilon_high=0.28, report_to=[],
+                      save_strategy="no", logging_steps=1, use_cpu=True, temperature=1.0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=p["model"], reward_funcs=vowel_fraction, args=args,
+                          train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return {"seconds": time.perf_counter() - t, "items": 4 * a.steps * a.batch_size, "tokens": 0, "peak_rss_mb": rss_mb()}
+
+
+def job_sft_trl(a, p):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]}
+            for r in (json.loads(x) for x in open(p["sft"]))]
+    args = SFTConfig(output_dir=fresh(a, "sft-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+                     learning_rate=1e-4, max_length=a.max_length, report_to=[], save_strategy="no",
+                     logging_steps=a.steps, use_cpu=True, dataloader_num_workers=0)
+    SFTTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows)).train()
+    return {"peak_rss_mb": rss_mb()}
+
+
+def job_sft_ours(a, p):
+    from rlhf.recipes import sft
+
+    sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=fresh(a, "sft-ours"), max_steps=a.steps,
+                       batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none",
+                       save_total_limit=0))
+    return {"peak_rss_mb": rss_mb()}
 
 
 def job_ppo_breakdown(a, p):
@@ -221,6 +295,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mem-hidden", type=int, default=512, help="Model width for the memory comparison.")
     ap.add_argument("--mem-layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=151936, help="Vocabulary of the memory jobs' Qwen2.5-0.5B-shaped model.")
+    ap.add_argument("--vocab-batch", type=int, default=32, help="Memory jobs: sequences (GRPO completions, DPO pairs).")
+    ap.add_argument("--vocab-new-tokens", type=int, default=64)
+    ap.add_argument("--vocab-steps", type=int, default=1)
+    ap.add_argument("--skip-vocab", action="store_true", help="No memory jobs at the real vocabulary.")
     ap.add_argument("--repeat", type=int, default=3, help="Runs of each speed job; the median time is reported.")
     ap.add_argument("--json", help="Write figures and ratios here.")
     ap.add_argument("--skip-trl", action="store_true")
@@ -235,14 +314,18 @@ def main() -> None:
         import accelerate, datasets, peft, torch, transformers.optimization  # noqa: F401, E401
 
         torch.manual_seed(0)
-        print("RESULT " + json.dumps(JOBS[a.worker](a, json.loads(a.paths))))
+        name = a.worker
+        if name.startswith("vocab_"):  # a memory job at the real vocabulary: its own sizes
+            name, a.steps, a.batch_size, a.max_new_tokens = name[6:], a.vocab_steps, a.vocab_batch, a.vocab_new_tokens
+        print("RESULT " + json.dumps(JOBS[name](a, json.loads(a.paths))))
         return
     root = tempfile.mkdtemp(prefix="rlhf-bench-")
     a.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                     if k in ("steps", "batch_size", "generations", "max_new_tokens", "max_length")] + [f"--root={root}"]
+                     if k in ("steps", "batch_size", "generations", "max_new_tokens", "max_length", "vocab_batch",
+                              "vocab_new_tokens", "vocab_steps")] + [f"--root={root}"]
     n_rows = a.steps * a.batch_size
     small, big = setup(root, a.hidden, a.layers, n_rows), setup(root, a.mem_hidden, a.mem_layers, n_rows)
-    speed = ["dpo_ours", "grpo_ours"] + ([] if a.skip_trl else ["dpo_trl", "grpo_trl"])
+    speed = ["dpo_ours", "grpo_ours", "grpo4_ours"] + ([] if a.skip_trl else ["dpo_trl", "grpo_trl", "grpo4_trl"])
     r = {}
     for _ in range(a.repeat):  # interleaved, so a slow spell of the machine hits both libraries
         for name in speed:
@@ -253,6 +336,11 @@ def main() -> None:
          for name, runs in r.items()}
     r["ppo_breakdown"] = run_job("ppo_breakdown", a, small)
     r.update({name: run_job(name, a, big) for name in ("sft_mem", "ppo_lora_mem")})
+    if not a.skip_vocab:  # peak memory at a real vocabulary, ours and TRL's, one job each
+        vocab = setup_vocab(root, small, a.vocab)
+        for algo in ("sft", "dpo", "grpo"):
+            for lib in ("ours",) + (() if a.skip_trl else ("trl",)):
+                r[f"vocab_{algo}_{lib}"] = run_job(f"vocab_{algo}_{lib}", a, vocab)
     report(a, r)
 
 
@@ -277,6 +365,9 @@ def report(a, r: dict) -> None:
             print(f"{algo + ' ' + label:28}{o:10.1f}{t:10.1f}{o / t:8.2f}")
             out[f"{algo.lower()}_{label.replace(' ', '_').replace('/', '_per_')}"] = {"rlhf": o, "trl": t}
         out[f"{algo.lower()}_speedup_vs_trl"] = rate(ours) / rate(theirs) if theirs in r else None
+    o, t = rate("grpo4_ours"), rate("grpo4_trl")
+    print(f"{'GRPO 4 minibatches/rollout':28}{o:10.1f}{t:10.1f}{o / t:8.2f}   completions/s (TRL: steps_per_generation=4)")
+    out["grpo_4_minibatches_speedup_vs_trl"] = o / t if "grpo4_trl" in r else None
     split, bound = r["ppo_breakdown"]["split"], r["ppo_breakdown"]["bound"]
     out["ppo_step_over_bound"] = split["time/step"] / bound["total"]
     print("\nPPO step (rlhf), mean seconds:")
@@ -293,6 +384,16 @@ def report(a, r: dict) -> None:
     print(f"\nPeak RSS, Llama {a.mem_layers}x{a.mem_hidden}: SFT {sft_m['peak_rss_mb']:.0f} MB, PPO+LoRA "
           f"{ppo_m['peak_rss_mb']:.0f} MB: ratio {out['ppo_lora_peak_over_sft']:.2f} "
           f"({out['ppo_lora_peak_over_sft_above_baseline']:.2f} above the {sft_m['baseline_rss_mb']:.0f} MB import baseline)")
+    if not a.skip_vocab:
+        print(f"\nPeak RSS MB at vocabulary {a.vocab} (Qwen2.5-0.5B shape cut to 2 layers, random weights): "
+              f"{a.vocab_batch} sequences (DPO pairs, GRPO completions, G={a.generations}), {a.vocab_new_tokens} new "
+              f"tokens, max length {a.max_length}, {a.vocab_steps} step(s)")
+        print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}")
+        for algo in ("sft", "dpo", "grpo"):
+            o = r[f"vocab_{algo}_ours"]["peak_rss_mb"]
+            t = r[f"vocab_{algo}_trl"]["peak_rss_mb"] if f"vocab_{algo}_trl" in r else nan
+            print(f"{algo.upper() + ' peak RSS MB':28}{o:10.0f}{t:10.0f}{o / t:8.2f}")
+            out[f"{algo}_peak_vs_trl_{a.vocab // 1000}k"] = o / t if f"vocab_{algo}_trl" in r else None
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
