@@ -231,6 +231,32 @@ def test_logprobs_and_entropy_match_the_naive_forms(monkeypatch):
     assert out.dtype == torch.float32 and (out - naive).abs().max() < 0.05
 
 
+def test_head_logprobs_over_chunks_and_entropy_as_a_metric(monkeypatch):
+    """The LM head run over chunks of rows gives the whole logits' log-probs, entropy and gradients;
+    ``entropy_grad=False`` gives the same entropy as a metric without gradient (GRPO's), so the
+    backward pass recomputes no chunk for it."""
+    import rlhf.algos.tokens as tok
+    from rlhf.algos import head_logprobs
+
+    monkeypatch.setattr(tok, "_CHUNK_ELEMENTS", 4 * 13)  # 4 rows a chunk: 3 chunks for 10 rows
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(6, 13, bias=False)
+    hidden = torch.randn(10, 6, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 13, (10,), generator=g)
+    logits = head(hidden) / 0.7
+    w = torch.randn(10, generator=g)
+    whole_lp, whole_ent = logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
+    want = torch.autograd.grad((whole_lp * w).sum() + (whole_ent * w).sum(), (hidden, head.weight), retain_graph=True)
+    lp, ent = head_logprobs(hidden, head, tokens, 0.7, with_entropy=True)
+    got = torch.autograd.grad((lp * w).sum() + (ent * w).sum(), (hidden, head.weight))
+    torch.testing.assert_close((lp, ent, *got), (whole_lp, whole_ent, *want))
+    lp, ent = head_logprobs(hidden, head, tokens, 0.7, with_entropy=True, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(ent, whole_ent.detach())
+    got = torch.autograd.grad((lp * w).sum(), (hidden, head.weight))
+    torch.testing.assert_close(got, torch.autograd.grad((whole_lp * w).sum(), (hidden, head.weight)))
+
+
 def test_entropy_of_uniform_is_log_v():
     assert entropy_from_logits(torch.zeros(1, 1, 8)).item() == pytest.approx(math.log(8))
 

@@ -87,7 +87,8 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
                 with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
-                    logprobs, entropy = logprobs_fn(model, ids, buf["attention_mask"][mi], P, cfg.temperature, with_entropy=True)
+                    logprobs, entropy = logprobs_fn(model, ids, buf["attention_mask"][mi], P, cfg.temperature,
+                                                    with_entropy=True, entropy_grad=False)  # a metric
                     # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).
                     old = buf["old_logprobs"][mi] if buf["old_logprobs"] is not None else logprobs.detach()
                     loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,

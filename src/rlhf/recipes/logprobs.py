@@ -17,12 +17,13 @@ from rlhf.training.loop import shard, to_device
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, entropy_grad: bool = True):
     """Log-probs (and entropy) of the response tokens of a prompt + response batch.
 
     ``logits[:, t]`` predicts token ``t + 1``, so positions ``P-1 .. L-2`` score the response:
     the last ``R + 1`` positions, which is all that ``causal_logits(..., keep=R + 1)`` computes.
     Logits are divided by the sampling temperature, as when the response was sampled.
+    ``entropy_grad=False``: the entropy is a metric, without gradient.
 
     Shape:
         logits: (B, P + R, V) or (B, R + 1, V), input_ids: (B, P + R) -> (B, R) and (B, R) or None.
@@ -32,12 +33,13 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
     logits = logits[:, -(input_ids.shape[1] - prompt_len + 1) : -1]
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy
 
 
 def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                            temperature: float = 1.0, with_entropy: bool = False):
+                            temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True):
     """:func:`response_logprobs` of a causal LM (or a ``Reference``) run on the batch, with the LM
     head computed on the ``R`` positions that score the response only, a chunk of them at a time
     (:func:`rlhf.algos.head_logprobs`; on models whose head cannot be split off, the ``R + 1``
@@ -54,16 +56,17 @@ def model_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
         hidden, head = split
         B, R = input_ids.shape[0], input_ids.shape[1] - prompt_len
         h = hidden[:, prompt_len - 1 : -1].reshape(B * R, -1)
-        logprobs, entropy = head_logprobs(h, head, input_ids[:, prompt_len:].reshape(-1), temperature, with_entropy)
+        logprobs, entropy = head_logprobs(h, head, input_ids[:, prompt_len:].reshape(-1), temperature, with_entropy,
+                                          entropy_grad)
         return logprobs.view(B, R), (entropy.view(B, R) if with_entropy else None)
     keep = input_ids.shape[1] - prompt_len + 1
     return response_logprobs(causal_logits(model, input_ids, attention_mask, keep), input_ids, prompt_len, temperature,
-                             with_entropy)
+                             with_entropy, entropy_grad)
 
 
 def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                              temperature: float = 1.0, with_entropy: bool = False, max_row_tokens: int = 1024,
-                             layout: str = "shared"):
+                             layout: str = "shared", entropy_grad: bool = True):
     """:func:`model_response_logprobs` on a padding-free layout (:mod:`rlhf.models.packing`).
 
     ``layout="shared"``: the rows that share a prompt (GRPO's G samples of it) encode it once
@@ -114,14 +117,15 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
     if split is not None:  # the LM head over chunks of the response positions
         hidden, head = split
         logprobs, entropy = head_logprobs(hidden.reshape(-1, hidden.shape[-1])[packed["src"]], head, targets,
-                                          temperature, with_entropy)
+                                          temperature, with_entropy, entropy_grad)
         return unpack(logprobs), unpack(entropy) if with_entropy else None
     logits = packed_logits(model, packed)
     logits = logits.reshape(-1, logits.shape[-1])[packed["src"]]  # (K, V): one row per response token
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logprobs = unpack(logprobs_from_logits(logits, targets))
-    return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
 
 
 def choose_layout(model, wanted: bool, kind: str, log=print, mixed_precision: bool = False) -> str | None:
