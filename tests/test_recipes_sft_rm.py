@@ -68,6 +68,34 @@ def test_sft_packing_matches_padding_and_lora_trains(tmp_path, tiny_dir):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_over_head_chunks_equals_whole_logits(tiny_dir, monkeypatch, packing):
+    """Where a batch's logits exceed one chunk (a real vocabulary), SFT's loss runs the LM head over
+    chunks of the labelled positions: loss, accuracy and gradients equal those of the whole logits."""
+    import rlhf.algos.tokens as tokens
+    from rlhf.data import collate_packed, collate_sft
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(tiny_dir), load_causal_lm(tiny_dir)
+    examples = []
+    for r in sft_rows(3, 5):
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"]
+        examples.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+    batch = (collate_packed if packing else collate_sft)(examples, tok.pad_token_id)
+    results = []
+    for chunk in (1 << 30, 3 * model.config.vocab_size):  # whole logits, then chunks of 3 positions
+        monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", chunk)
+        model.zero_grad()
+        loss, m = sft.loss_fn(model, batch)
+        loss.backward()
+        results.append((loss.detach(), m["train/token_accuracy"], [p.grad.clone() for p in model.parameters()]))
+    (l1, a1, g1), (l2, a2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=0)
+    assert float(a2) == float(a1)
+    a, b = torch.cat([g.flatten() for g in g2]), torch.cat([g.flatten() for g in g1])
+    assert torch.linalg.vector_norm(a - b) <= 1e-6 * torch.linalg.vector_norm(b)
+
+
 def _weights(d):
     return load_file(os.path.join(d, "model.safetensors"))
 

@@ -29,13 +29,13 @@ from rlhf.algos.losses import (
 from rlhf.algos.monitor import distinct_n, kl_reward_fraction, relative_drift, repetition_fraction, reward_length
 from rlhf.algos.preference import implicit_preference_accuracy
 from rlhf.algos.stats import agg_loss, masked_mean, masked_sum, masked_var, masked_whiten
-from rlhf.algos.tokens import entropy_from_logits, head_logprobs, logprobs_from_logits, sft_loss
+from rlhf.algos.tokens import entropy_from_logits, head_logprobs, head_token_stats, logprobs_from_logits, sft_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "AdaptiveKLController", "FixedKLController", "agg_loss", "aggregate_scores",
     "bradley_terry_loss", "compute_advantages", "distinct_n", "dpo_loss", "ensemble_std", "entropy_from_logits", "gae",
     "gae_matrix", "group_advantages", "implicit_preference_accuracy", "kl_estimate", "kl_penalized_rewards", "kl_reward_fraction",
-    "head_logprobs", "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "head_logprobs", "head_token_stats", "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "ppo_loss", "ppo_policy_loss", "relative_drift", "repetition_fraction", "reward_length", "rloo_advantages",
     "sft_loss", "value_loss",
 ]

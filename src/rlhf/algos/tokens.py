@@ -52,21 +52,23 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).view(logits.shape[:-1])
 
 
-def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`logprobs_from_logits` (and :func:`entropy_from_logits`) of ``head(hidden) / temperature``
-    without the whole ``(N, V)`` logits: the LM head runs over chunks of rows, and under autograd
-    each chunk is recomputed in the backward pass (activation checkpointing), so one chunk's logits
-    are alive at a time, in either pass (the idea of chunked and fused LM-head losses).
+def head_token_stats(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float = 1.0,
+                     entropy: bool = False, entropy_grad: bool = True, correct: bool = False) -> dict[str, torch.Tensor]:
+    """Per-row statistics of ``head(hidden) / temperature`` without the whole ``(N, V)`` logits:
+    the LM head runs over chunks of rows, and under autograd each chunk is recomputed in the
+    backward pass (activation checkpointing), so one chunk's logits are alive at a time, in either
+    pass (the idea of chunked and fused LM-head losses).
 
-    ``head`` maps hidden states to logits (the LM head, with any softcapping). With
-    ``entropy_grad=False`` the entropy is a metric without gradient: computed under ``no_grad``, so
-    the backward pass recomputes none of it (a recomputed chunk whose tensors the backward never
-    reads stays alive until the graph is freed: about 2.4 GB for GRPO's 2,048 response tokens at a
-    vocabulary of 151,936, measured with ``benchmarks/compare.py``).
+    Always ``"logprobs"`` (:func:`logprobs_from_logits` of ``tokens``); ``entropy=True`` adds
+    ``"entropy"`` (:func:`entropy_from_logits`), ``correct=True`` adds ``"correct"`` (whether the
+    argmax is the token, a metric). ``head`` maps hidden states to logits (the LM head, with any
+    softcapping). With ``entropy_grad=False`` the entropy is a metric without gradient: computed
+    under ``no_grad``, so the backward pass recomputes none of it (a recomputed chunk whose
+    tensors the backward never reads stays alive until the graph is freed: about 2.4 GB for GRPO's
+    2,048 response tokens at a vocabulary of 151,936, measured with ``benchmarks/compare.py``).
 
     Shape:
-        hidden: (N, H), tokens: (N,) -> (N,) and (N,) or None, float32.
+        hidden: (N, H), tokens: (N,) -> each (N,), float32 (``correct``: bool).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -74,12 +76,14 @@ def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature:
         z = head(h)
         if temperature > 0 and temperature != 1.0:
             z = z / temperature
-        lp = logprobs_from_logits(z, t)
-        if not with_entropy:
-            return (lp,)
+        out = [logprobs_from_logits(z, t)]
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            return lp, entropy_from_logits(z)
+            out += [entropy_from_logits(z)] if entropy else []
+        with torch.no_grad():
+            out += [z.argmax(-1) == t] if correct else []
+        return tuple(out)
 
+    names = ["logprobs"] + ["entropy"] * entropy + ["correct"] * correct
     with torch.no_grad():
         vocab = head(hidden[:0]).shape[-1]
     starts, step = _row_chunks(hidden.shape[0], vocab)
@@ -87,10 +91,20 @@ def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature:
     parts = [checkpoint(chunk, hidden[i : i + step], tokens[i : i + step], use_reentrant=False) if grad
              else chunk(hidden[i : i + step], tokens[i : i + step]) for i in starts]
     if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if with_entropy else None)
-    logprobs = torch.cat([p[0] for p in parts])
-    return logprobs, (torch.cat([p[1] for p in parts]) if with_entropy else None)
+        return {k: hidden.new_zeros(0, dtype=torch.bool if k == "correct" else torch.float32) for k in names}
+    return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(names)}
+
+
+def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_from_logits` (and :func:`entropy_from_logits`) of ``head(hidden) / temperature``
+    over chunks of rows: :func:`head_token_stats`.
+
+    Shape:
+        hidden: (N, H), tokens: (N,) -> (N,) and (N,) or None, float32.
+    """
+    out = head_token_stats(hidden, head, tokens, temperature, with_entropy, entropy_grad)
+    return out["logprobs"], out.get("entropy")
 
 
 def sft_loss(

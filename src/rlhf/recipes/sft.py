@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from rlhf.algos import sft_loss
+from rlhf.algos import head_token_stats, sft_loss
 from rlhf.data import collate_packed, collate_sft
 from rlhf.models import packed_logits
 from rlhf.training.config import TrainConfig
@@ -42,12 +42,33 @@ def count_tokens(batch: dict) -> int:
 
 
 def loss_fn(model, batch: dict):
-    if "segment_ids" in batch:  # packed: the layout's mask (rlhf.models.packing)
-        logits = packed_logits(model, batch)  # (1, L, V)
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    loss, m = sft_loss(logits, batch["labels"])
-    return loss, {"train/token_accuracy": m["accuracy"]}
+    """Mean cross-entropy of the labelled tokens, and the token accuracy. Where the batch's logits
+    would exceed one chunk of :func:`rlhf.algos.head_token_stats` (a real vocabulary), the LM head
+    runs over chunks of the labelled positions only, recomputed in the backward pass: the whole
+    ``(B, T, V)`` logits are never held (equal to :func:`rlhf.algos.sft_loss` on them to float32
+    rounding, ``tests/test_recipes_sft_rm.py``)."""
+    from rlhf.algos.tokens import _CHUNK_ELEMENTS
+    from rlhf.models import causal_hidden
+    from rlhf.models.packing import _text_config
+
+    labels, packed = batch["labels"], "segment_ids" in batch
+    split = None
+    if labels.numel() * (_text_config(model).vocab_size or 0) > _CHUNK_ELEMENTS:
+        split = (packed_logits(model, batch, hidden=True) if packed
+                 else causal_hidden(model, batch["input_ids"], batch["attention_mask"]))
+    if split is None:
+        if packed:  # the layout's mask (rlhf.models.packing)
+            logits = packed_logits(model, batch)  # (1, L, V)
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss, m = sft_loss(logits, labels)
+        return loss, {"train/token_accuracy": m["accuracy"]}
+    hidden, head = split
+    labels = labels[:, 1:]  # hidden[:, t] predicts labels[:, t + 1]
+    keep = labels != -100
+    stats = head_token_stats(hidden[:, :-1][keep], head, labels[keep], correct=True)
+    n = keep.sum().clamp(min=1)
+    return -stats["logprobs"].sum() / n, {"train/token_accuracy": stats["correct"].float().sum() / n}
 
 
 @torch.no_grad()
