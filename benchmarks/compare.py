@@ -196,20 +196,24 @@ def job_sft_trl(a, p):
 
     rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]}
             for r in (json.loads(x) for x in open(p["sft"]))]
+    t = time.perf_counter()
     args = SFTConfig(output_dir=fresh(a, "sft-trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                      learning_rate=1e-4, max_length=a.max_length, report_to=[], save_strategy="no",
                      logging_steps=a.steps, use_cpu=True, dataloader_num_workers=0)
-    SFTTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows)).train()
-    return {"peak_rss_mb": rss_mb()}
+    trainer = SFTTrainer(model=p["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": rss_mb()}
 
 
 def job_sft_ours(a, p):
     from rlhf.recipes import sft
 
+    t = time.perf_counter()
     sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=fresh(a, "sft-ours"), max_steps=a.steps,
                        batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none",
                        save_total_limit=0))
-    return {"peak_rss_mb": rss_mb()}
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": rss_mb()}
 
 
 def job_ppo_breakdown(a, p):
@@ -296,8 +300,8 @@ def main() -> None:
     ap.add_argument("--mem-hidden", type=int, default=512, help="Model width for the memory comparison.")
     ap.add_argument("--mem-layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=151936, help="Vocabulary of the memory jobs' Qwen2.5-0.5B-shaped model.")
-    ap.add_argument("--vocab-batch", type=int, default=32, help="Memory jobs: sequences (GRPO completions, DPO pairs).")
-    ap.add_argument("--vocab-new-tokens", type=int, default=64)
+    ap.add_argument("--vocab-batch", type=int, default=64, help="Memory jobs: sequences (GRPO completions, DPO pairs).")
+    ap.add_argument("--vocab-new-tokens", type=int, default=128)
     ap.add_argument("--vocab-steps", type=int, default=1)
     ap.add_argument("--skip-vocab", action="store_true", help="No memory jobs at the real vocabulary.")
     ap.add_argument("--repeat", type=int, default=3, help="Runs of each speed job; the median time is reported.")
@@ -388,11 +392,12 @@ def report(a, r: dict) -> None:
         print(f"\nPeak RSS MB at vocabulary {a.vocab} (Qwen2.5-0.5B shape cut to 2 layers, random weights): "
               f"{a.vocab_batch} sequences (DPO pairs, GRPO completions, G={a.generations}), {a.vocab_new_tokens} new "
               f"tokens, max length {a.max_length}, {a.vocab_steps} step(s)")
-        print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}")
+        print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}{'rlhf s':>9}{'TRL s':>9}")
         for algo in ("sft", "dpo", "grpo"):
-            o = r[f"vocab_{algo}_ours"]["peak_rss_mb"]
-            t = r[f"vocab_{algo}_trl"]["peak_rss_mb"] if f"vocab_{algo}_trl" in r else nan
-            print(f"{algo.upper() + ' peak RSS MB':28}{o:10.0f}{t:10.0f}{o / t:8.2f}")
+            ours, theirs = r[f"vocab_{algo}_ours"], r.get(f"vocab_{algo}_trl", {})
+            o, t = ours["peak_rss_mb"], theirs.get("peak_rss_mb", nan)
+            print(f"{algo.upper() + ' peak RSS MB':28}{o:10.0f}{t:10.0f}{o / t:8.2f}{ours['seconds']:9.1f}"
+                  f"{theirs.get('seconds', nan):9.1f}")
             out[f"{algo}_peak_vs_trl_{a.vocab // 1000}k"] = o / t if f"vocab_{algo}_trl" in r else None
     if a.json:
         with open(a.json, "w") as f:
