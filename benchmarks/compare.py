@@ -277,12 +277,18 @@ def job_ppo_lora_mem(a, p):
 JOBS = {name[4:]: fn for name, fn in globals().items() if name.startswith("job_")}
 
 
-def run_job(name: str, a, paths: dict) -> dict:
+def run_job(name: str, a, paths: dict, may_fail: bool = False) -> dict:
+    """One job in a process of its own. ``may_fail``: a job that dies (a peer killed for memory) is
+    reported as such, ``{"failed": ...}``, instead of ending the run."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--paths", json.dumps(paths)] + a.passthrough
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"benchmark job {name} failed:\n{proc.stderr[-3000:]}")
+        why = "killed (SIGKILL: out of memory?)" if proc.returncode == -9 else f"exit status {proc.returncode}"
+        if may_fail:
+            print(f"  {name}: {why}", file=sys.stderr)
+            return {"failed": why}
+        raise SystemExit(f"benchmark job {name} failed ({why}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][7:])
     print(f"  {name}: done", file=sys.stderr)
     return result
@@ -300,7 +306,8 @@ def main() -> None:
     ap.add_argument("--mem-hidden", type=int, default=512, help="Model width for the memory comparison.")
     ap.add_argument("--mem-layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=151936, help="Vocabulary of the memory jobs' Qwen2.5-0.5B-shaped model.")
-    ap.add_argument("--vocab-batch", type=int, default=64, help="Memory jobs: sequences (GRPO completions, DPO pairs).")
+    ap.add_argument("--vocab-batch", type=int, default=64,
+                    help="Memory jobs: sequences a step (SFT rows, GRPO completions; DPO: half as many pairs).")
     ap.add_argument("--vocab-new-tokens", type=int, default=128)
     ap.add_argument("--vocab-steps", type=int, default=1)
     ap.add_argument("--skip-vocab", action="store_true", help="No memory jobs at the real vocabulary.")
@@ -320,7 +327,8 @@ def main() -> None:
         torch.manual_seed(0)
         name = a.worker
         if name.startswith("vocab_"):  # a memory job at the real vocabulary: its own sizes
-            name, a.steps, a.batch_size, a.max_new_tokens = name[6:], a.vocab_steps, a.vocab_batch, a.vocab_new_tokens
+            name, a.steps, a.max_new_tokens = name[6:], a.vocab_steps, a.vocab_new_tokens
+            a.batch_size = a.vocab_batch // 2 if name.startswith("dpo") else a.vocab_batch  # a pair is 2 sequences
         print("RESULT " + json.dumps(JOBS[name](a, json.loads(a.paths))))
         return
     root = tempfile.mkdtemp(prefix="rlhf-bench-")
@@ -344,7 +352,7 @@ def main() -> None:
         vocab = setup_vocab(root, small, a.vocab)
         for algo in ("sft", "dpo", "grpo"):
             for lib in ("ours",) + (() if a.skip_trl else ("trl",)):
-                r[f"vocab_{algo}_{lib}"] = run_job(f"vocab_{algo}_{lib}", a, vocab)
+                r[f"vocab_{algo}_{lib}"] = run_job(f"vocab_{algo}_{lib}", a, vocab, may_fail=lib == "trl")
     report(a, r)
 
 
@@ -390,15 +398,16 @@ def report(a, r: dict) -> None:
           f"({out['ppo_lora_peak_over_sft_above_baseline']:.2f} above the {sft_m['baseline_rss_mb']:.0f} MB import baseline)")
     if not a.skip_vocab:
         print(f"\nPeak RSS MB at vocabulary {a.vocab} (Qwen2.5-0.5B shape cut to 2 layers, random weights): "
-              f"{a.vocab_batch} sequences (DPO pairs, GRPO completions, G={a.generations}), {a.vocab_new_tokens} new "
+              f"{a.vocab_batch} sequences a step (SFT rows, GRPO completions, G={a.generations}; "
+              f"{a.vocab_batch // 2} DPO pairs), {a.vocab_new_tokens} new "
               f"tokens, max length {a.max_length}, {a.vocab_steps} step(s)")
         print(f"{'':28}{'rlhf':>10}{'TRL':>10}{'ratio':>8}{'rlhf s':>9}{'TRL s':>9}")
         for algo in ("sft", "dpo", "grpo"):
             ours, theirs = r[f"vocab_{algo}_ours"], r.get(f"vocab_{algo}_trl", {})
             o, t = ours["peak_rss_mb"], theirs.get("peak_rss_mb", nan)
             print(f"{algo.upper() + ' peak RSS MB':28}{o:10.0f}{t:10.0f}{o / t:8.2f}{ours['seconds']:9.1f}"
-                  f"{theirs.get('seconds', nan):9.1f}")
-            out[f"{algo}_peak_vs_trl_{a.vocab // 1000}k"] = o / t if f"vocab_{algo}_trl" in r else None
+                  f"{theirs.get('seconds', nan):9.1f}" + (f"   TRL {theirs['failed']}" if "failed" in theirs else ""))
+            out[f"{algo}_peak_vs_trl_{a.vocab // 1000}k"] = o / t if "peak_rss_mb" in theirs else None
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
