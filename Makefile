@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-faults test-slow test-zoo test-gpu bench bench-gpu clean
+.PHONY: setup demo test test-faults test-slow test-zoo test-sharded test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-slow: setup
 # The whole model zoo: every architecture under every attention kernel that runs on CPU.
 test-zoo: setup
 	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py
+
+# Every recipe sharded, FSDP2 on two CPU processes over gloo (docs/scaling.md).
+test-sharded: setup
+	$(BIN)/python -m pytest -q -m sharded tests/test_sharded.py
 
 # On a CUDA machine (README "On a GPU"): every recipe in bf16 on a Qwen2.5-0.5B-shaped model.
 test-gpu: setup

@@ -104,6 +104,40 @@ def test_lora_merge_on_save_loads_with_transformers(tiny_dir, tmp_path):
     torch.testing.assert_close(merged(ids).logits, policy.eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_from_a_gathered_state_dict_equals_saving_the_model(tiny_dir, tmp_path, lora):
+    """What a sharded run saves: the model rebuilt on the meta device from its gathered full state dict
+    (FSDP's shards cannot be deep-copied, merged or saved as they are) writes the same checkpoint."""
+    from safetensors.torch import load_file
+
+    model = load_causal_lm(tiny_dir)
+    if lora:
+        model = apply_lora(model, r=4, alpha=8)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    save_pretrained(model, None, str(tmp_path / "direct"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_pretrained(model, None, str(tmp_path / "gathered"), state_dict=state)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("direct", "gathered"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora" in n for n, _ in model.named_parameters()) == lora  # the live model keeps its adapters
+
+
+def test_policy_with_value_head_samples_through_its_root(tiny_dir):
+    """Sampling keywords go to the policy alone: under FSDP the root's forward is what gathers the weights."""
+    from transformers import DynamicCache
+
+    policy = load_causal_lm(tiny_dir).eval()
+    model = PolicyWithValueHead(policy).eval()
+    ids = torch.randint(3, 200, (2, 5))
+    mask = torch.ones_like(ids)
+    out = model(ids, mask, past_key_values=DynamicCache(config=policy.config), use_cache=True, logits_to_keep=1)
+    want = policy(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
+    torch.testing.assert_close(out.logits, want)
+
+
 def test_separate_critic_from_reward_model_and_gradient_checkpointing(tiny_dir):
     critic = Critic(load_sequence_classifier(tiny_dir))
     ids = torch.randint(3, 200, (2, 6))

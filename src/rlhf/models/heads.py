@@ -44,7 +44,12 @@ class PolicyWithValueHead(nn.Module):
     def config(self):
         return self.policy.config
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, **sampling):
+        """``(logits, values)``; with the keyword arguments of a sampling step (``past_key_values``,
+        ``use_cache``, ``logits_to_keep``), the policy's own output alone. Sampling then goes through
+        this module, which under FSDP is the root that gathers the policy's weights."""
+        if sampling:
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **sampling)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -53,8 +58,14 @@ class PolicyWithValueHead(nn.Module):
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
         return out.logits, values
 
-    def save_value_head(self, directory: str) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+    def generate(self, *args, **kwargs):
+        """The policy's ``generate`` (``--rollout-engine generate`` on a sharded model)."""
+        return self.policy.generate(*args, **kwargs)
+
+    def save_value_head(self, directory: str, state: dict | None = None) -> None:
+        """``value_head.safetensors``; ``state``: the head's weights gathered from its shards (FSDP, ZeRO-3)."""
+        state = self.value_head.state_dict() if state is None else state
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   os.path.join(directory, VALUE_HEAD_FILE))
 
     def load_value_head(self, directory: str) -> None:
@@ -76,7 +87,12 @@ class Critic(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, **sampling):
+        """``(logits, values)``; with the keyword arguments of a sampling step (``past_key_values``,
+        ``use_cache``, ``logits_to_keep``), the policy's own output alone. Sampling then goes through
+        this module, which under FSDP is the root that gathers the policy's weights."""
+        if sampling:
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **sampling)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         return token_scores(self.model, input_ids, attention_mask, position_ids)  # (B, L)

@@ -23,7 +23,7 @@ from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
-    Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
+    Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier, save_pretrained,
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
@@ -32,8 +32,8 @@ from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, respo
 from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
-from rlhf.training.saving import announce_saved, save_final
-from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
+from rlhf.training.saving import announce_saved, full_state_dict, save_final
+from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score, is_sharded
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
@@ -127,7 +127,7 @@ def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
 
 # ---- the inner loop -------------------------------------------------------------------------
 
-def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, buffer: dict, param_groups) -> dict:
+def ppo_update(cfg: Config, accelerator, model, critic, optimizers: list, schedulers: list, buffer: dict) -> dict:
     """Step 7: ``ppo_epochs`` passes over shuffled minibatches; returns mean metrics."""
     world = accelerator.num_processes
     n = buffer["input_ids"].shape[0]
@@ -172,13 +172,17 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizer, scheduler, bu
                                     ("loss/policy", pg_loss.detach()), ("val/loss", vf_loss.detach()),
                                     ("objective/entropy", ent.detach())):
                     sums[name] = sums.get(name, 0.0) + value
-            norms = [clip_grad_norm(accelerator, g, cfg.max_grad_norm) for g in param_groups if g]
+            # Actor and critic clipped apart, over their parameters as prepare left them (FSDP replaces them).
+            norms = [clip_grad_norm(accelerator, g["params"], cfg.max_grad_norm)
+                     for o in optimizers for g in o.param_groups if g["params"]]
             if all(torch.isfinite(torch.as_tensor(x)) for x in norms):
-                optimizer.step()
-                scheduler.step()
+                for o, sch in zip(optimizers, schedulers):
+                    o.step()
+                    sch.step()
             else:
                 skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             n_updates += 1
     out = {k: float(reduce_sum(accelerator, v)) / n_updates for k, v in sums.items()}
     out["train/skipped_updates"] = float(skipped)
@@ -213,13 +217,16 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
         cfg = dataclasses.replace(cfg, output_dir=directory)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
                checkpointer, announce=False)
+    critic_model = accelerator.unwrap_model(critic).model if critic is not None else None
+    # Sharded, every process takes part in gathering the value head or the critic; the main one writes.
+    gathered = full_state_dict(accelerator, unwrapped.value_head if critic is None else critic_model)
     if accelerator.is_main_process:
         try:
             if critic is None:
-                unwrapped.save_value_head(cfg.output_dir)
+                unwrapped.save_value_head(cfg.output_dir, gathered)
             else:
                 critic_dir = os.path.join(cfg.output_dir, "critic")
-                accelerator.unwrap_model(critic).model.save_pretrained(critic_dir)
+                save_pretrained(critic_model, None, critic_dir, merge_adapters=False, state_dict=gathered)
                 write_model_card(cfg, critic_dir, "PPO critic", metrics)
         except OSError as e:
             raise UserError(f"--output-dir {cfg.output_dir}: the policy was saved, but not the critic "
@@ -241,25 +248,32 @@ def run(cfg: Config) -> dict[str, float]:
 
     actor_params = [p for p in (model.policy if critic is None else model).parameters() if p.requires_grad]
     critic_params = list(model.value_head.parameters()) if critic is None else list(critic.parameters())
-    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": cfg.lr},
-                                   {"params": critic_params, "lr": cfg.critic_lr or cfg.lr}],
-                                  weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
 
     n_updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(cfg.warmup_ratio * n_updates), n_updates)
-    if critic is not None:
-        critic = accelerator.prepare(critic)
+    groups = [{"params": actor_params, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr or cfg.lr}]
+    adamw = lambda g: torch.optim.AdamW(g, weight_decay=cfg.weight_decay)  # noqa: E731
+    schedule = lambda o: get_scheduler(cfg.lr_scheduler, o, int(cfg.warmup_ratio * n_updates), n_updates)  # noqa: E731
+    if critic is None:  # one model: one optimizer, a group for the policy and one for its value head
+        optimizers = [adamw(groups)]
+    else:  # two models, each prepared with its own optimizer (FSDP2 prepares a model together with it)
+        optimizers = [adamw(groups[:1]), adamw(groups[1:])]
+        critic, optimizers[1] = accelerator.prepare(critic, optimizers[1])
+        accelerator.register_for_checkpointing(critic_scheduler := schedule(optimizers[1]))
+    scheduler = schedule(optimizers[0])
+    optimizer = optimizers[0]
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     accelerator.register_for_checkpointing(kl_ctl)
-    model, optimizer, state, checkpointer, logger = start(
+    model, optimizers[0], state, checkpointer, logger = start(
         cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
+    schedulers = [scheduler] + ([critic_scheduler] if critic is not None else [])
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     unwrapped = accelerator.unwrap_model(model)
-    sampled_policy = unwrapped.policy if critic is None else unwrapped
+    # Sharded (FSDP, ZeRO-3), the shared model is sampled and scored through its root, which gathers the weights.
+    sampled_policy = unwrapped.policy if critic is None and not is_sharded(accelerator) else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
     sampling = cfg.sampling()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -304,8 +318,7 @@ def run(cfg: Config) -> dict[str, float]:
         buffer = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
                   "old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
                   "returns": returns, "prompt_len": batch.prompt_ids.shape[1]}
-        groups = [actor_params, critic_params]
-        train_metrics = ppo_update(cfg, accelerator, model, critic, optimizer, scheduler, buffer, groups)
+        train_metrics = ppo_update(cfg, accelerator, model, critic, optimizers, schedulers, buffer)
         timer.lap("time/train")
         rollout.load_weights(merged_named_weights(sampled_policy))  # the sampler follows the policy
         timer.lap("time/weight_sync")

@@ -24,11 +24,19 @@ class HFRollout:
     with our sampling parameters only: none of the model's ``generation_config`` defaults.
     """
 
-    def __init__(self, model, pad_id: int, eos_id: int, device=None, use_generate: bool = False):
+    def __init__(self, model, pad_id: int, eos_id: int, device=None, use_generate: bool = False, synced: bool = False):
         self.model = model  # the live policy (peft or plain causal LM), shared with training
         self.pad_id, self.eos_id = pad_id, eos_id
         self.device = device
         self.use_generate = use_generate or bool(getattr(model.config, "is_encoder_decoder", False))
+        # Weights sharded over the processes (FSDP, ZeRO-3): every forward is a collective, so every
+        # process runs as many as the one with the longest response (generate's synced_gpus).
+        self.synced = synced
+        if synced and use_generate:
+            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+            if isinstance(model, FSDPModule):  # generate is not forward: FSDP2 gathers for it only when told
+                register_fsdp_forward_method(model, "generate")
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the very module being trained."""
@@ -79,13 +87,21 @@ class HFRollout:
             token = token.masked_fill(finished, self.pad_id)
             tokens.append(token)
             finished |= token == self.eos_id
-            if step == params.max_new_tokens - 1 or bool(finished.all()):
+            if step == params.max_new_tokens - 1 or self._all_finished(finished):
                 break
             full_mask = torch.cat([full_mask, full_mask.new_ones(full_mask.shape[0], 1)], dim=1)
             logits = self.model(input_ids=token[:, None], attention_mask=full_mask, position_ids=position,
                                 past_key_values=cache, use_cache=True).logits[:, -1]
             position = position + 1
         return ids, mask, torch.stack(tokens, dim=1)
+
+    def _all_finished(self, finished: torch.Tensor) -> bool:
+        """Whether every row has ended, on every process when ``synced``."""
+        done = finished.all()
+        if self.synced and torch.distributed.is_initialized():
+            done = done.to(torch.int32)
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        return bool(done)
 
     @staticmethod
     def _warpers(params: SamplingParams) -> list:
@@ -123,11 +139,13 @@ class HFRollout:
             use_cache=True,
         )
         # peft wrappers read and write the generation_config of the HF model inside.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        inner = getattr(self.model, "policy", self.model)  # a policy with a value head samples from its policy
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         own = base.generation_config
         base.generation_config = GenerationConfig()
         try:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                                      synced_gpus=self.synced)
         finally:
             base.generation_config = own
         return prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:]

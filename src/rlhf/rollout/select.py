@@ -36,4 +36,4 @@ def make_rollout(engine: Engine, policy: torch.nn.Module, pad_id: int, eos_id: i
             engine = "loop"
     if engine == "static":
         return StaticRollout(policy, pad_id, eos_id, device)  # refuses, saying why, a model it cannot serve
-    return HFRollout(policy, pad_id, eos_id, device, use_generate=engine == "generate")
+    return HFRollout(policy, pad_id, eos_id, device, use_generate=engine == "generate", synced=sharded)

@@ -100,7 +100,18 @@ def clip_grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     """
     if max_norm is not None and max_norm < 0:
         raise UserError(f"--max-grad-norm must be 0 or more (0: no clipping), got {max_norm}")
-    return accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    bound = max_norm if max_norm else float("inf")
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2:
+        # accelerate clips under FSDP only a whole prepared model's parameters, found by comparing
+        # lists (elementwise between a DTensor and a tensor of another model: an error); ours may be
+        # a part (PPO's actor, its critic). FSDP2's gradients are DTensors on one mesh, which torch's
+        # clipping reduces across the processes itself.
+        accelerator.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(params, bound)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return accelerator.clip_grad_norm_(params, bound)
 
 
 def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:

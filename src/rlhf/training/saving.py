@@ -54,6 +54,37 @@ def staged(out: str, last: str = "config.json"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sharded(accelerator) -> bool:
+    """Whether the engine splits the weights themselves over the processes (FSDP, DeepSpeed ZeRO-3):
+    then every process holds a shard, and gathering them is a collective that every process joins."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def full_state_dict(accelerator, module) -> dict | None:
+    """``module``'s whole weights gathered from every process's shards, on the main process (the
+    others get an empty dict); None where each process holds the whole model. Every process must
+    call it under sharding. ``module`` may be a part of the prepared model (PPO's policy)."""
+    from accelerate.utils import DistributedType
+
+    if not sharded(accelerator):
+        return None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if accelerator.is_main_process else {}
+    return state
+
+
 def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str, float],
                checkpointer: Checkpointer | None = None, announce: bool = True) -> None:
     """The final HF-format directory: weights (LoRA merged if asked), tokenizer, model card, through
@@ -64,16 +95,18 @@ def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str
     from rlhf.models import save_pretrained
 
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    gathered = full_state_dict(accelerator, unwrapped)  # every process takes part where the weights are sharded
     if accelerator.is_main_process:
         try:
             with staged(cfg.output_dir) as tmp:
-                save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp, merge_adapters=cfg.merge_lora)
+                save_pretrained(unwrapped, tokenizer, tmp, merge_adapters=cfg.merge_lora, state_dict=gathered)
                 write_model_card(cfg, tmp, title, metrics)
         except OSError as e:
             last = checkpointer.latest() if checkpointer else None
             raise UserError(f"--output-dir {cfg.output_dir}: cannot save the final model ({e.strerror or e}); "
                             f"nothing of it was written; last checkpoint: {last or 'none'}") from None
-    remember(cfg.output_dir, accelerator.unwrap_model(model), tokenizer)
+    remember(cfg.output_dir, unwrapped, tokenizer)
     accelerator.wait_for_everyone()
     if announce:
         announce_saved(accelerator, cfg.output_dir)

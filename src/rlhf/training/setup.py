@@ -29,15 +29,56 @@ def make_accelerator(cfg: TrainConfig):
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
+    engine = {}
+    if not cuda and _launched_with("DEEPSPEED"):
+        # DeepSpeed on CPU processes: accelerate must not be told cpu=True (it would run DDP instead),
+        # and DeepSpeed's CPU accelerator talks over gloo where oneCCL is absent.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        engine = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
-                              log_with=trackers(cfg.report_to) or None, project_config=project)
+    accelerator = Accelerator(**{"mixed_precision": "bf16" if bf16 else "no", "cpu": not cuda,
+                                 "log_with": trackers(cfg.report_to) or None, "project_config": project, **engine})
+    if not cuda and _launched_with("FSDP"):
+        fsdp_on_cpu(accelerator)
+    if _launched_with("FSDP") and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        # transformers would then load real weights on local rank 0 only, for prepare to broadcast; but the
+        # reference, the reward model and a policy's frozen copy are never prepared, and were zeros elsewhere.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        accelerator.print("fsdp_cpu_ram_efficient_loading: every process loads every model whole (the reference "
+                          "and reward models are not broadcast from rank 0)")
     claim_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every process checked the directory before the main one writes
     accelerator.print(f"accelerate {accelerator.distributed_type.value}, processes: {accelerator.num_processes}, "
                       f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
     return accelerator
+
+
+def _launched_with(engine: str) -> bool:
+    """Whether ``accelerate launch`` asked for FSDP or DEEPSPEED (its config sets ACCELERATE_USE_...)."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """Run accelerate's FSDP path on CPU processes (gloo), as on GPUs.
+
+    accelerate switches to FSDP only for GPU-like process types; on CPU processes it keeps
+    MULTI_CPU and runs DDP, the FSDP config silently ignored. Here the state that every
+    ``AcceleratorState``/``PartialState`` shares is given what its GPU path writes: the FSDP type and
+    the plugin read from ``accelerate launch``'s environment. FSDP2 shards, gathers and
+    checkpoints over gloo as over NCCL (``tests/test_sharded.py``).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
 
 
 def load_policy(cfg: TrainConfig, path: str | None = None):
