@@ -63,7 +63,7 @@ class PolicyWithValueHead(nn.Module):
         return self.policy.generate(*args, **kwargs)
 
     def save_value_head(self, directory: str, state: dict | None = None) -> None:
-        """``value_head.safetensors``; ``state``: the head's weights gathered from its shards (FSDP, ZeRO-3)."""
+        """``value_head.safetensors``; ``state``: the head's weights gathered from its shards (FSDP)."""
         state = self.value_head.state_dict() if state is None else state
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   os.path.join(directory, VALUE_HEAD_FILE))
@@ -87,12 +87,7 @@ class Critic(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids, attention_mask, position_ids=None, **sampling):
-        """``(logits, values)``; with the keyword arguments of a sampling step (``past_key_values``,
-        ``use_cache``, ``logits_to_keep``), the policy's own output alone. Sampling then goes through
-        this module, which under FSDP is the root that gathers the policy's weights."""
-        if sampling:
-            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **sampling)
+    def forward(self, input_ids, attention_mask, position_ids=None):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         return token_scores(self.model, input_ids, attention_mask, position_ids)  # (B, L)

@@ -11,7 +11,7 @@ from rlhf.models.lora import is_peft_model, merge_lora
 
 def unsharded_copy(model: nn.Module, state_dict: dict) -> nn.Module:
     """A plain CPU copy of ``model`` (a transformers model, or a peft model over one) that holds
-    ``state_dict``: the full weights gathered from a model that FSDP or ZeRO-3 shards, whose own
+    ``state_dict``: the full weights gathered from a model that FSDP shards, whose own
     parameters are shards (it cannot be deep-copied, merged or saved as it is). Built on the meta
     device, then given the gathered tensors."""
     import torch

@@ -261,12 +261,11 @@ def run(cfg: Config) -> dict[str, float]:
         critic, optimizers[1] = accelerator.prepare(critic, optimizers[1])
         accelerator.register_for_checkpointing(critic_scheduler := schedule(optimizers[1]))
     scheduler = schedule(optimizers[0])
-    optimizer = optimizers[0]
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     accelerator.register_for_checkpointing(kl_ctl)
     model, optimizers[0], state, checkpointer, logger = start(
-        cfg, accelerator, model, optimizer, scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
+        cfg, accelerator, model, optimizers[0], scheduler, total, {"objective/scores": "reward", "objective/kl": "kl"})
     schedulers = [scheduler] + ([critic_scheduler] if critic is not None else [])
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None

@@ -54,35 +54,18 @@ def staged(out: str, last: str = "config.json"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sharded(accelerator) -> bool:
-    """Whether the engine splits the weights themselves over the processes (FSDP, DeepSpeed ZeRO-3):
-    then every process holds a shard, and gathering them is a collective that every process joins."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
 def full_state_dict(accelerator, module) -> dict | None:
-    """``module``'s whole weights gathered from every process's shards, on the main process (the
-    others get an empty dict); None where each process holds the whole model. Every process must
-    call it under sharding. ``module`` may be a part of the prepared model (PPO's policy)."""
+    """``module``'s whole weights gathered from every process's FSDP shards, on the main process
+    (the others get an empty dict); None where each process holds the whole model. Every process
+    must call it under FSDP. ``module`` may be a part of the prepared model (PPO's policy).
+    (DeepSpeed ZeRO-3 is not handled yet: issue 24.)"""
     from accelerate.utils import DistributedType
 
-    if not sharded(accelerator):
+    if accelerator.distributed_type != DistributedType.FSDP:
         return None
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    import deepspeed
-
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if accelerator.is_main_process else {}
-    return state
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str, float],

@@ -29,17 +29,9 @@ def make_accelerator(cfg: TrainConfig):
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
-    engine = {}
-    if not cuda and _launched_with("DEEPSPEED"):
-        # DeepSpeed on CPU processes: accelerate must not be told cpu=True (it would run DDP instead),
-        # and DeepSpeed's CPU accelerator talks over gloo where oneCCL is absent.
-        from accelerate.utils import InitProcessGroupKwargs
-
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        engine = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
-    accelerator = Accelerator(**{"mixed_precision": "bf16" if bf16 else "no", "cpu": not cuda,
-                                 "log_with": trackers(cfg.report_to) or None, "project_config": project, **engine})
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
+                              log_with=trackers(cfg.report_to) or None, project_config=project)
     if not cuda and _launched_with("FSDP"):
         fsdp_on_cpu(accelerator)
     if _launched_with("FSDP") and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
@@ -57,7 +49,7 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def _launched_with(engine: str) -> bool:
-    """Whether ``accelerate launch`` asked for FSDP or DEEPSPEED (its config sets ACCELERATE_USE_...)."""
+    """Whether ``accelerate launch`` asked for ``engine`` (its config sets ACCELERATE_USE_FSDP, ...)."""
     return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
 
 
