@@ -271,7 +271,7 @@ def run(cfg: Config) -> dict[str, float]:
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     unwrapped = accelerator.unwrap_model(model)
-    # Sharded (FSDP, ZeRO-3), the shared model is sampled and scored through its root, which gathers the weights.
+    # Sharded (FSDP, DeepSpeed), the shared model is sampled and scored through its root, which gathers the weights.
     sampled_policy = unwrapped.policy if critic is None and not is_sharded(accelerator) else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
     sampling = cfg.sampling()

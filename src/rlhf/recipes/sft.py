@@ -46,14 +46,15 @@ def loss_fn(model, batch: dict):
     would exceed one chunk of :func:`rlhf.algos.head_token_stats` (a real vocabulary), the LM head
     runs over chunks of the labelled positions only, recomputed in the backward pass: the whole
     ``(B, T, V)`` logits are never held (equal to :func:`rlhf.algos.sft_loss` on them to float32
-    rounding, ``tests/test_recipes_sft_rm.py``)."""
+    rounding, ``tests/test_recipes_sft_rm.py``). Not under FSDP, whose LM head exists whole only
+    inside the model's forward (:func:`rlhf.models.lm_head`): there the whole logits are used."""
     from rlhf.algos.tokens import _CHUNK_ELEMENTS
     from rlhf.models import causal_hidden
     from rlhf.models.packing import _text_config
 
     labels, packed = batch["labels"], "segment_ids" in batch
     split = None
-    if labels.numel() * (_text_config(model).vocab_size or 0) > _CHUNK_ELEMENTS:
+    if labels.numel() * (getattr(_text_config(model), "vocab_size", 0) or 0) > _CHUNK_ELEMENTS:
         split = (packed_logits(model, batch, hidden=True) if packed
                  else causal_hidden(model, batch["input_ids"], batch["attention_mask"]))
     if split is None:

@@ -33,10 +33,12 @@ class HFRollout:
         # process runs as many as the one with the longest response (generate's synced_gpus).
         self.synced = synced
         if synced and use_generate:
-            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-            if isinstance(model, FSDPModule):  # generate is not forward: FSDP2 gathers for it only when told
-                register_fsdp_forward_method(model, "generate")
+            try:  # torch >= 2.6 (FSDP2, which accelerate needs it for); an older torch has no FSDPModule to register
+                from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+            except ImportError:
+                FSDPModule = None
+            if FSDPModule is not None and isinstance(model, FSDPModule):  # generate is not forward: FSDP2
+                register_fsdp_forward_method(model, "generate")  # gathers the weights for it only when told
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the very module being trained."""

@@ -94,9 +94,10 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.T
 def clip_grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """The global gradient norm of ``params``, after clipping it to ``max_norm``.
 
-    ``max_norm`` 0 or None means no clipping: the norm is still measured (through
-    ``accelerator.clip_grad_norm_`` with an infinite bound, so it unscales and gathers
-    sharded gradients as clipping would) but no gradient is scaled.
+    ``max_norm`` 0 or None means no clipping: the norm is still measured (with an infinite bound,
+    so it unscales and gathers sharded gradients as clipping would) but no gradient is scaled.
+    Through ``accelerator.clip_grad_norm_``; under FSDP2, torch's DTensor-aware ``clip_grad_norm_``
+    on ``params`` after accelerate's unscaling.
     """
     if max_norm is not None and max_norm < 0:
         raise UserError(f"--max-grad-norm must be 0 or more (0: no clipping), got {max_norm}")

@@ -55,10 +55,10 @@ def staged(out: str, last: str = "config.json"):
 
 
 def full_state_dict(accelerator, module) -> dict | None:
-    """``module``'s whole weights gathered from every process's FSDP shards, on the main process
-    (the others get an empty dict); None where each process holds the whole model. Every process
-    must call it under FSDP. ``module`` may be a part of the prepared model (PPO's policy).
-    (DeepSpeed ZeRO-3 is not handled yet: issue 24.)"""
+    """Under FSDP, ``module``'s whole weights gathered from every process's shards, on the main
+    process (the others get an empty dict); every process must call it. ``module`` may be a part of
+    the prepared model (PPO's policy). None under any other engine: one process, DDP, and for now
+    DeepSpeed, whose ZeRO-3 shards are not gathered here yet (issue 24)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.FSDP:
