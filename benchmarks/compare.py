@@ -131,7 +131,8 @@ def job_grpo_ours(a, p):
     grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps,
                          rollout_batch_size=a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, report_to="none", log_every=1))
+                         reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, use_bias_correction_kl=True,
+                         report_to="none", log_every=1))  # TRL 1.13 defaults: loss dapo, bias-corrected KL
     seconds = time.perf_counter() - t
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"reward"' in x]
     tokens = sum(r["completions/mean_length"] * a.batch_size for r in rows)
@@ -168,7 +169,7 @@ def job_grpo4_ours(a, p):
                          rollout_batch_size=4 * a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                          reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, clip_eps_high=0.28,
-                         report_to="none", log_every=1))
+                         use_bias_correction_kl=True, report_to="none", log_every=1))
     return {"seconds": time.perf_counter() - t, "items": 4 * a.steps * a.batch_size, "tokens": 0, "peak_rss_mb": rss_mb()}
 
 

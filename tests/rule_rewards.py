@@ -23,3 +23,8 @@ def total_length(prompts, completions, **columns):
     """Characters of prompt and completion together, over 20: it differs across prompts even
     where an untrained model gives every prompt the same completion."""
     return [(len(str(p)) + len(text(t))) / 20 for p, t in zip(prompts, completions)]
+
+
+def starts_with_vowel(prompts, completions, **columns):
+    """1.0 where the completion's first character is a lowercase vowel: a reward whose groups often tie."""
+    return [float(text(t)[:1] in tuple("aeiou")) for t in completions]

@@ -138,20 +138,22 @@ def test_advantage_registry_one_signature_and_clear_error():
         adv, ret = compute_advantages(name, response_mask=mask, scores=scores, rewards=torch.zeros(4, 3),
                                       values=torch.zeros(4, 3), group_size=2)
         assert adv.shape == ret.shape == (4, 3)
-    with pytest.raises(ValueError, match="valid: dr_grpo, gae, grpo, rloo"):
+    with pytest.raises(ValueError, match="valid: gae, grpo, reinforce_pp, rloo"):
         compute_advantages("nope", response_mask=mask)
 
 
 def test_group_advantages_and_rloo_by_hand():
     scores = T([1.0, 3.0, 2.0, 2.0])  # two groups of two
     # group 1: mean 2, unbiased std sqrt(2) -> (-1/sqrt 2, +1/sqrt 2); group 2: all equal -> 0.
-    adv = group_advantages(scores, 2)
-    assert adv.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0], abs=1e-5)
+    adv = group_advantages(scores, 2, eps=1e-12)
+    assert adv.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0], abs=1e-6)
+    # TRL's eps 1e-4 is the default: std + 1e-4 in the denominator.
+    assert group_advantages(scores, 2)[1].item() == pytest.approx(1 / (math.sqrt(2) + 1e-4), abs=1e-6)
     assert group_advantages(scores, 2, scale=None).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
     # RLOO, G = 3: r = (1, 2, 6): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5.
     assert rloo_advantages(T([1.0, 2.0, 6.0]), 3).tolist() == pytest.approx([-3.0, -1.5, 4.5])
     # One sample per prompt has no group to compare with: grpo's std would be NaN, dr_grpo's advantage 0.
-    for scale in ("std", None):
+    for scale in ("group", "batch", None):
         with pytest.raises(ValueError, match="group_size >= 2"):
             group_advantages(T([1.0, 3.0]), 1, scale=scale)
 
@@ -350,9 +352,15 @@ def test_dpo_by_hand_and_label_smoothing():
     assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
     assert m["accuracy"].item() == 1.0 and m["margin"].item() == pytest.approx(1.0)
     # cDPO eps 0.1: 0.9 * 0.313262 + 0.1 * -log sigmoid(-1) = 0.9 * 0.313262 + 0.1 * 1.313262
-    loss, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, label_smoothing=0.1)
+    loss, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, loss_type="cdpo", label_smoothing=0.1)
     assert loss.item() == pytest.approx(0.9 * 0.313262 + 0.1 * 1.313262, abs=1e-6)
-    with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
+    # robust DPO eps 0.1: (0.9 * 0.313262 - 0.1 * 1.313262) / 0.8 = 0.188262
+    loss, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, loss_type="robust", label_smoothing=0.1)
+    assert loss.item() == pytest.approx((0.9 * 0.313262 - 0.1 * 1.313262) / 0.8, abs=1e-6)
+    # TRL 1.13's sigmoid ignores label smoothing (the recipe refuses it there).
+    loss, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+    with pytest.raises(ValueError, match="sigmoid, ipo, hinge, robust, cdpo"):
         dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), loss_type="kto")
 
 
@@ -364,8 +372,9 @@ def test_ipo_by_hand_uses_per_token_mean_logprobs():
     loss, m = dpo_loss(T([-6.0]), T([-8.0]), T([-9.0]), T([-6.0]), beta=0.5, loss_type="ipo",
                        chosen_lengths=T([3.0]), rejected_lengths=T([2.0]))
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
-    assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
-    assert m["margin"].item() == pytest.approx(1.0)
+    # The implicit rewards are TRL's for every loss: beta x the summed log-ratios, +3 and -2.
+    assert m["rewards_chosen"].item() == pytest.approx(1.5) and m["rewards_rejected"].item() == pytest.approx(-1.0)
+    assert m["margin"].item() == pytest.approx(2.5)
     # The same per-token numbers on a response 10 times longer: the same loss and the same
     # gradient per token (summed log-probs made both grow with the length).
     grads = []

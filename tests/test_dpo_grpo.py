@@ -91,17 +91,22 @@ def grpo_config(tiny_dir, prompts_file, tmp_path, **over):
     return grpo.Config(**kw)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo"])
-def test_grpo_family_raises_rule_reward(estimator, tiny_dir, prompts_file, tmp_path):
-    grpo.run(grpo_config(tiny_dir, prompts_file, tmp_path, estimator=estimator, ppo_epochs=2, mini_batch_size=16))
+@pytest.mark.parametrize("estimator, loss_type, over", [
+    ("grpo", "dapo", {}), ("rloo", "grpo", {}), ("grpo", "dr_grpo", {"scale_rewards": "none", "lr": 2e-2}),
+    ("reinforce_pp", "cispo", {"clip_eps_high": 5.0}),
+])
+def test_grpo_family_raises_rule_reward(estimator, loss_type, over, tiny_dir, prompts_file, tmp_path):
+    grpo.run(grpo_config(tiny_dir, prompts_file, tmp_path, estimator=estimator, loss_type=loss_type, ppo_epochs=2,
+                         mini_batch_size=16, **over))
     rows = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl") if '"reward"' in x]
     first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
     # Stated margin: 25 steps (2 epochs x 2 minibatches each, sampling the full softmax) raise the mean
     # vowel fraction by at least 0.1.
     assert last > first + 0.1, (estimator, first, last)
+    kl_and_clip = ("cispo_clip_ratio",) if loss_type == "cispo" else ("kl", "clip_ratio", "clip_ratio/high_mean")
     for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                "kl", "entropy", "clip_ratio", "rewards/rule_rewards:vowel_fraction"):
-        assert key in rows[-1], key
+                "entropy", "grad_norm", "rewards/rule_rewards:vowel_fraction", *kl_and_clip):
+        assert key in rows[-1], key  # REINFORCE++ has its KL in the reward, not the loss
 
 
 def test_grpo_kl_in_reward_and_several_weighted_rewards(tiny_dir, prompts_file, tmp_path):

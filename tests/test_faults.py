@@ -290,9 +290,9 @@ def test_a_run_whose_every_step_was_skipped_fails(tmp_path, tiny_dir, capsys, mo
                                "no model was saved"]
     assert not (out / "model.safetensors").exists()
 
-    real_pg = grpo.ppo_policy_loss
-    monkeypatch.setattr(grpo, "ppo_policy_loss", lambda *a, **kw: (real_pg(*a, **kw)[0] * torch.tensor(float("nan")),
-                                                                   real_pg(*a, **kw)[1]))
+    real_pg = grpo.policy_loss_terms
+    monkeypatch.setattr(grpo, "policy_loss_terms", lambda *a, **kw: (real_pg(*a, **kw)[0] * torch.tensor(float("nan")),
+                                                                     real_pg(*a, **kw)[1]))
     rc, err = cli(capsys, *grpo_args(tiny_dir, tmp_path, "--reward-fn", "rule_rewards:vowel_fraction"))
     assert rc == 1 and err == ["rlhf grpo: error: every one of the 2 steps was skipped (non-finite loss or gradient); "
                                "no model was saved"]

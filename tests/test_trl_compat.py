@@ -50,9 +50,9 @@ TRL_FLAGS = [
              "--resume_from_checkpoint", "ck"],
      {"reward_model": "rm", "max_new_tokens": 7, "clip_eps": 0.1, "clip_eps_value": 0.3, "ppo_epochs": 2,
       "kl_coef": 0.2, "resume": "ck"}),
-    ("dpo", ["--model", "m", "--data", "d.jsonl", "--beta", "0.2", "--loss_type", "ipo",
+    ("dpo", ["--model", "m", "--data", "d.jsonl", "--beta", "0.2", "--loss_type", "robust",
              "--precompute_ref_log_probs", "False", "--label_smoothing", "0.1"],
-     {"beta": 0.2, "loss_type": "ipo", "precompute_ref": False, "label_smoothing": 0.1}),
+     {"beta": 0.2, "loss_type": "robust", "precompute_ref": False, "label_smoothing": 0.1}),
     ("rm", ["--model", "m", "--data", "d.jsonl", "--per_device_train_batch_size", "4", "--use_peft", "true"],
      {"batch_size": 4, "lora": True}),
 ]

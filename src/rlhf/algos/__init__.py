@@ -9,6 +9,7 @@ from rlhf.algos.advantages import (
     gae,
     gae_matrix,
     group_advantages,
+    reinforce_pp_advantages,
     rloo_advantages,
 )
 from rlhf.algos.ensemble import AGGREGATIONS, aggregate_scores, ensemble_std
@@ -26,6 +27,15 @@ from rlhf.algos.losses import (
     ppo_policy_loss,
     value_loss,
 )
+from rlhf.algos.policy_losses import (
+    LOSS_TYPES,
+    LossType,
+    importance_log_ratio,
+    normalise_policy_loss,
+    policy_loss_terms,
+    vespo_weights,
+)
+from rlhf.algos.shaping import overlong_penalty, tied_groups
 from rlhf.algos.monitor import distinct_n, kl_reward_fraction, relative_drift, repetition_fraction, reward_length
 from rlhf.algos.preference import implicit_preference_accuracy
 from rlhf.algos.stats import agg_loss, masked_mean, masked_sum, masked_var, masked_whiten
@@ -37,5 +47,6 @@ __all__ = [
     "gae_matrix", "group_advantages", "implicit_preference_accuracy", "kl_estimate", "kl_penalized_rewards", "kl_reward_fraction",
     "head_logprobs", "head_token_stats", "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "ppo_loss", "ppo_policy_loss", "relative_drift", "repetition_fraction", "reward_length", "rloo_advantages",
-    "sft_loss", "value_loss",
+    "sft_loss", "value_loss", "LOSS_TYPES", "LossType", "importance_log_ratio", "normalise_policy_loss",
+    "policy_loss_terms", "vespo_weights", "overlong_penalty", "tied_groups", "reinforce_pp_advantages",
 ]

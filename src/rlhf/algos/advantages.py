@@ -1,7 +1,9 @@
-"""Advantage estimators: GAE for PPO, group baselines for GRPO, Dr. GRPO and RLOO.
+"""Advantage estimators: GAE for PPO, group baselines for GRPO (and Dr. GRPO's unscaled one) and
+RLOO, and REINFORCE++'s batch-whitened returns.
 
 All estimators are registered under one calling signature (:func:`compute_advantages`).
-Nothing here whitens: the recipe decides (seed 002 Part 5 whitens after GAE).
+GAE does not whiten: the recipe decides (seed 002 Part 5 whitens after GAE). REINFORCE++
+whitens, because the batch mean is its baseline: that is the estimator, not a step hidden in it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from rlhf.algos.stats import masked_whiten
 
 
 def gae(
@@ -70,14 +74,24 @@ def gae_matrix(
 
 
 def group_advantages(
-    scores: torch.Tensor, group_size: int, scale: str | None = "std", eps: float = 1e-6
+    scores: torch.Tensor,
+    group_size: int,
+    scale: str | None = "group",
+    eps: float = 1e-4,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath eq. 3).
 
-    ``A_i = (r_i - mean(group)) / (std(group) + eps)``; with ``scale=None`` the std division
-    is dropped, which is Dr. GRPO (Liu et al. 2025). The G samples of one prompt must be
-    contiguous. The std is unbiased (``torch.std``), as in TRL. Needs ``group_size >= 2``
-    (with one sample the std is NaN and every advantage 0).
+    ``A_i = (r_i - mean(group)) / (std + eps)``, the std by ``scale`` (TRL's ``scale_rewards``):
+        ``group``  the std of the prompt's G scores (the GRPO paper);
+        ``batch``  the std of every score of the batch, across processes when ``reduce_sum`` (a
+                   sum over processes) is given (Hu et al. 2025, "PPO Lite");
+        ``None``   no division: Dr. GRPO (Liu et al. 2025), which finds the std a difficulty bias.
+
+    The G samples of one prompt must be contiguous. The std is unbiased (``torch.std``), as in
+    TRL. ``eps`` is TRL's 1e-4 by default: in a near-tied group (0.3, 0.3, 0.3, 0.3001) it gives
+    advantages of +-0.5 where 1e-6 gives +-1.47, so noise below ``eps`` does not become full-size
+    advantages. Needs ``group_size >= 2`` (with one sample the std is NaN and every advantage 0).
 
     Shape:
         scores: (B,) with B = n_prompts * G -> (B,).
@@ -86,11 +100,37 @@ def group_advantages(
         raise ValueError("group advantages need group_size >= 2")
     grouped = scores.float().view(-1, group_size)  # (n_prompts, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "std":
+    if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        total = reduce_sum or (lambda t: t)
+        flat = scores.float().view(-1)
+        n, s = total(torch.stack([torch.tensor(float(flat.numel()), device=flat.device), flat.sum()]))
+        var = total(((flat - s / n) ** 2).sum()) / (n - 1).clamp(min=1.0)
+        centered = centered / (var.sqrt() + eps)
     elif scale is not None:
-        raise ValueError(f"unknown group scale {scale!r}; valid: 'std', None")
+        raise ValueError(f"unknown group scale {scale!r}; valid: 'group', 'batch', None")
     return centered.view(-1)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float = 1.0,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, eqs. 5-7): the return ``G_t = sum_{s >= t} gamma^(s-t) R_s`` of the
+    per-token rewards (the score at the last token minus the KL penalty on every token), whitened
+    over every response token of the global batch (``reduce_sum``: a sum over processes).
+
+    No critic and no group: the batch is the baseline. ``G_t`` is GAE with ``lam = 1`` and zero
+    values (:func:`gae`).
+
+    Shape:
+        rewards, response_mask: (B, T) -> two (B, T) tensors ``(advantages, returns)``, 0 outside the mask.
+    """
+    returns, _ = gae(rewards, torch.zeros_like(rewards, dtype=torch.float), response_mask, gamma=gamma, lam=1.0)
+    return masked_whiten(returns, response_mask.float(), reduce_sum=reduce_sum), returns
 
 
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -123,23 +163,23 @@ def _outcome(per_seq: torch.Tensor, response_mask: torch.Tensor):
     return adv, adv
 
 
-def _grpo_estimator(*, scores, response_mask, group_size, **_):
-    return _outcome(group_advantages(scores, group_size, scale="std"), response_mask)
-
-
-def _dr_grpo_estimator(*, scores, response_mask, group_size, **_):
-    return _outcome(group_advantages(scores, group_size, scale=None), response_mask)
+def _grpo_estimator(*, scores, response_mask, group_size, scale, eps, reduce_sum, **_):
+    return _outcome(group_advantages(scores, group_size, scale=scale, eps=eps, reduce_sum=reduce_sum), response_mask)
 
 
 def _rloo_estimator(*, scores, response_mask, group_size, **_):
     return _outcome(rloo_advantages(scores, group_size), response_mask)
 
 
+def _reinforce_pp_estimator(*, rewards, response_mask, gamma, reduce_sum, **_):
+    return reinforce_pp_advantages(rewards, response_mask, gamma=gamma, reduce_sum=reduce_sum)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
     "gae": _gae_estimator,
     "grpo": _grpo_estimator,
-    "dr_grpo": _dr_grpo_estimator,
     "rloo": _rloo_estimator,
+    "reinforce_pp": _reinforce_pp_estimator,
 }
 
 
@@ -153,12 +193,17 @@ def compute_advantages(
     group_size: int = 1,
     gamma: float = 1.0,
     lam: float = 0.95,
+    scale: str | None = "group",
+    eps: float = 1e-4,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the advantage estimator registered as ``name``.
 
-    ``gae`` reads ``rewards`` and ``values``; the group estimators read ``scores`` and
-    ``group_size``. Every estimator returns per-token ``(advantages, returns)``; for the
-    critic-free ones ``returns`` equals ``advantages``.
+    ``gae`` reads ``rewards`` and ``values``; ``reinforce_pp`` reads ``rewards`` (and whitens
+    across processes with ``reduce_sum``); the group estimators read ``scores`` and
+    ``group_size`` (``grpo`` also ``scale``, ``eps`` and, for ``scale="batch"``, ``reduce_sum``).
+    Every estimator returns per-token ``(advantages, returns)``; for the group ones ``returns``
+    equals ``advantages``.
 
     Shape:
         response_mask, rewards, values: (B, T); scores: (B,) -> two (B, T) tensors.
@@ -169,5 +214,5 @@ def compute_advantages(
         )
     return ADVANTAGE_ESTIMATORS[name](
         response_mask=response_mask, scores=scores, rewards=rewards, values=values,
-        group_size=group_size, gamma=gamma, lam=lam,
+        group_size=group_size, gamma=gamma, lam=lam, scale=scale, eps=eps, reduce_sum=reduce_sum,
     )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rlhf.algos.stats import agg_loss, masked_mean, masked_var
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo")
 
 
 def ppo_policy_loss(
@@ -154,41 +154,49 @@ def dpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Direct Preference Optimization and its variants (seed 002 Part 6).
+    """Direct Preference Optimization and its variants (seed 002 Part 6), under TRL's names.
 
-    With ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``:
-        ``sigmoid``  -log sigmoid(beta h)                         Rafailov et al. 2023, eq. (7)
-                     with ``label_smoothing`` eps: conservative DPO (cDPO, Mitchell 2023),
-                     ``-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
-        ``ipo``      (h - 1 / (2 beta))^2                         Azar et al. 2023, eq. (17)
-        ``hinge``    relu(1 - beta h)                             SLiC, Zhao et al. 2023
+    With ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` and ``eps`` =
+    ``label_smoothing``:
+        ``sigmoid``  -log sigmoid(beta h)                                  Rafailov et al. 2023, eq. (7)
+        ``cdpo``     -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+                     conservative DPO (Mitchell 2023): eps labels assumed flipped
+        ``robust``   (-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
+                     robust DPO (Chowdhury et al. 2024, eq. 9): unbiased under eps flipped labels
+        ``ipo``      (h - 1 / (2 beta))^2                                  Azar et al. 2023, eq. (17)
+        ``hinge``    relu(1 - beta h)                                      SLiC, Zhao et al. 2023
 
-    ``sigmoid`` and ``hinge`` take the summed log-probs of each reply. ``ipo`` takes its
-    per-token mean, as TRL's ``loss_type="ipo"`` does: each sum is divided by its reply's
-    token count (``chosen_lengths``, ``rejected_lengths``, required for ``ipo`` and ignored
-    otherwise), so the target margin ``1 / (2 beta)`` and the gradient do not grow with the
-    response length.
+    ``label_smoothing`` is used by ``cdpo`` and ``robust`` only, as in TRL 1.13 (whose ``sigmoid``
+    ignores it); the recipe refuses it elsewhere. ``ipo`` takes each reply's per-token mean
+    log-ratio, as TRL's ``loss_type="ipo"`` does: each sum is divided by its reply's token count
+    (``chosen_lengths``, ``rejected_lengths``, required for ``ipo``, at least 1), so the target
+    margin ``1 / (2 beta)`` does not grow with the response length. The rest take summed log-probs.
 
     Shape:
         the four log-probability sums and the two lengths: (B,) -> scalar.
 
     Returns:
-        ``(loss, metrics)`` with ``rewards_chosen`` and ``rewards_rejected`` (the implicit
-        rewards ``beta * log pi / pi_ref``, batch means), ``accuracy`` and ``margin``.
+        ``(loss, metrics)`` with ``rewards_chosen`` and ``rewards_rejected`` (the implicit rewards
+        ``beta * log pi / pi_ref`` of the summed log-probs, for every loss type as in TRL; batch
+        means), ``accuracy`` (chosen reward above rejected) and ``margin``.
     """
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
-    if loss_type == "ipo":
+    h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "cdpo":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("loss_type 'ipo' averages log-probs over each reply's tokens: "
                              "pass chosen_lengths and rejected_lengths")
-        chosen_logratios = chosen_logratios / chosen_lengths.float()
-        rejected_logratios = rejected_logratios / rejected_lengths.float()
-    h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        h_mean = (chosen_logratios / chosen_lengths.float().clamp(min=1.0)
+                  - rejected_logratios / rejected_lengths.float().clamp(min=1.0))
+        losses = (h_mean - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
     else:

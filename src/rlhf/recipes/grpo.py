@@ -1,11 +1,13 @@
-"""GRPO, Dr. GRPO and RLOO: critic-free RL with group baselines and rule rewards.
+"""GRPO and its family (DAPO, Dr. GRPO, CISPO, SAPO, GSPO...), RLOO and REINFORCE++: critic-free RL
+with group or batch baselines and rule rewards.
 
-Each step: 1. sample prompts; 2. generate ``num_generations`` (G) responses per prompt;
-3. score them (reward functions, each weighted, and/or a reward model); 4. group-relative
-advantages (``--estimator grpo|dr_grpo|rloo``, from ``rlhf.algos``); 5. clipped policy loss,
-with the KL to the reference either in the loss (k3, the GRPO paper's form) or in the reward;
-6. log and checkpoint. Shao et al. 2024 (DeepSeekMath); Liu et al. 2025 (Dr. GRPO);
-Ahmadian et al. 2024 (RLOO).
+Each step: 1. sample prompts; 2. generate ``num_generations`` (G) responses per prompt (with
+``--dynamic-sampling``, more prompts until no group's scores all tie); 3. score them (reward functions,
+each weighted, and/or a reward model; DAPO's overlong shaping); 4. advantages (``--estimator``, from
+``rlhf.algos``); 5. the ``--loss-type`` policy loss, with the KL to the reference either in the loss
+(k3, the GRPO paper's form) or in the reward; 6. log and checkpoint. Shao et al. 2024 (DeepSeekMath);
+Yu et al. 2025 (DAPO); Liu et al. 2025 (Dr. GRPO); Ahmadian et al. 2024 (RLOO); Hu 2025 (REINFORCE++);
+the losses' sources are in :mod:`rlhf.algos.policy_losses`.
 """
 
 from __future__ import annotations
@@ -18,28 +20,47 @@ from typing import Literal
 
 import torch
 
-from rlhf.algos import agg_loss, compute_advantages, kl_estimate, masked_mean, ppo_policy_loss
+from rlhf.algos import (LOSS_TYPES, compute_advantages, importance_log_ratio, kl_estimate, kl_penalized_rewards,
+                        masked_mean, normalise_policy_loss, overlong_penalty, policy_loss_terms, tied_groups)
 from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
-from rlhf.training.loop import StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.loop import StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, reduce_sum
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import save_final
-from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score
+from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, sample_groups
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import merged_named_weights
 
 
 @dataclass
 class Config(RLConfig):
-    """GRPO / RLOO options (defaults after TRL's GRPOTrainer)."""
+    """GRPO / RLOO / REINFORCE++ options. TRL's GRPOConfig names mean what they mean in TRL (``loss_type``,
+    ``scale_rewards``, ``importance_sampling_level``, ``epsilon_high``, ``delta``, ``mask_truncated_completions``,
+    ``use_bias_correction_kl``...); the defaults that differ from TRL 1.13's: ``beta`` 0.04 (TRL: 0),
+    ``use_bias_correction_kl`` false (TRL: true), ``lr`` 1e-6 as TRL."""
 
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
-    estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    """Group baseline: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out mean)."""
+    estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage: grpo (the group's mean subtracted, scaled by --scale-rewards), rloo (leave-one-out mean,
+    unscaled), reinforce_pp (REINFORCE++: per-token returns of the score minus beta x KL (k1) on every token,
+    whitened over the batch; the KL is then always in the reward). Dr. GRPO is --loss-type dr_grpo
+    --scale-rewards none."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    """Policy loss and its normalisation, TRL's names and meanings (README, "GRPO losses"): grpo (token mean per
+    sequence), bnpo (token mean per micro-batch), dr_grpo (token sum / (sequences x --max-new-tokens)), dapo
+    (token sum / the rollout's tokens), cispo (clipped, detached ratio x A x log-prob), sapo (soft gate),
+    luspo (token sum per sequence), vespo (Gamma-weighted sequence ratio)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """The importance ratio per token, or GSPO's one per sequence (the mean of its tokens' log-ratios)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo's advantage divided by the std of the group's scores, of the whole batch's, or not at all
+    (Dr. GRPO). TRL's true / false mean group / none."""
+    scale_rewards_eps: float = 1e-4
+    """Added to that std (TRL's 1e-4): a group whose scores differ by less gets advantages below +-1."""
     num_generations: int = 4
     """G: responses sampled per prompt (at least 2: the group is the baseline)."""
     rollout_batch_size: int = 8
@@ -50,30 +71,91 @@ class Config(RLConfig):
     """KL coefficient to the reference (0: no reference model at all)."""
     kl_in_reward: bool = False
     """Subtract beta * KL (k1, summed per response) from the reward instead of adding beta * k3 to the loss."""
+    use_bias_correction_kl: bool = False
+    """The loss's k3 KL times the importance ratio (TRL 1.13's default, true there): unbiased when the policy
+    has moved since sampling; false: plain k3, the GRPO paper's."""
     clip_eps: float = 0.2
     """Ratio clip epsilon (low side)."""
     clip_eps_high: float | None = None
-    """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps)."""
+    """Ratio clip epsilon of the high side (DAPO's clip-higher; default: --clip-eps). With --loss-type cispo:
+    the cap of the ratio itself (TRL's epsilon_high; ScaleRL uses 5.0), and required."""
+    delta: float | None = None
+    """Two-sided clipping (INTELLECT-2): the unclipped ratio is capped at delta (> 1 + --clip-eps-high)."""
+    sapo_temperature_pos: float = 1.0
+    """sapo's gate temperature where the advantage is positive."""
+    sapo_temperature_neg: float = 1.05
+    """sapo's gate temperature where the advantage is 0 or negative."""
+    vespo_k_pos: float = 2.0
+    """vespo's power k for non-negative advantages."""
+    vespo_lambda_pos: float = 3.0
+    """vespo's decay lambda for non-negative advantages."""
+    vespo_k_neg: float = 3.0
+    """vespo's power k for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """vespo's decay lambda for negative advantages."""
+    mask_truncated_completions: bool = False
+    """Leave responses that hit --max-new-tokens without EOS out of the loss (DAPO)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: over the last N tokens before --max-new-tokens the score loses up to
+    --overlong-penalty, linearly (0: off)."""
+    overlong_penalty: float = 1.0
+    """The most the overlong punishment subtracts (at --max-new-tokens)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose scores all tie (no signal) and sample more prompts until
+    the step's --rollout-batch-size groups are full, at most --dynamic-sampling-max-rounds rounds; logged as
+    dynamic_sampling/*."""
+    dynamic_sampling_max_rounds: int = 4
+    """Sampling rounds per step under --dynamic-sampling (the first included); if the batch is still short,
+    the step trains on the untied groups it has."""
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
 
     def check(self) -> None:
         super().check()
-        if self.num_generations < 2:  # grpo: the std of one score is NaN; dr_grpo: every advantage 0
+        if self.num_generations < 2:  # grpo: the std of one score is NaN; unscaled: every advantage 0
             raise UserError(f"--estimator {self.estimator} needs --num-generations of at least 2: its baseline "
                             f"is the other samples of the same prompt (got {self.num_generations})")
+        if self.loss_type == "cispo" and self.clip_eps_high is None:
+            raise UserError("--loss-type cispo caps the importance ratio at --clip-eps-high (TRL's epsilon_high, "
+                            "an absolute cap; ScaleRL uses 5.0): give it, since TRL's fallback to epsilon "
+                            "(0.2) would scale every token's gradient by 0.2")
+        if self.delta is not None and (LOSS_TYPES[self.loss_type].surrogate != "clip"
+                                       or self.delta <= 1 + (self.clip_eps_high or self.clip_eps)):
+            raise UserError(f"--delta caps the clipped surrogate's ratio and must exceed 1 + --clip-eps-high; "
+                            f"got {self.delta} with --loss-type {self.loss_type}")
+        for names, loss in ((("sapo_temperature_pos", "sapo_temperature_neg"), "sapo"),
+                            (("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), "vespo")):
+            changed = [n for n in names if getattr(self, n) != Config.__dataclass_fields__[n].default]
+            if changed and self.loss_type != loss:
+                raise UserError(f"--{changed[0].replace('_', '-')} changes nothing with --loss-type "
+                                f"{self.loss_type}: it is {loss}'s")
+        if self.scale_rewards != "group" and self.estimator != "grpo":
+            raise UserError(f"--scale-rewards {self.scale_rewards} changes nothing with --estimator "
+                            f"{self.estimator}: only grpo's advantages are scaled")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise UserError(f"--overlong-buffer must be 0 (off) to --max-new-tokens ({self.max_new_tokens}), "
+                            f"got {self.overlong_buffer}")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise UserError("--dynamic-sampling-max-rounds must be at least 1")
+        if self.estimator == "reinforce_pp" and self.beta > 0:
+            self.kl_in_reward = True  # REINFORCE++ penalises the KL in the per-token reward, never in the loss
 
 
 def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict, logprobs_fn=model_response_logprobs
                 ) -> dict[str, float]:
-    """Clipped policy loss (+ beta k3 KL) over shuffled minibatches; returns mean metrics.
+    """The ``--loss-type`` policy loss (+ beta k3 KL, aggregated with it, as TRL does) over shuffled
+    minibatches; returns mean metrics.
 
     ``logprobs_fn`` computes the response log-probs and entropy (:func:`model_response_logprobs` or
-    :func:`packed_response_logprobs`).
+    :func:`packed_response_logprobs`). ``buf["response_mask"]`` is the loss mask (truncated responses
+    already out under --mask-truncated-completions).
     """
     world, n, P = accelerator.num_processes, buf["input_ids"].shape[0], buf["prompt_len"]
     mb = max(1, cfg.mini_batch_size // world)
+    normalisation = LOSS_TYPES[cfg.loss_type].normalisation
+    rollout_tokens, rollout_seqs = reduce_sum(accelerator, torch.stack([buf["response_mask"].sum().float(),
+                                                                        torch.tensor(float(n))]))
     sums: dict[str, torch.Tensor] = {}
     n_updates = skipped = 0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,9 +163,13 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
         perm = torch.randperm(n, device=buf["input_ids"].device)
         for s in range(0, n, mb):
             idx = perm[s : s + mb]
-            agg = {"global_tokens": reduce_sum(accelerator, buf["response_mask"][idx].sum().float()).clamp(min=1),
-                   "global_seqs": reduce_sum(accelerator, torch.tensor(float(len(idx)))).clamp(min=1)}
             micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+            step_tokens, step_seqs, step_micro = reduce_sum(accelerator, torch.stack([
+                buf["response_mask"][idx].sum().float(), torch.tensor(float(len(idx))), torch.tensor(float(len(micro)))]))
+            # TRL's dapo normalises by the rollout's tokens over its optimizer steps (num_items_in_batch).
+            norm = partial(normalise_policy_loss, normalisation=normalisation, global_seqs=step_seqs,
+                           global_tokens=rollout_tokens * step_seqs / rollout_seqs, global_micro_batches=step_micro,
+                           max_new_tokens=cfg.max_new_tokens)
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
                 with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
@@ -91,21 +177,33 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                                                     with_entropy=True, entropy_grad=False)  # a metric
                     # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).
                     old = buf["old_logprobs"][mi] if buf["old_logprobs"] is not None else logprobs.detach()
-                    loss, m = ppo_policy_loss(logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
-                                              clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, **agg)
+                    per_token, m = policy_loss_terms(
+                        cfg.loss_type, logprobs, old, buf["advantages"][mi], mask, clip_eps=cfg.clip_eps,
+                        clip_eps_high=cfg.clip_eps_high, importance_sampling_level=cfg.importance_sampling_level,
+                        delta=cfg.delta, sapo_temperature_pos=cfg.sapo_temperature_pos,
+                        sapo_temperature_neg=cfg.sapo_temperature_neg,
+                        vespo_params=(cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg))
+                    policy_loss = norm(per_token, mask)
+                    loss = policy_loss
                     if cfg.beta > 0 and not cfg.kl_in_reward:
                         kl_tokens = kl_estimate(logprobs, buf["ref_logprobs"][mi], "k3")
-                        kl = agg_loss(kl_tokens, mask, cfg.loss_agg, **agg)
+                        if cfg.use_bias_correction_kl:  # k3 x the importance ratio (TRL's use_bias_correction_kl)
+                            kl_tokens = kl_tokens * torch.exp(importance_log_ratio(
+                                logprobs, old, mask, cfg.importance_sampling_level))
+                        kl = norm(kl_tokens, mask)
                         loss = loss + cfg.beta * kl
                         sums["kl"] = sums.get("kl", 0.0) + kl.detach()
                         if "kl_tokens" in buf:  # the monitor's: one pass over the batch, the policy not yet moved
                             buf["kl_tokens"][mi] = kl_tokens.detach() * mask
                     accelerator.backward(loss * world)
-                share = mask.sum() / agg["global_tokens"]
-                for name, value in (("clip_ratio", m["clipfrac"] * share), ("entropy", masked_mean(entropy.detach(), mask) * share),
-                                    ("loss/policy", loss.detach())):
+                share = mask.sum() / step_tokens.clamp(min=1)
+                m = {"clip_ratio": m["clip_ratio/region_mean"], **m} if "clip_ratio/region_mean" in m else m
+                for name, value in (*((k2, v * share) for k2, v in m.items()),
+                                    ("entropy", masked_mean(entropy.detach(), mask) * share),
+                                    ("loss/policy", policy_loss.detach())):
                     sums[name] = sums.get(name, 0.0) + value
             grad_norm = clip_grad_norm(accelerator, params, cfg.max_grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.as_tensor(float(grad_norm)) / world
             if torch.isfinite(torch.as_tensor(grad_norm)):
                 optimizer.step()
                 scheduler.step()
@@ -176,12 +274,11 @@ def run(cfg: Config) -> dict[str, float]:
 
     while state.step < total:
         timer = StepTimer()  # laps: generate, score, old_logprob_pass, reference_pass, advantages, train, weight_sync
-        # 1. Prompts.
-        examples = [prompts.examples[i]
-                    for i in shard(plan.step_indices(state.step)[0], accelerator.process_index, accelerator.num_processes)]
-        # 2-3. G samples of each prompt (contiguous), and their rewards.
-        batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
-                                                                       accelerator.device, timer)
+        # 1-3. Prompts, G samples of each (contiguous), and their rewards (with --dynamic-sampling: untied groups).
+        batch, completions, scores, score_metrics, examples, member_scores = sample_groups(
+            accelerator, rollout, prompts, plan.step_indices(state.step)[0], sampling, tokenizer, scorer, timer,
+            dynamic_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0,
+            seed=cfg.seed * 1_000_003 + state.step)
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(completions)
                                                                                       * accelerator.num_processes)))
@@ -197,13 +294,31 @@ def run(cfg: Config) -> dict[str, float]:
                 ref_logprobs, _ = logprobs_fn(ref, batch.input_ids, batch.attention_mask, P, cfg.temperature)
                 timer.lap("time/reference_pass")
         raw_scores = scores
-        if cfg.beta > 0 and cfg.kl_in_reward:
-            scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
-        # 4. Group-relative advantages.
-        advantages, _ = compute_advantages(cfg.estimator, response_mask=mask, scores=scores, group_size=G)
+        if cfg.overlong_buffer:  # DAPO's soft overlong punishment
+            penalty = overlong_penalty(mask.sum(1), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+            scores = scores + penalty
+            score_metrics["overlong/penalty_mean"] = float(reduce_sum(accelerator, penalty.sum())
+                                                           / (len(completions) * accelerator.num_processes))
+        # 4. Advantages: group-relative, or REINFORCE++'s whitened returns of per-token rewards.
+        over_processes = partial(reduce_sum, accelerator)
+        if cfg.estimator == "reinforce_pp":
+            if cfg.beta > 0:
+                rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.beta, "k1")
+            else:
+                zeros = torch.zeros(mask.shape, device=mask.device)
+                rewards, _ = kl_penalized_rewards(scores, zeros, zeros, mask, 0.0)
+            advantages, _ = compute_advantages("reinforce_pp", response_mask=mask, rewards=rewards,
+                                               reduce_sum=over_processes)
+        else:
+            if cfg.beta > 0 and cfg.kl_in_reward:
+                scores = scores - cfg.beta * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
+            advantages, _ = compute_advantages(cfg.estimator, response_mask=mask, scores=scores, group_size=G,
+                                               scale=None if cfg.scale_rewards == "none" else cfg.scale_rewards,
+                                               eps=cfg.scale_rewards_eps, reduce_sum=over_processes)
         timer.lap("time/advantages")
+        loss_mask = mask * batch.finished[:, None] if cfg.mask_truncated_completions else mask  # DAPO
         # 5. Policy update.
-        buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
+        buf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": loss_mask,
                "old_logprobs": None if reuse_old and not cfg.kl_in_reward else old_logprobs,
                "ref_logprobs": ref_logprobs, "advantages": advantages, "prompt_len": P}
         if monitor is not None and old_logprobs is None and ref_logprobs is not None:
@@ -218,7 +333,7 @@ def run(cfg: Config) -> dict[str, float]:
         # 6. Log and checkpoint.
         grouped = scores.view(-1, G)
         metrics = {"reward": float(scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
-                   "frac_reward_zero_std": float((grouped.std(1) < 1e-6).float().mean()) if G > 1 else 1.0,
+                   "frac_reward_zero_std": float(tied_groups(scores, G).float().mean()),
                    "completions/mean_length": float(mask.sum(1).float().mean()),
                    "completions/clipped_ratio": float((~batch.finished).float().mean()),
                    "speed/completions_per_second": len(completions) * accelerator.num_processes
@@ -226,7 +341,7 @@ def run(cfg: Config) -> dict[str, float]:
                    **timer.metrics(), **score_metrics, **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
-                                           member_scores=scorer.last_member_scores))
+                                           member_scores=member_scores))
         stop = watch(state.step, total, metrics, monitor, pref_eval, best, logger)  # warnings; stop at one?
         if state.step % cfg.log_every == 0 or state.step == total or stop:
             logger.log(state.step, metrics)

@@ -42,6 +42,9 @@ from rlhf.rollout import RolloutBatch, merged_named_weights
 class Config(RLConfig):
     """PPO options (defaults: seed 002 Part 5 and Huang et al. 2024)."""
 
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses are averaged (verl's agg_loss modes): token-mean (every token of the minibatch
+    weighs the same), seq-mean-token-mean (each sequence's token mean, then the mean), seq-mean-token-sum."""
     critic: Literal["shared", "separate"] = "shared"
     """Value head on the policy's body (the seeds' design) or a separate critic model (OpenRLHF, verl)."""
     critic_model: str | None = None

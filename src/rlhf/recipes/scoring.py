@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from rlhf.algos import AGGREGATIONS, aggregate_scores, ensemble_std
+from rlhf.algos import AGGREGATIONS, aggregate_scores, ensemble_std, tied_groups
 from rlhf.models import (
     ModelLoadError, freeze, get_score_stats, is_ensemble, load_reward_models, load_tokenizer, member_scores,
     read_ensemble, sequence_scores,
@@ -18,9 +18,9 @@ from rlhf.models import (
 from rlhf.errors import UserError
 from rlhf.recipes.rewards import RewardFn, call_reward_fn, in_prompt_form, load_reward_fns, reward_value
 from rlhf.training.config import TrainConfig
-from rlhf.training.loop import StepTimer
+from rlhf.training.loop import StepTimer, reduce_sum, shard
 from rlhf.training.setup import max_positions
-from rlhf.rollout import RolloutBatch, SamplingParams
+from rlhf.rollout import RolloutBatch, SamplingParams, concat_batches
 
 
 @dataclass
@@ -165,8 +165,6 @@ class RLConfig(TrainConfig):
     """Passes over each rollout batch."""
     rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
     """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses are averaged (GRPO paper: seq-mean-token-mean; Dr. GRPO: seq-mean-token-sum)."""
     log_samples: int = 4
     """Prompts whose response (GRPO: the first of each group), score and length go to samples.jsonl at step 1
     and each logged step (0: none); rlhf report shows them."""
@@ -311,3 +309,58 @@ def generate_and_score(rollout, examples: list[dict], params: SamplingParams, to
                              [e.get("_where") for e in repeated])
     timer.lap("time/score")
     return batch, completions, scores, metrics
+
+
+def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: SamplingParams, tokenizer,
+                  scorer: Scorer, timer, *, dynamic_rounds: int = 0, seed: int = 0) -> tuple:
+    """This process's share of a step's prompts (``indices``), ``sampling.num_samples`` (G) samples of each
+    and their scores.
+
+    With ``dynamic_rounds`` > 0, DAPO's dynamic sampling (Yu et al. 2025, section 3.2): the groups whose
+    scores all tie are dropped (their group advantages are 0) and more prompts, drawn by a generator
+    seeded with ``seed`` (the step's, so a resumed run draws the same), are sampled in rounds until every
+    process has as many untied groups as it had prompts, or ``dynamic_rounds`` rounds are done. Every process then keeps the same number of groups, the
+    fewest any has (all of the first round's if some process has none). Counts go to ``score_metrics`` as
+    ``dynamic_sampling/*``.
+
+    Returns:
+        ``(batch, completions, scores, score_metrics, examples, member_scores)``.
+    """
+    rank, world, G = accelerator.process_index, accelerator.num_processes, sampling.num_samples
+    examples = [prompts.examples[i] for i in shard(indices, rank, world)]
+    batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer, scorer,
+                                                                   accelerator.device, timer)
+    if not dynamic_rounds:
+        return batch, completions, scores, score_metrics, examples, scorer.last_member_scores
+    want = len(examples)
+    rounds = [(batch, completions, scores, examples, scorer.last_member_scores)]
+    untied = ~tied_groups(scores, G)
+    extra = torch.Generator().manual_seed(seed)
+    while len(rounds) < dynamic_rounds:
+        if float(reduce_sum(accelerator, torch.tensor(float(max(0, want - int(untied.sum())))))) == 0:
+            break
+        drawn = torch.randint(len(prompts.examples), (len(indices),), generator=extra).tolist()
+        more = [prompts.examples[i] for i in shard(drawn, rank, world)]
+        b, c, sc, _ = generate_and_score(rollout, more, sampling, tokenizer, scorer, accelerator.device, timer)
+        rounds.append((b, c, sc, more, scorer.last_member_scores))
+        untied = torch.cat([untied, ~tied_groups(sc, G)])
+    keep = torch.tensor(float(min(want, int(untied.sum()))))
+    if world > 1:
+        import torch.distributed as dist
+
+        keep = keep.to(accelerator.device)
+        dist.all_reduce(keep, op=dist.ReduceOp.MIN)
+    n_keep = int(keep)
+    groups = (untied.nonzero().flatten()[:n_keep] if n_keep > 0 else torch.arange(want))  # none untied: round 1
+    rows = (groups[:, None] * G + torch.arange(G)).flatten()
+    batch = concat_batches([r[0] for r in rounds], tokenizer.pad_token_id).rows(rows.to(batch.finished.device))
+    completions = [c for r in rounds for c in r[1]]
+    completions = [completions[i] for i in rows.tolist()]
+    scores = torch.cat([r[2] for r in rounds])[rows.to(scores.device)]
+    all_examples = [e for r in rounds for e in r[3]]
+    members = None if rounds[0][4] is None else torch.cat([r[4] for r in rounds])[rows.to(rounds[0][4].device)]
+    counts = reduce_sum(accelerator, torch.tensor([float(len(untied) - int(untied.sum())), float(len(groups)),
+                                                   float(want - n_keep if n_keep > 0 else want)]))
+    score_metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/tied_groups": float(counts[0]),
+                          "dynamic_sampling/kept_groups": float(counts[1]), "dynamic_sampling/missing_groups": float(counts[2])})
+    return batch, completions, scores, score_metrics, [all_examples[i] for i in groups.tolist()], members

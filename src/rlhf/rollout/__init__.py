@@ -15,10 +15,10 @@ the GPU candidate: a static KV cache whose decode step is replayed as a CUDA gra
 bf16 copy of the policy that ``load_weights`` refreshes after every update.
 """
 
-from rlhf.rollout.base import Rollout, RolloutBatch, SamplingParams, response_mask_from_ids
+from rlhf.rollout.base import Rollout, RolloutBatch, SamplingParams, concat_batches, response_mask_from_ids
 from rlhf.rollout.hf import HFRollout
 from rlhf.rollout.select import make_rollout
 from rlhf.rollout.static import StaticRollout, merged_named_weights
 
-__all__ = ["HFRollout", "Rollout", "RolloutBatch", "SamplingParams", "StaticRollout", "make_rollout",
+__all__ = ["HFRollout", "Rollout", "RolloutBatch", "SamplingParams", "StaticRollout", "concat_batches", "make_rollout",
            "merged_named_weights", "response_mask_from_ids"]

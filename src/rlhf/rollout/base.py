@@ -47,6 +47,32 @@ class RolloutBatch:
         return RolloutBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
                                                      self.response_mask, self.finished)))
 
+    def rows(self, index: torch.Tensor) -> "RolloutBatch":
+        """The rows ``index`` (a long tensor or a bool mask of B)."""
+        return RolloutBatch(*(t[index] for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
+                                                 self.response_mask, self.finished)))
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch of the rows of ``batches``: prompts left-padded and responses right-padded (``pad_id``,
+    mask 0) to the widest, so every row keeps its tokens and positions.
+
+    Shape:
+        batches of (B_i, P_i) and (B_i, R_i) -> (sum B_i, max P_i) and (sum B_i, max R_i).
+    """
+    P = max(b.prompt_ids.shape[1] for b in batches)
+    R = max(b.response_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = t.new_full((t.shape[0], width - t.shape[1]), value)
+        return torch.cat([extra, t] if left else [t, extra], dim=1)
+
+    return RolloutBatch(torch.cat([pad(b.prompt_ids, P, pad_id, True) for b in batches]),
+                        torch.cat([pad(b.prompt_mask, P, 0, True) for b in batches]),
+                        torch.cat([pad(b.response_ids, R, pad_id, False) for b in batches]),
+                        torch.cat([pad(b.response_mask, R, 0, False) for b in batches]),
+                        torch.cat([b.finished for b in batches]))
+
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of real response tokens (through the first EOS) and whether an EOS came.

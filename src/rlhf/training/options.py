@@ -65,9 +65,9 @@ TRL_UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(["torch_dtype", "dtype", "tf32", "load_in_4bit", "load_in_8bit", "use_bnb_nested_quant",
                      "bnb_4bit_quant_type", "torch_compile", "use_liger_kernel", "optim", "run_name",
                      "dataloader_num_workers", "dataset_num_proc", "dataset_text_field", "lora_task_type",
-                     "gradient_checkpointing_kwargs", "do_train", "do_eval", "eval_on_start", "scale_rewards",
+                     "gradient_checkpointing_kwargs", "do_train", "do_eval", "eval_on_start",
                      "label_names", "remove_unused_columns"], ""),
-    "loss_type": "grpo's loss is set by --estimator and --loss-agg; dpo's is --loss-type",
+    "loss_type": "it is grpo's and dpo's; ppo's per-token losses are averaged by --loss-agg",
     **dict.fromkeys(["deepspeed", "fsdp", "fsdp_config"], "use accelerate launch --config_file (configs/accelerate/)"),
     "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard",
     **dict.fromkeys(["eval_strategy", "evaluation_strategy"], "use --eval-every"),
@@ -225,6 +225,8 @@ def _from_trl(name: str, value):
     if name == "per_device_train_batch_size":
         per_device = _convert(name, int, value, "--per_device_train_batch_size")
         return per_device * int(os.environ.get("WORLD_SIZE", "1"))
+    if name == "scale_rewards" and str(value).lower() in ("true", "false"):  # TRL's booleans
+        return "group" if str(value).lower() == "true" else "none"
     if name == "resume_from_checkpoint" and str(value).lower() in ("true", "false"):  # transformers: the latest
         return "auto" if str(value).lower() == "true" else None                      # one; or no resume
     if name == "dataset_name":
@@ -270,7 +272,7 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
             flags = {**flags, target: _from_trl(key, flags[key])}
     for key, value in flags.items():
         if key in names:
-            values[key] = _convert(key, hints[key], value, flag(key))
+            values[key] = _convert(key, hints[key], _from_trl(key, value), flag(key))
     try:
         cfg = cls(**values)
     except TypeError as e:
