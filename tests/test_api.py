@@ -212,7 +212,10 @@ def test_trl_trainer_names_and_the_mistakes_a_trl_user_makes(tiny_dir, tokenizer
             r"reward_model=\(model, its_tokenizer\)$", reward_model=small)
     other_tokenizer = train_tokenizer(["completely different words here"] * 50, vocab_size=120)
     refused(r"^--ref-model <ref_model LlamaForCausalLM from .*>: its tokenizer differs from the policy's",
-            ref_model=(tiny_causal_lm(other_tokenizer, "llama", hidden_size=32, num_layers=2), other_tokenizer))
+            ref_model=(tiny_causal_lm(other_tokenizer, "llama", hidden_size=32, num_layers=2), other_tokenizer),
+            beta=0.04)
+    refused(r"^--ref-model changes nothing with --beta 0 \(TRL's default\): there is no KL to a reference; set",
+            ref_model=tiny_dir)
 
 
 def test_an_ensemble_result_is_the_ensemble(tiny_dir, tmp_path):

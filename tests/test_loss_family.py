@@ -326,7 +326,9 @@ def test_dynamic_sampling_trains_on_untied_groups_only_and_counts_them(tiny_dir,
     assert sum(r["dynamic_sampling/tied_groups"] for r in rows) > 0
     for r in rows:
         assert r["dynamic_sampling/kept_groups"] + r["dynamic_sampling/missing_groups"] == 4
-        assert r["frac_reward_zero_std"] == 0.0, r  # no tied group reached the update
+        if r["dynamic_sampling/kept_tied_groups"] == 0:
+            assert r["frac_reward_zero_std"] == 0.0, r  # no tied group reached the update
+    assert any(r["dynamic_sampling/kept_tied_groups"] == 0 for r in rows)
 
 
 def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_dir, prompts_file, tmp_path):
@@ -355,7 +357,9 @@ def test_overlong_penalty_is_added_to_the_scores(tiny_dir, prompts_file, tmp_pat
     (["--sapo-temperature-neg", "2"], "--sapo-temperature-neg changes nothing with --loss-type dapo"),
     (["--estimator", "rloo", "--scale_rewards", "false"], "--scale-rewards none changes nothing with --estimator rloo"),
     (["--estimator", "dr_grpo"], "invalid choice: 'dr_grpo' (choose from 'grpo', 'rloo', 'reinforce_pp')"),
-    (["--delta", "1.1"], "--delta caps the clipped surrogate's ratio and must exceed 1 + --clip-eps-high"),
+    (["--delta", "0.9"], "--delta caps the clipped surrogate's ratio and must exceed 1"),
+    (["--loss-agg", "token-mean"], "--loss-agg is not a setting of rlhf grpo: GRPO's loss and its normalisation are"),
+    (["--estimator", "reinforce_pp", "--loss-type", "vespo"], "--loss-type vespo weighs each sequence"),
 ])
 def test_grpo_family_flags_that_change_nothing_are_one_line(args, message, tiny_dir, prompts_file, tmp_path, capsys):
     from rlhf.cli import main

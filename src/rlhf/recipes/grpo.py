@@ -39,8 +39,8 @@ from rlhf.rollout import merged_named_weights
 class Config(RLConfig):
     """GRPO / RLOO / REINFORCE++ options. TRL's GRPOConfig names mean what they mean in TRL (``loss_type``,
     ``scale_rewards``, ``importance_sampling_level``, ``epsilon_high``, ``delta``, ``mask_truncated_completions``,
-    ``use_bias_correction_kl``...); the defaults that differ from TRL 1.13's: ``beta`` 0.04 (TRL: 0),
-    ``use_bias_correction_kl`` false (TRL: true), ``lr`` 1e-6 as TRL."""
+    ``use_bias_correction_kl``...), and the loss's defaults are TRL 1.13's (dapo, beta 0, the bias-corrected
+    k3 KL, scale_rewards group with 1e-4), so a TRL config that leaves them out trains TRL's loss."""
 
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
@@ -67,13 +67,13 @@ class Config(RLConfig):
     """Prompts per step, across all processes (each gives G responses)."""
     mini_batch_size: int = 32
     """Responses per optimizer step (micro-batches of --batch-size accumulate)."""
-    beta: float = 0.04
-    """KL coefficient to the reference (0: no reference model at all)."""
+    beta: float = 0.0
+    """KL coefficient to the reference (0, TRL's default: no reference model at all; the GRPO paper used 0.04)."""
     kl_in_reward: bool = False
     """Subtract beta * KL (k1, summed per response) from the reward instead of adding beta * k3 to the loss."""
-    use_bias_correction_kl: bool = False
-    """The loss's k3 KL times the importance ratio (TRL 1.13's default, true there): unbiased when the policy
-    has moved since sampling; false: plain k3, the GRPO paper's."""
+    use_bias_correction_kl: bool = True
+    """The loss's k3 KL times the importance ratio (TRL 1.13's default): unbiased when the policy has moved
+    since sampling; false: plain k3, the GRPO paper's."""
     clip_eps: float = 0.2
     """Ratio clip epsilon (low side)."""
     clip_eps_high: float | None = None
@@ -113,17 +113,19 @@ class Config(RLConfig):
 
     def check(self) -> None:
         super().check()
-        if self.num_generations < 2:  # grpo: the std of one score is NaN; unscaled: every advantage 0
+        if self.num_generations < 2 and self.estimator != "reinforce_pp":  # grpo's std of one score is NaN
             raise UserError(f"--estimator {self.estimator} needs --num-generations of at least 2: its baseline "
                             f"is the other samples of the same prompt (got {self.num_generations})")
+        if self.ref_model and self.beta == 0:
+            raise UserError("--ref-model changes nothing with --beta 0 (TRL's default): there is no KL to a reference; "
+                            "set --beta, or leave the reference out")
         if self.loss_type == "cispo" and self.clip_eps_high is None:
             raise UserError("--loss-type cispo caps the importance ratio at --clip-eps-high (TRL's epsilon_high, "
                             "an absolute cap; ScaleRL uses 5.0): give it, since TRL's fallback to epsilon "
                             "(0.2) would scale every token's gradient by 0.2")
-        if self.delta is not None and (LOSS_TYPES[self.loss_type].surrogate != "clip"
-                                       or self.delta <= 1 + (self.clip_eps_high or self.clip_eps)):
-            raise UserError(f"--delta caps the clipped surrogate's ratio and must exceed 1 + --clip-eps-high; "
-                            f"got {self.delta} with --loss-type {self.loss_type}")
+        if self.delta is not None and (LOSS_TYPES[self.loss_type].surrogate != "clip" or self.delta <= 1):
+            raise UserError(f"--delta caps the clipped surrogate's ratio and must exceed 1 (INTELLECT-2 recommends "
+                            f"more than 1 + --clip-eps-high); got {self.delta} with --loss-type {self.loss_type}")
         for names, loss in ((("sapo_temperature_pos", "sapo_temperature_neg"), "sapo"),
                             (("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), "vespo")):
             changed = [n for n in names if getattr(self, n) != Config.__dataclass_fields__[n].default]
@@ -138,6 +140,9 @@ class Config(RLConfig):
                             f"got {self.overlong_buffer}")
         if self.dynamic_sampling_max_rounds < 1:
             raise UserError("--dynamic-sampling-max-rounds must be at least 1")
+        if self.estimator == "reinforce_pp" and self.loss_type == "vespo":
+            raise UserError("--loss-type vespo weighs each sequence by the sign of its one advantage; --estimator "
+                            "reinforce_pp gives every token its own")
         if self.estimator == "reinforce_pp" and self.beta > 0:
             self.kl_in_reward = True  # REINFORCE++ penalises the KL in the per-token reward, never in the loss
 
@@ -152,20 +157,26 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
     already out under --mask-truncated-completions).
     """
     world, n, P = accelerator.num_processes, buf["input_ids"].shape[0], buf["prompt_len"]
-    mb = max(1, cfg.mini_batch_size // world)
+    device = buf["input_ids"].device
+    # The planned number of updates per rollout (what the LR schedule counts), whatever n is: with
+    # --dynamic-sampling a step may keep fewer groups, split into as many (smaller) minibatches.
+    n_minibatches = max(1, -(-cfg.rollout_batch_size * cfg.num_generations // cfg.mini_batch_size))
+    mb = max(1, -(-n // n_minibatches))
+    micro_size = max(1, cfg.batch_size // world)  # --batch-size is global
     normalisation = LOSS_TYPES[cfg.loss_type].normalisation
-    rollout_tokens, rollout_seqs = reduce_sum(accelerator, torch.stack([buf["response_mask"].sum().float(),
-                                                                        torch.tensor(float(n))]))
+    rollout_tokens, rollout_seqs = reduce_sum(accelerator, torch.stack([
+        buf["response_mask"].sum().float(), torch.tensor(float(n), device=device)]))
     sums: dict[str, torch.Tensor] = {}
     n_updates = skipped = 0
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(n, device=buf["input_ids"].device)
+        perm = torch.randperm(n, device=device)
         for s in range(0, n, mb):
             idx = perm[s : s + mb]
-            micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+            micro = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
             step_tokens, step_seqs, step_micro = reduce_sum(accelerator, torch.stack([
-                buf["response_mask"][idx].sum().float(), torch.tensor(float(len(idx))), torch.tensor(float(len(micro)))]))
+                buf["response_mask"][idx].sum().float(), torch.tensor(float(len(idx)), device=device),
+                torch.tensor(float(len(micro)), device=device)]))
             # TRL's dapo normalises by the rollout's tokens over its optimizer steps (num_items_in_batch).
             norm = partial(normalise_policy_loss, normalisation=normalisation, global_seqs=step_seqs,
                            global_tokens=rollout_tokens * step_seqs / rollout_seqs, global_micro_batches=step_micro,
@@ -190,14 +201,14 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                         if cfg.use_bias_correction_kl:  # k3 x the importance ratio (TRL's use_bias_correction_kl)
                             kl_tokens = kl_tokens * torch.exp(importance_log_ratio(
                                 logprobs, old, mask, cfg.importance_sampling_level))
-                        kl = norm(kl_tokens, mask)
-                        loss = loss + cfg.beta * kl
-                        sums["kl"] = sums.get("kl", 0.0) + kl.detach()
+                        loss = loss + cfg.beta * norm(kl_tokens, mask)  # normalised as the loss (TRL)
                         if "kl_tokens" in buf:  # the monitor's: one pass over the batch, the policy not yet moved
                             buf["kl_tokens"][mi] = kl_tokens.detach() * mask
                     accelerator.backward(loss * world)
                 share = mask.sum() / step_tokens.clamp(min=1)
                 m = {"clip_ratio": m["clip_ratio/region_mean"], **m} if "clip_ratio/region_mean" in m else m
+                if cfg.beta > 0 and not cfg.kl_in_reward:  # logged as TRL logs it: the per-token mean
+                    m = {**m, "kl": masked_mean(kl_tokens.detach(), mask)}
                 for name, value in (*((k2, v * share) for k2, v in m.items()),
                                     ("entropy", masked_mean(entropy.detach(), mask) * share),
                                     ("loss/policy", policy_loss.detach())):

@@ -319,9 +319,12 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     With ``dynamic_rounds`` > 0, DAPO's dynamic sampling (Yu et al. 2025, section 3.2): the groups whose
     scores all tie are dropped (their group advantages are 0) and more prompts, drawn by a generator
     seeded with ``seed`` (the step's, so a resumed run draws the same), are sampled in rounds until every
-    process has as many untied groups as it had prompts, or ``dynamic_rounds`` rounds are done. Every process then keeps the same number of groups, the
-    fewest any has (all of the first round's if some process has none). Counts go to ``score_metrics`` as
-    ``dynamic_sampling/*``.
+    process has as many untied groups as it had prompts, or ``dynamic_rounds`` rounds are done. Every
+    process then keeps the same number of groups (the update's collectives need it): the fewest untied
+    groups any process has, and at least one, a process without one keeping a tied group. Counts go to
+    ``score_metrics`` as ``dynamic_sampling/*``: ``rounds``, ``tied_groups`` (seen and dropped),
+    ``kept_groups`` (untied, trained on), ``kept_tied_groups`` and ``missing_groups`` (short of the
+    step's prompts).
 
     Returns:
         ``(batch, completions, scores, score_metrics, examples, member_scores)``.
@@ -334,7 +337,7 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
         return batch, completions, scores, score_metrics, examples, scorer.last_member_scores
     want = len(examples)
     rounds = [(batch, completions, scores, examples, scorer.last_member_scores)]
-    untied = ~tied_groups(scores, G)
+    untied = ~tied_groups(scores, G).cpu()
     extra = torch.Generator().manual_seed(seed)
     while len(rounds) < dynamic_rounds:
         if float(reduce_sum(accelerator, torch.tensor(float(max(0, want - int(untied.sum())))))) == 0:
@@ -343,15 +346,18 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
         more = [prompts.examples[i] for i in shard(drawn, rank, world)]
         b, c, sc, _ = generate_and_score(rollout, more, sampling, tokenizer, scorer, accelerator.device, timer)
         rounds.append((b, c, sc, more, scorer.last_member_scores))
-        untied = torch.cat([untied, ~tied_groups(sc, G)])
-    keep = torch.tensor(float(min(want, int(untied.sum()))))
+        untied = torch.cat([untied, ~tied_groups(sc, G).cpu()])
+    n_keep = min(want, int(untied.sum()))
     if world > 1:
         import torch.distributed as dist
 
-        keep = keep.to(accelerator.device)
+        keep = torch.tensor(float(n_keep), device=accelerator.device)
         dist.all_reduce(keep, op=dist.ReduceOp.MIN)
-    n_keep = int(keep)
-    groups = (untied.nonzero().flatten()[:n_keep] if n_keep > 0 else torch.arange(want))  # none untied: round 1
+        n_keep = int(keep)
+    n_keep = max(n_keep, 1)
+    order = torch.cat([untied.nonzero().flatten(), (~untied).nonzero().flatten()])  # untied groups first
+    groups = order[:n_keep]
+    n_untied = int(untied[groups].sum())
     rows = (groups[:, None] * G + torch.arange(G)).flatten()
     batch = concat_batches([r[0] for r in rounds], tokenizer.pad_token_id).rows(rows.to(batch.finished.device))
     completions = [c for r in rounds for c in r[1]]
@@ -359,8 +365,10 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     scores = torch.cat([r[2] for r in rounds])[rows.to(scores.device)]
     all_examples = [e for r in rounds for e in r[3]]
     members = None if rounds[0][4] is None else torch.cat([r[4] for r in rounds])[rows.to(rounds[0][4].device)]
-    counts = reduce_sum(accelerator, torch.tensor([float(len(untied) - int(untied.sum())), float(len(groups)),
-                                                   float(want - n_keep if n_keep > 0 else want)]))
+    counts = reduce_sum(accelerator, torch.tensor([float(len(untied) - int(untied.sum())), float(n_untied),
+                                                   float(n_keep - n_untied), float(want - n_untied)]))
     score_metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/tied_groups": float(counts[0]),
-                          "dynamic_sampling/kept_groups": float(counts[1]), "dynamic_sampling/missing_groups": float(counts[2])})
+                          "dynamic_sampling/kept_groups": float(counts[1]),
+                          "dynamic_sampling/kept_tied_groups": float(counts[2]),
+                          "dynamic_sampling/missing_groups": float(counts[3])})
     return batch, completions, scores, score_metrics, [all_examples[i] for i in groups.tolist()], members

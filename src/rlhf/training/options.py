@@ -80,6 +80,10 @@ TRL_UNSUPPORTED: dict[str, str] = {
     "padding_free": "use --packing (sft) or --share-prompt (dpo, grpo)",
     "reward_weights": "give weights in --reward-fn module:function:weight",
 }
+# Our own flags that were renamed: the old name is refused with the new one.
+RENAMED: dict[str, str] = {
+    "loss_agg": "GRPO's loss and its normalisation are --loss-type (TRL's names; PPO keeps --loss-agg)",
+}
 # Aliases whose value is converted, so they keep their own argparse dest.
 _CONVERTED = ("per_device_train_batch_size", "dataset_name", "resume_from_checkpoint")
 
@@ -100,6 +104,8 @@ def unknown_name(cls: type, name: str, recipe: str, dash: str = "--") -> str:
     with no meaning here, an alias of a field this recipe lacks, or a typo and its closest match."""
     key = name.lstrip("-").split("=", 1)[0].replace("-", "_")
     shown = dash + name.lstrip("-").split("=", 1)[0] if dash else repr(key)
+    if key in RENAMED:
+        return f"{shown} is not a setting of rlhf {recipe}: {RENAMED[key]}"
     if key in TRL_UNSUPPORTED:
         hint = TRL_UNSUPPORTED[key]
         return f"{shown} (TRL/transformers) is not supported by rlhf {recipe}" + (f"; {hint}" if hint else "")
