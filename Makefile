@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-faults test-slow test-zoo test-sharded test-gpu bench bench-gpu clean
+.PHONY: setup demo demo-distill test test-faults test-slow test-zoo test-sharded test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/rlhf demo --output-dir runs/demo
+
+demo-distill: setup
+	$(BIN)/rlhf demo-distill --output-dir runs/distill-demo
 
 test: setup
 	$(BIN)/python -m pytest -q

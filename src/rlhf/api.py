@@ -49,7 +49,7 @@ class Result:
     """What a run returns.
 
     Attributes:
-        stage: ``sft``, ``rm``, ``ppo``, ``dpo`` or ``grpo``.
+        stage: ``sft``, ``rm``, ``ppo``, ``dpo``, ``grpo`` or ``distill``.
         output_dir: the run's ``--output-dir``.
         model_path: the directory of the saved final model (``output_dir``; None if none was saved).
         metrics: the last value of every metric the run logged, as the main process logged them
@@ -344,3 +344,4 @@ rm = _stage("rm")
 ppo = _stage("ppo")
 dpo = _stage("dpo")
 grpo = _stage("grpo")
+distill = _stage("distill")

@@ -17,13 +17,15 @@ import sys
 
 from rlhf.recipes import STAGES
 
-RECIPES = STAGES  # sft, rm, ppo, dpo, grpo: the Python API's stages
+RECIPES = STAGES  # sft, rm, ppo, dpo, grpo, distill: the Python API's stages
 TOOLS = {
     "generate": ("rlhf.commands.inference", "Sample completions from a model (seed 002 Part 8)."),
     "chat": ("rlhf.commands.inference", "Interactive terminal chat with a model."),
     "explain": ("rlhf.commands.explain", "Print the seeds' Part 5 table for one real rollout."),
     "report": ("rlhf.watch.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
     "demo": ("rlhf.demo.run", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
+    "demo-distill": ("rlhf.demo.distill", "The built-in distillation example: a counting teacher by SFT, distilled "
+                                          "on-policy into a smaller untrained student."),
 }
 
 

@@ -12,6 +12,7 @@ from rlhf.algos.advantages import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from rlhf.algos.distill import generalized_jsd, teacher_top_k_mass
 from rlhf.algos.ensemble import AGGREGATIONS, aggregate_scores, ensemble_std
 from rlhf.algos.kl import (
     AdaptiveKLController,
@@ -49,4 +50,5 @@ __all__ = [
     "ppo_loss", "ppo_policy_loss", "relative_drift", "repetition_fraction", "reward_length", "rloo_advantages",
     "sft_loss", "value_loss", "LOSS_TYPES", "LossType", "importance_log_ratio", "normalise_policy_loss",
     "policy_loss_terms", "vespo_weights", "overlong_penalty", "tied_groups", "reinforce_pp_advantages",
+    "generalized_jsd", "teacher_top_k_mass",
 ]

@@ -1,5 +1,5 @@
 """The training loops, each a short script that reads like the seeds' steps: ``sft``, ``reward``,
-``ppo``, ``dpo``, ``grpo``; and what they share: ``scoring`` (the RL loops' options, rollout and reward),
+``ppo``, ``dpo``, ``grpo``, ``distill``; and what they share: ``scoring`` (the RL loops' options, rollout and reward),
 ``rewards`` (Python reward functions, called as TRL calls them) and ``logprobs`` (log-probs of
 responses and of preference pairs).
 
@@ -13,6 +13,9 @@ STAGES = {
     "sft": ("rlhf.recipes.sft", "Stage 1: supervised fine-tuning on (prompt, ideal response) pairs."),
     "rm": ("rlhf.recipes.reward", "Stage 2: train a reward model with the Bradley-Terry loss."),
     "ppo": ("rlhf.recipes.ppo", "Stage 3: PPO actor-critic RLHF against a reward model and/or reward functions."),
-    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, cDPO) from preference pairs."),
-    "grpo": ("rlhf.recipes.grpo", "GRPO / Dr. GRPO / RLOO with group baselines and rule rewards."),
+    "dpo": ("rlhf.recipes.dpo", "Direct preference optimisation (sigmoid, ipo, hinge, robust, cdpo) from preference pairs."),
+    "grpo": ("rlhf.recipes.grpo", "GRPO and the RLVR loss family (DAPO, Dr. GRPO, CISPO, SAPO, GSPO...), RLOO and "
+                                  "REINFORCE++, with group baselines and rule rewards."),
+    "distill": ("rlhf.recipes.distill", "On-policy distillation (GKD): the student learns the teacher's per-token "
+                                        "distributions on its own samples."),
 }
