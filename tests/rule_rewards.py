@@ -28,3 +28,10 @@ def total_length(prompts, completions, **columns):
 def starts_with_vowel(prompts, completions, **columns):
     """1.0 where the completion's first character is a lowercase vowel: a reward whose groups often tie."""
     return [float(text(t)[:1] in tuple("aeiou")) for t in completions]
+
+
+def item_number(prompts, completions, **columns):
+    """The number in the prompt ("Tell me about item 7."), over 32: a reward fixed by the prompt alone."""
+    import re
+
+    return [int(re.search(r"\d+", str(p)).group()) / 32 for p in prompts]

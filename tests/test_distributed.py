@@ -156,3 +156,29 @@ def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_di
         assert {r["loss"] for r in results} == {rows[max(rows)]}  # every process: the main one's metrics
         runs[n] = rows[2]
     assert runs[2] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_grpo_metrics_on_two_processes_are_the_whole_batchs(tiny_dir, tmp_path):
+    """Issue 22: reward, reward_std and completions/* were process 0's alone (every reward a multiple of 1/16
+    for 32 completions). A reward fixed by the prompt makes the step's values known on any process count."""
+    rows = [{"prompt": f"Tell me about item {i}."} for i in range(32)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["grpo", "--model", tiny_dir, "--data", str(data), "--max-steps", "2", "--batch-size", "4",
+              "--report-to", "none", "--reward-fn", "rule_rewards:item_number", "--max-new-tokens", "4",
+              "--rollout-batch-size", "8", "--mini-batch-size", "8", "--num-generations", "2"]
+    cwd = os.getcwd()
+    os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        launch(1, [*common, "--output-dir", str(tmp_path / "one")])
+        launch(2, [*common, "--output-dir", str(tmp_path / "two")])
+    finally:
+        os.chdir(cwd)
+
+    def logged(d):
+        return [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl") if '"reward"' in x]
+
+    one, two = logged("one"), logged("two")
+    for a, b in zip(one, two):
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/rule_rewards:item_number"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (key, a[key], b[key])

@@ -196,6 +196,25 @@ def test_overwrite_removes_what_an_online_run_left(tmp_path, tiny_dir, capsys):
     assert not any((out / n).exists() for n in ("samples.jsonl", "report.html", "best"))
 
 
+def test_overwrite_leaves_no_chat_template_of_the_old_run(tmp_path, tiny_dir, capsys):
+    """Issue 22: a model without a chat template trained over a run whose tokenizer had one kept the old
+    chat_template.jinja, and loaded with the wrong template."""
+    from rlhf.models import load_tokenizer, save_pretrained
+    from transformers import AutoModelForCausalLM
+
+    plain = tmp_path / "plain"
+    tok = load_tokenizer(tiny_dir)
+    tok.chat_template = None
+    save_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tok, str(plain))
+    assert not (plain / "chat_template.jinja").exists()
+    out = tmp_path / "out"
+    assert cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1))[0] == 0
+    assert (out / "chat_template.jinja").exists()
+    assert cli(capsys, *sft_args(str(plain), sft_data(tmp_path), out, "--max-steps", 1, "--overwrite-output-dir"))[0] == 0
+    assert not (out / "chat_template.jinja").exists()
+    assert load_tokenizer(str(out)).chat_template is None
+
+
 def test_two_live_runs_in_one_directory(tmp_path, tiny_dir, capsys):
     import fcntl
 

@@ -24,7 +24,8 @@ from rlhf.algos import (LOSS_TYPES, compute_advantages, importance_log_ratio, kl
                         masked_mean, normalise_policy_loss, overlong_penalty, policy_loss_terms, tied_groups)
 from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
-from rlhf.training.loop import StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, reduce_sum
+from rlhf.training.loop import (StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, mean_over_processes,
+                                reduce_sum)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
@@ -342,14 +343,17 @@ def run(cfg: Config) -> dict[str, float]:
         logger.advance()
         count_skip(cfg, state, train_metrics["train/skipped_updates"] == train_metrics["train/updates"], checkpointer)
         # 6. Log and checkpoint.
-        grouped = scores.view(-1, G)
-        metrics = {"reward": float(scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
-                   "frac_reward_zero_std": float(tied_groups(scores, G).float().mean()),
-                   "completions/mean_length": float(mask.sum(1).float().mean()),
-                   "completions/clipped_ratio": float((~batch.finished).float().mean()),
+        all_scores = accelerator.gather(scores.contiguous())  # every process's groups: what 1 process would log
+        lengths = accelerator.gather(mask.sum(1).float().contiguous())
+        grouped = all_scores.view(-1, G)
+        metrics = {"reward": float(all_scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
+                   "frac_reward_zero_std": float(tied_groups(all_scores, G).float().mean()),
+                   "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                   "completions/max_length": float(lengths.max()),
+                   "completions/clipped_ratio": float(accelerator.gather((~batch.finished).float()).mean()),
                    "speed/completions_per_second": len(completions) * accelerator.num_processes
                                                    / timer.metrics()["time/step"],
-                   **timer.metrics(), **score_metrics, **train_metrics}
+                   **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
                                            member_scores=member_scores))

@@ -26,7 +26,8 @@ from rlhf.models import (
     Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier, save_pretrained,
 )
 from rlhf.errors import UserError
-from rlhf.training.loop import StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, reduce_sum, shard
+from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
+                                reduce_sum, shard)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
 from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
 from rlhf.training.logs import write_model_card
@@ -335,11 +336,11 @@ def run(cfg: Config) -> dict[str, float]:
             "objective/scores": float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)),
             "objective/rlhf_reward": float(reduce_sum(accelerator, rewards.sum()) / (len(examples) * world)),
             "objective/kl": kl_per_seq, "objective/kl_coef": kl_ctl.value,
-            "val/mean": float(masked_mean(old_values, mask)),
-            "response/length_mean": float(mask.sum(1).float().mean()),
-            "response/no_eos_fraction": float((~batch.finished).float().mean()),
+            **mean_over_processes(accelerator, {  # equally many rows on every process
+                "val/mean": float(masked_mean(old_values, mask)), "response/length_mean": float(mask.sum(1).float().mean()),
+                "response/no_eos_fraction": float((~batch.finished).float().mean())}),
             "speed/tokens_per_second": float(mask.sum() * world) / timer.metrics()["time/step"],
-            **timer.metrics(), **score_metrics, **train_metrics,
+            **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics,
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,

@@ -180,12 +180,16 @@ PATH_FIELDS = frozenset({"model", "data", "reward_model", "critic_model"})
 # What a finished or interrupted run leaves: another run may not write here unless asked to.
 RESULT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "value_head.safetensors", "metrics.jsonl", "ensemble.json")
-# What --overwrite-output-dir removes once the new run has started (the tokenizer files and the
-# model card are rewritten at the end; nothing else in the directory is touched).
+# What --overwrite-output-dir removes once the new run has started (its model and tokenizer are loaded by
+# then): everything a run writes, the tokenizer files and the model card too, so nothing of the old run
+# (a chat template the new tokenizer lacks) outlives it; nothing else in the directory is touched.
 OLD_RUN_OUTPUTS = ("checkpoints", "tensorboard", "critic", "metrics.jsonl", "config.json", "generation_config.json",
                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                    "adapter_model.safetensors", "adapter_config.json", "value_head.safetensors",
-                   "ensemble.json", "member-*", "samples.jsonl", "best", ".tmp-best", "report.html")
+                   "ensemble.json", "member-*", "samples.jsonl", "best", ".tmp-best", "report.html",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "README.md")
 
 
 def run_record(cfg) -> dict:

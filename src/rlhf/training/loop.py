@@ -120,6 +120,16 @@ def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
 
 
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric's mean over the processes: the whole batch's value of a per-process mean over equally many
+    rows (a reward function's mean score), so 2 processes log what 1 would."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = reduce_sum(accelerator, torch.tensor([float(metrics[k]) for k in keys])) / accelerator.num_processes
+    return dict(zip(keys, values.tolist()))
+
+
 def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples: list[dict],
         collate: Callable[[list[dict]], dict], count: Callable[[dict], int], loss_fn: LossFn,
         state: TrainState, plan: StepPlan, total_steps: int, logger: RunLogger, checkpointer: Checkpointer,
