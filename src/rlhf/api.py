@@ -41,7 +41,7 @@ ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
 WITH_REFERENCE = ("dpo", "ppo", "grpo")  # the stages with ref_model=
 # TRL's trainer arguments (GRPOTrainer(model, reward_funcs, train_dataset=, eval_dataset=, processing_class=)).
 TRAINER_ALIASES = {"reward_funcs": "reward_fns", "train_dataset": "data", "eval_dataset": "eval_data",
-                   "processing_class": "tokenizer"}
+                   "processing_class": "tokenizer", "environment_factory": "env"}
 
 
 @dataclass
@@ -257,6 +257,15 @@ def _call(stage: str, objects: list[str], given: dict, options: dict) -> Result:
         for label in ("reward_model", "ref_model"):
             if given.get(label) is not None:
                 keywords[label] = _with_tokenizer(given[label], label, tokenizer, model, held)
+        env = given.get("env")
+        if env is not None and not isinstance(env, str):
+            if not callable(env):
+                raise UserError(f"rlhf.{stage}(): env= takes a factory (a callable returning an environment) or "
+                                f"'module:factory', got {type(env).__name__}")
+            env = handles.register(env, "env " + getattr(env, "__name__", type(env).__name__))
+            held.append(env)
+        if env is not None:
+            keywords["env"] = env
         spec = _reward_fn_spec(given.get("reward_fns"), held)
         if spec:
             keywords["reward_fn"] = ",".join(x for x in (keywords.get("reward_fn"), spec) if x)
@@ -300,6 +309,9 @@ _OBJECT_DOCS = {
     "reward_fns": "(TRL's reward_funcs=) reward functions: callables with TRL's signature fn(prompts, completions, **columns) -> "
                   "list[float], 'module:function[:weight]' strings, or (callable, weight) pairs; named in "
                   "metrics (rewards/NAME) and errors by __name__.",
+    "env": "(TRL's environment_factory=) multi-turn episodes: a factory returning one environment per episode "
+           "(reset(row) -> messages, step(message) -> (observations, reward, done); rlhf.rollout.env.ToolEnv for "
+           "plain-function tools), or 'module:factory'.",
     "callbacks": "a callable or a list: fn(step, metrics) is called with every logged row on every process; "
                  "True from one (on any process) stops the run after that step, and the model is saved as at a "
                  "normal end (rm with ensemble=K: each member is a run of its own, steps from 1).",
@@ -308,7 +320,8 @@ _OBJECT_DOCS = {
 
 def _stage(stage: str) -> Callable[..., Result]:
     objects = ["model", "tokenizer", "data", "eval_data", *(["ref_model"] if stage in WITH_REFERENCE else []),
-               *(["reward_model", "reward_fns"] if stage in ONLINE else []), "callbacks"]
+               *(["reward_model", "reward_fns"] if stage in ONLINE else []), *(["env"] if stage == "grpo" else []),
+               "callbacks"]
 
     def run_stage(model=None, **keywords) -> Result:
         given, options = {"model": model}, {}

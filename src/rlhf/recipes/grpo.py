@@ -31,6 +31,7 @@ from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import save_final
+from rlhf.recipes.episodes import EpisodeSampler
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, sample_groups
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import merged_named_weights
@@ -108,6 +109,14 @@ class Config(RLConfig):
     dynamic_sampling_max_rounds: int = 4
     """Sampling rounds per step under --dynamic-sampling (the first included); if the batch is still short,
     the step trains on the untied groups it has."""
+    env: str | None = None
+    """Multi-turn episodes: module:factory, the factory returning one environment per episode (reset(row) ->
+    messages, step(message) -> (observations, reward, done); rlhf.rollout.env.ToolEnv for plain-function tools).
+    Episodes are G per prompt, token-in token-out; only the model's tokens are trained; --reward-fn then scores
+    the final answer, added to the environment's rewards."""
+    max_turns: int = 4
+    """With --env: the most assistant turns of an episode (each at most --max-new-tokens; all within
+    --max-length)."""
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
@@ -139,6 +148,10 @@ class Config(RLConfig):
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise UserError(f"--overlong-buffer must be 0 (off) to --max-new-tokens ({self.max_new_tokens}), "
                             f"got {self.overlong_buffer}")
+        if self.env and self.dynamic_sampling:
+            raise UserError("--dynamic-sampling with --env: not supported yet (episodes are played in one round)")
+        if self.max_turns < 1:
+            raise UserError(f"--max-turns must be at least 1, got {self.max_turns}")
         if self.dynamic_sampling_max_rounds < 1:
             raise UserError("--dynamic-sampling-max-rounds must be at least 1")
         if self.estimator == "reinforce_pp" and self.loss_type == "vespo":
@@ -249,7 +262,8 @@ def run(cfg: Config) -> dict[str, float]:
     tokenizer, policy = load_policy(cfg)
     disable_dropout(policy)
     ref = load_reference(cfg, policy, tokenizer).to(accelerator.device) if cfg.beta > 0 else None
-    scorer = cfg.scorer(tokenizer, accelerator.device)
+    scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
+    episodes = EpisodeSampler(cfg.env, tokenizer, cfg.max_turns, cfg.max_length) if cfg.env else None
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     check_prompt_positions(cfg, policy, prompts)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
@@ -287,15 +301,20 @@ def run(cfg: Config) -> dict[str, float]:
     while state.step < total:
         timer = StepTimer()  # laps: generate, score, old_logprob_pass, reference_pass, advantages, train, weight_sync
         # 1-3. Prompts, G samples of each (contiguous), and their rewards (with --dynamic-sampling: untied groups).
-        batch, completions, scores, score_metrics, examples, member_scores = sample_groups(
-            accelerator, rollout, prompts, plan.step_indices(state.step)[0], sampling, tokenizer, scorer, timer,
-            dynamic_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0,
-            seed=cfg.seed * 1_000_003 + state.step)
+        indices = plan.step_indices(state.step)[0]
+        if episodes is not None:  # multi-turn: G episodes per prompt in the environment
+            batch, completions, scores, score_metrics, examples, member_scores = episodes(
+                accelerator, rollout, prompts, indices, sampling, scorer, timer)
+        else:
+            batch, completions, scores, score_metrics, examples, member_scores = sample_groups(
+                accelerator, rollout, prompts, indices, sampling, tokenizer, scorer, timer,
+                dynamic_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0,
+                seed=cfg.seed * 1_000_003 + state.step)
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(completions)
                                                                                       * accelerator.num_processes)))
             timer.lap("time/score")
-        mask, P = batch.response_mask, batch.prompt_ids.shape[1]
+        mask, P = batch.loss_mask, batch.prompt_ids.shape[1]  # the model's tokens (an episode's observations: 0)
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
         old_logprobs = ref_logprobs = None
         with torch.no_grad(), eval_mode(model):

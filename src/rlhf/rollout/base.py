@@ -26,7 +26,10 @@ class RolloutBatch:
 
     Shapes: ``prompt_ids``/``prompt_mask`` (B, P), left-padded; ``response_ids``/
     ``response_mask`` (B, R), right-padded, the mask 1 up to and including the first EOS;
-    ``finished`` (B,), True where an EOS was produced.
+    ``finished`` (B,), True where an EOS was produced. A multi-turn episode's response holds the
+    observations' tokens too: ``response_mask`` is 1 on every real token (attended to) and
+    ``model_mask`` (B, R) 1 on the model's own tokens only (:mod:`rlhf.rollout.env`); ``loss_mask``
+    is the one the losses use.
     """
 
     prompt_ids: torch.Tensor
@@ -34,6 +37,12 @@ class RolloutBatch:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     finished: torch.Tensor
+    model_mask: torch.Tensor | None = None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """Where the policy loss, KL and entropy count: the model's sampled tokens."""
+        return self.response_mask if self.model_mask is None else self.model_mask
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -43,14 +52,17 @@ class RolloutBatch:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
+    def _map(self, fn) -> "RolloutBatch":
+        return RolloutBatch(*(fn(t) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
+                                              self.response_mask, self.finished)),
+                            model_mask=None if self.model_mask is None else fn(self.model_mask))
+
     def to(self, device) -> "RolloutBatch":
-        return RolloutBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
-                                                     self.response_mask, self.finished)))
+        return self._map(lambda t: t.to(device))
 
     def rows(self, index: torch.Tensor) -> "RolloutBatch":
         """The rows ``index`` (a long tensor or a bool mask of B)."""
-        return RolloutBatch(*(t[index] for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
-                                                 self.response_mask, self.finished)))
+        return self._map(lambda t: t[index])
 
 
 def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -67,11 +79,13 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         extra = t.new_full((t.shape[0], width - t.shape[1]), value)
         return torch.cat([extra, t] if left else [t, extra], dim=1)
 
+    models = None if all(b.model_mask is None for b in batches) else \
+        torch.cat([pad(b.loss_mask, R, 0, False) for b in batches])
     return RolloutBatch(torch.cat([pad(b.prompt_ids, P, pad_id, True) for b in batches]),
                         torch.cat([pad(b.prompt_mask, P, 0, True) for b in batches]),
                         torch.cat([pad(b.response_ids, R, pad_id, False) for b in batches]),
                         torch.cat([pad(b.response_mask, R, 0, False) for b in batches]),
-                        torch.cat([b.finished for b in batches]))
+                        torch.cat([b.finished for b in batches]), model_mask=models)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

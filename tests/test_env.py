@@ -1,0 +1,209 @@
+"""Multi-turn environments and tool calls (issue 26): token-in, token-out episodes, the loss mask on the
+model's tokens only, tool-call parsing, append-only templates, bad environment output in one line, and
+GRPO on episodes."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf.errors import UserError
+from rlhf.rollout import RolloutBatch, SamplingParams
+from rlhf.rollout.env import (EnvError, ToolEnv, check_append_only, episodes_to_batch, parse_assistant, run_episodes,
+                              tool_schemas)
+
+# A tool-calling template in Qwen's style over the tiny tokenizer's role tokens: tools listed in a system
+# turn, calls as <tool_call>{json}</tool_call>, results as a user turn in <tool_response>.
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>Tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}<|end|>"
+    "{% endif %}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}"
+    "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c['function']['name'], "
+    "'arguments': c['function']['arguments']} | tojson }}</tool_call>{% endfor %}{% endif %}<|end|>"
+    "{% elif m['role'] == 'tool' %}<|user|><tool_response>{{ m['content'] }}</tool_response><|end|>"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+class Scripted:
+    """A Rollout that replies with the given texts, turn after turn (each ends with EOS)."""
+
+    def __init__(self, tokenizer, replies: list[str], finished: bool = True):
+        self.tok, self.replies, self.finished, self.seen = tokenizer, list(replies), finished, []
+
+    def generate(self, prompts, params):
+        self.seen.append([list(p) for p in prompts])
+        text = self.replies.pop(0)
+        ids = self.tok(text, add_special_tokens=False).input_ids + ([self.tok.eos_token_id] if self.finished else [])
+        n = len(prompts)
+        return RolloutBatch(torch.ones(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                            torch.tensor([ids] * n), torch.ones(n, len(ids), dtype=torch.long),
+                            torch.tensor([self.finished] * n))
+
+
+@pytest.fixture
+def tool_tokenizer(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    return tok
+
+
+def test_parse_hermes_tool_calls_and_malformed_ones(tool_tokenizer):
+    m = parse_assistant(tool_tokenizer, 'Let me add. <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>')
+    assert m["content"] == "Let me add." and m["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 2, "b": 3}}
+    bad = parse_assistant(tool_tokenizer, "<tool_call>{add 2 3}</tool_call>")
+    assert "error" in bad["tool_calls"][0]
+    assert parse_assistant(tool_tokenizer, "5") == {"role": "assistant", "content": "5"}
+    assert tool_schemas([add])[0]["function"]["parameters"]["properties"]["a"]["type"] == "integer"
+
+
+def test_episode_tokens_are_the_sampled_ones_plus_the_templates_observations(tool_tokenizer):
+    tok = tool_tokenizer
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    rollout = Scripted(tok, [call, "The sum is 5"])
+    env = ToolEnv([add])
+    episodes = run_episodes(rollout, tok, TOOL_TEMPLATE, [env], [{"prompt": "What is 2+3?"}],
+                            SamplingParams(max_new_tokens=64), max_turns=4, max_length=512, tools=env.schemas)
+    e = episodes[0]
+    eos = tok.eos_token_id
+    first = tok(call, add_special_tokens=False).input_ids + [eos]
+    second = tok("The sum is 5", add_special_tokens=False).input_ids + [eos]
+    observation = tok("<|user|><tool_response>5</tool_response><|end|><|assistant|>", add_special_tokens=False).input_ids
+    assert e.ids == first + observation + second  # the sampled tokens as sampled, the observation as rendered
+    assert e.model_mask == [1] * len(first) + [0] * len(observation) + [1] * len(second)
+    assert e.turns == 2 and e.tool_calls == 1 and e.finished
+    # The second turn saw exactly the prompt, its first reply and the observation: token-in.
+    assert rollout.seen[1][0] == e.prompt_ids + first + observation
+    # The whole conversation rendered by the template is the same tokens.
+    whole = tok(tok.apply_chat_template(e.messages, chat_template=TOOL_TEMPLATE, tools=env.schemas, tokenize=False),
+                add_special_tokens=False).input_ids
+    assert e.prompt_ids + e.ids == whole
+    batch = episodes_to_batch(episodes, tok.pad_token_id)
+    assert batch.loss_mask.tolist()[0] == e.model_mask and batch.response_mask.sum().item() == len(e.ids)
+
+
+def test_a_template_that_is_not_append_only_is_refused(tool_tokenizer):
+    rewriting = TOOL_TEMPLATE.replace("{% for m in messages %}", "{% for m in messages[-3:] %}")
+    with pytest.raises(UserError, match="the chat template is not append-only"):
+        check_append_only(tool_tokenizer, rewriting, None)
+    check_append_only(tool_tokenizer, TOOL_TEMPLATE, tool_schemas([add]))
+
+
+def raises(x: str) -> str:
+    """Fail.
+
+    Args:
+        x: Anything.
+    """
+    raise RuntimeError("the tool broke")
+
+
+class NaNReward:
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, message):
+        return [], float("nan"), True
+
+
+@pytest.mark.parametrize("env, reply, message", [
+    (ToolEnv([raises]), '<tool_call>{"name": "raises", "arguments": {"x": "1"}}</tool_call>',
+     "environment env, episode 0, turn 1: step raised RuntimeError: the tool broke"),
+    (NaNReward(), "hi", "environment env, episode 0, turn 1: reward nan is not a finite number"),
+])
+def test_bad_environment_output_is_one_line(env, reply, message, tool_tokenizer):
+    with pytest.raises(EnvError, match=message):
+        run_episodes(Scripted(tool_tokenizer, [reply]), tool_tokenizer, TOOL_TEMPLATE, [env], [{"prompt": "Go"}],
+                     SamplingParams(max_new_tokens=32), max_turns=2, max_length=256)
+
+
+def test_a_malformed_call_is_an_observation_and_the_budget_ends_the_episode(tool_tokenizer):
+    env = ToolEnv([add])
+    episodes = run_episodes(Scripted(tool_tokenizer, ["<tool_call>{oops}</tool_call>", "5"]), tool_tokenizer,
+                            TOOL_TEMPLATE, [env], [{"prompt": "2+3?"}], SamplingParams(max_new_tokens=32), max_turns=4,
+                            max_length=512, tools=env.schemas)
+    assert "error: the tool call is not valid JSON" in episodes[0].messages[2]["content"]
+    short = run_episodes(Scripted(tool_tokenizer, ['<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}</tool_call>']),
+                         tool_tokenizer, TOOL_TEMPLATE, [ToolEnv([add])], [{"prompt": "2+3?"}],
+                         SamplingParams(max_new_tokens=64), max_turns=4, max_length=60, tools=env.schemas)
+    assert short[0].done and not short[0].finished and short[0].turns == 1
+
+
+def calculator_env():
+    return ToolEnv([add])
+
+
+def test_grpo_trains_on_episodes_with_the_loss_on_model_tokens(tiny_dir, tool_tokenizer, tmp_path, monkeypatch):
+    """GRPO on episodes whose replies are scripted (a call, then an answer): the policy loss's mask is 1 on
+    the model's tokens and 0 on the observation between them; the environment's metrics are logged."""
+    import sys
+
+    from rlhf.models import load_causal_lm, save_pretrained
+    from rlhf.recipes import grpo
+
+    model_dir = tmp_path / "tool-model"
+    save_pretrained(load_causal_lm(tiny_dir), tool_tokenizer, str(model_dir))
+    seen = []
+    real = grpo.policy_loss_terms
+
+    def spy(loss_type, logprobs, old, advantages, mask, **kw):
+        seen.append(mask.clone())
+        return real(loss_type, logprobs, old, advantages, mask, **kw)
+
+    class Replies(Scripted):
+        def generate(self, prompts, params):
+            self.replies = ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "5"]
+            self.replies = self.replies[len(prompts[0]) > 40:]  # the second turn's context is the longer one
+            return super().generate(prompts, params)
+
+        def load_weights(self, named):
+            pass
+
+    monkeypatch.setattr(grpo, "policy_loss_terms", spy)
+    monkeypatch.setattr(grpo, "build_rollout", lambda cfg, model, tok, acc: Replies(tool_tokenizer, []))
+    monkeypatch.setitem(sys.modules, "test_env_factories", sys.modules[__name__])
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(8)))
+    grpo.run(grpo.Config(model=str(model_dir), data=str(data), env="test_env_factories:calculator_env",
+                         reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "g"), max_steps=1,
+                         rollout_batch_size=4, num_generations=2, mini_batch_size=8, batch_size=8, max_new_tokens=32,
+                         max_turns=3, report_to="none", lr=1e-3))
+    rows = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl") if '"reward"' in x]
+    assert rows[-1]["env/tool_calls"] == 1.0 and rows[-1]["env/turns"] == 2.0 and rows[-1]["env/used_tool_result"] == 1.0
+    call = len(tool_tokenizer('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
+                              add_special_tokens=False).input_ids) + 1
+    observation = len(tool_tokenizer("<|user|><tool_response>5</tool_response><|end|><|assistant|>",
+                                     add_special_tokens=False).input_ids)
+    answer = len(tool_tokenizer("5", add_special_tokens=False).input_ids) + 1
+    expected = [1.0] * call + [0.0] * observation + [1.0] * answer
+    assert seen and all(row.tolist() == expected for m in seen for row in m)
+
+
+def test_the_python_api_takes_an_environment_factory(tiny_dir, tmp_path):
+    import rlhf
+
+    made = []
+
+    def factory():
+        made.append(1)
+        return ToolEnv([add])
+
+    result = rlhf.grpo(tiny_dir, data=[{"prompt": f"What is {i} plus 1?"} for i in range(8)],
+                       environment_factory=factory, reward_funcs=[lambda prompts, completions, **c: [1.0] * len(prompts)],
+                       output_dir=str(tmp_path / "g"), max_steps=1, rollout_batch_size=4, num_generations=2,
+                       mini_batch_size=8, batch_size=8, max_new_tokens=4, max_turns=2, report_to="none")
+    assert "env/turns" in result.metrics and len(made) == 1 + 4 * 2  # the start-up probe, then one per episode
+    with pytest.raises(UserError, match=r"env= takes a factory"):
+        rlhf.grpo(tiny_dir, data=[{"prompt": "x"}] * 8, env=5, output_dir=str(tmp_path / "h"))
