@@ -1,8 +1,8 @@
 """The built-in distillation example: a teacher taught by SFT, distilled on-policy into a smaller student.
 
 The task is counting: "Count from 3 to 7." -> " 3 4 5 6 7". A teacher (a 2-layer model, hidden 64,
-untrained) learns it by ``rlhf sft``; a student with half its width and one layer, untrained, then
-learns it by ``rlhf distill`` from the teacher alone, never seeing a completion. Held-out ranges
+untrained) learns it by ``rlhf sft``; a student of width 48 (about half the teacher's weights), untrained,
+then learns it by ``rlhf distill`` from the teacher alone, never seeing a completion. Held-out ranges
 (start and length pairs the training prompts never ask for) measure the student's per-token reverse
 KL to the teacher and its exact-match accuracy against the teacher's. Everything runs on a CPU with
 no download; it prints the table and writes ``summary.json``. The commands it runs are the README's
@@ -74,7 +74,7 @@ def run(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     save_pretrained(tiny_causal_lm(tok, "llama", hidden_size=64, num_layers=2), tok, os.path.join(out, "teacher-init"))
-    save_pretrained(tiny_causal_lm(tok, "llama", hidden_size=32, num_layers=1), tok, os.path.join(out, "student-init"))
+    save_pretrained(tiny_causal_lm(tok, "llama", hidden_size=48, num_layers=2), tok, os.path.join(out, "student-init"))
     common = dict(report_to="none", seed=cfg.seed, overwrite_output_dir=True, batch_size=16, lr=3e-3)
     # 1. The teacher learns the task from demonstrations:
     #    rlhf sft --model teacher-init --data sft.jsonl --output-dir teacher --max-steps 300 --batch-size 16 --lr 3e-3

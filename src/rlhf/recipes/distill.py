@@ -33,7 +33,8 @@ from rlhf.watch.samples import SampleLog
 
 @dataclass
 class Config(TrainConfig):
-    """Distillation options (TRL's DistillationConfig names: beta, lmbda, temperature, max_new_tokens)."""
+    """Distillation options (TRL's GKDConfig / DistillationConfig names: beta, lmbda, temperature, max_new_tokens
+    or max_completion_length, teacher_model_name_or_path)."""
 
     teacher: str = ""
     """The teacher: a model directory or hub id, or several as NAME=PATH,NAME=PATH routed per prompt by the
@@ -53,9 +54,9 @@ class Config(TrainConfig):
     max_new_tokens: int = 32
     """Longest completion sampled (and the cut of the data's completions)."""
     teacher_top_k: int = 0
-    """Restrict the divergence to the teacher's k likeliest tokens at each position, both distributions
-    renormalised there (0: the full vocabulary, exact). Exact only where the teacher's mass outside them is
-    0; logged as distill/teacher_top_k_mass."""
+    """The divergence over k + 1 outcomes: the teacher's k likeliest tokens at each position and "any other"
+    (0: the full vocabulary, exact). A lower bound of the full divergence, equal where both models are
+    proportional outside the top k; the teacher's mass on them is logged as distill/teacher_top_k_mass."""
     rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
     """Sampler of the student (and, for --eval-reward-fn, of the teacher): as rlhf grpo's --rollout-engine."""
     eval_reward_fn: str | None = None
@@ -76,6 +77,8 @@ class Config(TrainConfig):
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         if self.max_new_tokens < 1 or self.teacher_top_k < 0:
             raise UserError("--max-new-tokens must be at least 1 and --teacher-top-k 0 or more")
+        if self.grad_accum != 1:
+            raise UserError("--grad-accum: distill trains one step on each batch of --batch-size prompts; set that")
         if self.eval_reward_fn and not self.eval_data:
             raise UserError("--eval-reward-fn scores the samples of --eval-data prompts; give --eval-data too")
 
@@ -97,12 +100,15 @@ class Config(TrainConfig):
 def load_teachers(cfg: Config, tokenizer) -> dict:
     """Each teacher, frozen; one whose tokenizer differs from the student's is refused, naming the first
     token that differs."""
-    from rlhf.models import freeze, load_causal_lm, load_tokenizer
+    from rlhf.models import ModelLoadError, freeze, load_causal_lm, load_tokenizer
 
     student_vocab = tokenizer.get_vocab()
     teachers = {}
     for name, path in cfg.teachers().items():
-        vocab = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code).get_vocab()
+        try:
+            vocab = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code).get_vocab()
+        except ModelLoadError as e:
+            raise UserError(f"--teacher {e}") from None
         if vocab != student_vocab:
             by_id = {i: t for t, i in vocab.items()}
             student_by_id = {i: t for t, i in student_vocab.items()}
@@ -117,7 +123,7 @@ def load_teachers(cfg: Config, tokenizer) -> dict:
 
 def route(cfg: Config, teachers: dict, examples: list[dict], where: list[str]) -> None:
     """Check every row names a teacher (several teachers) before training; one line naming the row."""
-    if list(teachers) == [""]:
+    if len(teachers) == 1:  # one teacher, named or not: every row is its
         return
     for e, at in zip(examples, where):
         if e.get(cfg.teacher_column) not in teachers:
@@ -142,27 +148,23 @@ def data_completions(cfg: Config, examples: list[dict], tokenizer, device) -> Ro
     return RolloutBatch(prompt_ids, prompt_mask, response_ids, mask, finished).to(device)
 
 
-def divergences(cfg: Config, model, teachers: dict, batch: RolloutBatch, examples: list[dict]) -> dict:
-    """:func:`response_divergence` of each row against its teacher. Shape: each (B, R)."""
-    P = batch.prompt_ids.shape[1]
-    names = [e.get(cfg.teacher_column, "") if len(teachers) > 1 else next(iter(teachers)) for e in examples]
-    out: dict[str, torch.Tensor] = {}
-    for name, teacher in teachers.items():
-        rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
-        if len(rows) == 0:
-            continue
-        part = response_divergence(model, teacher, batch.input_ids[rows], batch.attention_mask[rows], P, cfg.beta,
-                                   cfg.temperature, cfg.teacher_top_k)
-        for k, v in part.items():
-            out.setdefault(k, v.new_zeros(len(examples), v.shape[1]))
-            out[k] = out[k].index_copy(0, rows.to(v.device), v)
-    return out
+def divergences(cfg: Config, model, teachers: dict, batch: RolloutBatch, examples: list[dict],
+                vocab: int) -> dict:
+    """:func:`response_divergence` of each row against its teacher (one student forward). Shape: each (B, R)."""
+    if len(teachers) == 1:
+        routes = [(next(iter(teachers.values())), torch.arange(len(examples)))]
+    else:
+        routes = [(t, torch.tensor([i for i, e in enumerate(examples) if e.get(cfg.teacher_column) == name],
+                                   dtype=torch.long)) for name, t in teachers.items()]
+    return response_divergence(model, routes, batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1],
+                               cfg.beta, cfg.temperature, cfg.teacher_top_k, vocab)
 
 
-def evaluate(cfg: Config, accelerator, model, teachers: dict, rollout, teacher_rollouts: dict, tokenizer,
-             held_out, scorer, teacher_reward: list) -> dict[str, float]:
+def evaluate(cfg: Config, accelerator, model, teachers: dict, rollout, tokenizer, held_out, scorer,
+             teacher_reward: list) -> dict[str, float]:
     """Held-out prompts: the student's per-token reverse KL to its teacher on its own samples, and the task
-    metric (--eval-reward-fn) of the student's samples and, computed once, of the teacher's."""
+    metric (--eval-reward-fn) of the student's samples and, computed once, of the teacher's: sampled under
+    a random state of its own seeded with --seed, so the training samples (and a resumed run) are untouched."""
     params = SamplingParams(cfg.temperature, 1.0, 0, cfg.max_new_tokens, 1)
     sums = torch.zeros(4)  # reverse KL sum, tokens, reward sum, rows
     mine = shard(list(range(len(held_out.examples))), accelerator.process_index, accelerator.num_processes)
@@ -173,15 +175,18 @@ def evaluate(cfg: Config, accelerator, model, teachers: dict, rollout, teacher_r
             examples = [held_out.examples[j] for j in mine[i : i + cfg.batch_size]] or [held_out.examples[0]]
             weight = 1.0 if mine[i : i + cfg.batch_size] else 0.0  # a process without rows still steps the sampler
             batch = rollout.generate([e["prompt_ids"] for e in examples], params).to(accelerator.device)
-            d = divergences(cfg, model, teachers, batch, examples)
+            d = divergences(cfg, model, teachers, batch, examples, len(tokenizer))
             mask = batch.response_mask.float()
             sums += weight * torch.tensor([float((d["reverse_kl"] * mask).sum()), float(mask.sum()),
                                            float(_task_reward(scorer, batch, examples, tokenizer).sum()), len(examples)])
             if scorer is not None and first_time:
-                for name, t_rollout in teacher_rollouts.items():
+                for name, teacher in teachers.items():
                     rows = [e for e in examples if len(teachers) == 1 or e.get(cfg.teacher_column) == name]
                     if rows:
-                        tb = t_rollout.generate([e["prompt_ids"] for e in rows], params).to(accelerator.device)
+                        with torch.random.fork_rng(devices=[]):
+                            torch.manual_seed(cfg.seed + i)
+                            tb = build_rollout(cfg, teacher, tokenizer, accelerator).generate(
+                                [e["prompt_ids"] for e in rows], params).to(accelerator.device)
                         teacher_sum += weight * float(_task_reward(scorer, tb, rows, tokenizer).sum())
     total = reduce_sum(accelerator, torch.cat([sums, teacher_sum]))
     out = {"eval/reverse_kl": float(total[0] / total[1].clamp(min=1))}
@@ -232,15 +237,13 @@ def run(cfg: Config) -> dict[str, float]:
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
     optimizer, scheduler = make_optimizer(cfg, student.parameters(), total)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, student, optimizer, scheduler, total,
-                                                          {"loss": "distill/loss", "reverse_kl": "distill/reverse_kl"})
+                                                          {"distill/loss": "loss", "distill/reverse_kl": "reverse_kl"})
     rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
-    teacher_rollouts = ({n: build_rollout(cfg, t, tokenizer, accelerator) for n, t in teachers.items()}
-                        if scorer is not None else {})
     teacher_reward: list[float] = []
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     params = SamplingParams(cfg.temperature, 1.0, 0, cfg.max_new_tokens, 1)
-    run_eval = (lambda: evaluate(cfg, accelerator, accelerator.unwrap_model(model), teachers, rollout,
-                                 teacher_rollouts, tokenizer, held_out, scorer, teacher_reward))
+    run_eval = (lambda: evaluate(cfg, accelerator, accelerator.unwrap_model(model), teachers, rollout, tokenizer,
+                                 held_out, scorer, teacher_reward))
     if held_out is not None and state.step == 0:
         logger.log(0, run_eval())
     params_list = [p for p in model.parameters() if p.requires_grad]
@@ -260,7 +263,7 @@ def run(cfg: Config) -> dict[str, float]:
         # 3-4. Both models score every completion position; the student minimises the token-mean divergence.
         mask = batch.response_mask.float()
         global_tokens = reduce_sum(accelerator, mask.sum()).clamp(min=1)
-        d = divergences(cfg, model, teachers, batch, examples)
+        d = divergences(cfg, model, teachers, batch, examples, len(tokenizer))
         loss = (d["divergence"] * mask).sum() / global_tokens
         accelerator.backward(loss * accelerator.num_processes)
         grad_norm = clip_grad_norm(accelerator, params_list, cfg.max_grad_norm)
@@ -283,9 +286,11 @@ def run(cfg: Config) -> dict[str, float]:
                    "logps/student": float(token_sums[1]), "logps/teacher": float(token_sums[2]),
                    "entropy": float(token_sums[3]), "distill/on_policy": float(on_policy),
                    "completions/mean_length": float(n[2] / n[0]), "completions/clipped_ratio": float(n[1] / n[0]),
-                   "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0], **timer.metrics()}
+                   "grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+                   "train/skipped_steps": float(state.skipped_steps), **timer.metrics()}
         if cfg.teacher_top_k:
-            metrics["distill/teacher_top_k_mass"] = _top_k_mass(cfg, teachers, batch, examples, mask, accelerator)
+            mass = reduce_sum(accelerator, torch.stack([(d["top_k_mass"] * mask).sum(), mask.sum()]))
+            metrics["distill/teacher_top_k_mass"] = float(mass[0] / mass[1].clamp(min=1))
         if held_out is not None and (state.step == total or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             metrics.update(run_eval())
         if state.step % cfg.log_every == 0 or state.step == total:
@@ -303,21 +308,3 @@ def run(cfg: Config) -> dict[str, float]:
     check_trained(state)
     save_final(accelerator, model, tokenizer, cfg, f"distilled student (beta {cfg.beta})", metrics, checkpointer)
     return metrics
-
-
-def _top_k_mass(cfg: Config, teachers: dict, batch: RolloutBatch, examples: list[dict], mask, accelerator) -> float:
-    """The teacher's mean probability on its --teacher-top-k tokens over the batch's completion tokens."""
-    from rlhf.algos import teacher_top_k_mass
-    from rlhf.models import causal_logits
-
-    R = batch.response_ids.shape[1]
-    total = torch.zeros(2)
-    with torch.no_grad():
-        for name, teacher in teachers.items():
-            rows = [i for i, e in enumerate(examples) if len(teachers) == 1 or e.get(cfg.teacher_column) == name]
-            if rows:
-                logits = causal_logits(teacher, batch.input_ids[rows], batch.attention_mask[rows], R + 1)[:, :-1]
-                mass = teacher_top_k_mass(logits, cfg.teacher_top_k, cfg.temperature)
-                total += torch.tensor([float((mass * mask[rows]).sum()), float(mask[rows].sum())])
-    total = reduce_sum(accelerator, total)
-    return float(total[0] / total[1].clamp(min=1))

@@ -245,58 +245,71 @@ def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size
     return (out, lengths) if with_lengths else out
 
 
-def response_divergence(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                        beta: float = 1.0, temperature: float = 1.0, top_k: int = 0) -> dict[str, torch.Tensor]:
-    """Per response token: the student's divergence from the teacher (:func:`rlhf.algos.generalized_jsd`,
+def response_divergence(student, teachers: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_len: int, beta: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+                        vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """Per response token: the student's divergence from its row's teacher (:func:`rlhf.algos.generalized_jsd`,
     with gradient to the student) and, as detached metrics, the reverse KL(student || teacher) over the
-    full vocabulary, both models' log-probs of the token and the student's entropy.
+    full vocabulary, both models' log-probs of the token, the student's entropy and (``top_k``) the
+    teacher's mass on its top k.
 
-    Both LM heads run over chunks of positions (:func:`rlhf.models.causal_hidden`), each chunk recomputed
-    in the backward pass, so one chunk's ``(rows, V)`` logits of each model are alive at a time; models
-    whose head cannot be split off give their whole response logits at once.
+    ``teachers`` is ``[(model, rows)]``: each teacher scores the rows (a long tensor) routed to it. The
+    student runs one forward over the whole batch (so every process makes the same collective calls),
+    each teacher one over its rows. Both LM heads run over chunks of positions
+    (:func:`rlhf.models.causal_hidden`), each chunk recomputed in the backward pass, so one chunk's
+    ``(rows, V)`` logits of each model are alive at a time; models whose head cannot be split off give
+    their whole response logits at once. ``vocab`` (the tokenizer's size) cuts both heads' padded rows.
 
     Shape:
         input_ids, attention_mask: (B, P + R) -> each (B, R).
     """
     from torch.utils.checkpoint import checkpoint
 
-    from rlhf.algos import entropy_from_logits, generalized_jsd, logprobs_from_logits
+    from rlhf.algos import entropy_from_logits, generalized_jsd, logprobs_from_logits, teacher_top_k_mass
     from rlhf.algos.tokens import _row_chunks
     from rlhf.models import causal_hidden, causal_logits
 
     B, R = input_ids.shape[0], input_ids.shape[1] - prompt_len
     tokens = input_ids[:, prompt_len:].reshape(-1)
 
-    def hidden_and_head(model, grad: bool):
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            split = causal_hidden(model, input_ids, attention_mask)
-            if split is not None:
-                hidden, head = split
-                return hidden[:, prompt_len - 1 : -1].reshape(B * R, -1), head
-            logits = causal_logits(model, input_ids, attention_mask, R + 1)[:, :-1]
-            return logits.reshape(B * R, -1), (lambda z: z)
+    def hidden_and_head(model, ids, mask):
+        split = causal_hidden(model, ids, mask)
+        if split is not None:
+            hidden, head = split
+            return hidden[:, prompt_len - 1 : -1].reshape(ids.shape[0] * R, -1), head
+        logits = causal_logits(model, ids, mask, R + 1)[:, :-1]
+        return logits.reshape(ids.shape[0] * R, -1), (lambda z: z)
 
-    h_s, head_s = hidden_and_head(student, True)
-    with torch.no_grad():
-        h_t, head_t = hidden_and_head(teacher, False)
-
-    def chunk(hs: torch.Tensor, ht: torch.Tensor, t: torch.Tensor):
-        zs = head_s(hs)
+    h_s, head_s = hidden_and_head(student, input_ids, attention_mask)
+    names = ["divergence", "reverse_kl", "student_logprobs", "teacher_logprobs", "entropy"] + ["top_k_mass"] * bool(top_k)
+    out = {k: torch.zeros(B * R, device=input_ids.device) for k in names}
+    for teacher, rows in teachers:
+        if len(rows) == 0:
+            continue
+        rows = rows.to(input_ids.device)
         with torch.no_grad():
-            zt = head_t(ht).float()
-        divergence = generalized_jsd(zs, zt, beta, temperature, top_k)
-        with torch.no_grad():
-            zs_t, zt_t = zs.detach().float() / temperature, zt / temperature
-            return (divergence, generalized_jsd(zs_t, zt_t, 1.0), logprobs_from_logits(zs_t, t),
-                    logprobs_from_logits(zt_t, t), entropy_from_logits(zs_t))
+            h_t, head_t = hidden_and_head(teacher, input_ids[rows], attention_mask[rows])
+        positions = (rows[:, None] * R + torch.arange(R, device=rows.device)).reshape(-1)
 
-    with torch.no_grad():
-        vocab = head_s(h_s[:0]).shape[-1]
-    starts, step = _row_chunks(B * R, vocab)
-    grad = torch.is_grad_enabled() and h_s.requires_grad
-    parts = [checkpoint(chunk, h_s[i : i + step], h_t[i : i + step], tokens[i : i + step], use_reentrant=False)
-             if grad else chunk(h_s[i : i + step], h_t[i : i + step], tokens[i : i + step]) for i in starts]
-    names = ("divergence", "reverse_kl", "student_logprobs", "teacher_logprobs", "entropy")
-    if not parts:
-        return {k: h_s.new_zeros(B, R, dtype=torch.float32) for k in names}
-    return {k: torch.cat([p[j] for p in parts]).view(B, R) for j, k in enumerate(names)}
+        def chunk(hs: torch.Tensor, ht: torch.Tensor, t: torch.Tensor, head_t=head_t):
+            zs = head_s(hs)[..., :vocab]
+            with torch.no_grad():
+                zt = head_t(ht)[..., :vocab].float()
+            divergence = generalized_jsd(zs, zt, beta, temperature, top_k)
+            with torch.no_grad():
+                zs_t, zt_t = zs.detach().float() / temperature, zt / temperature
+                extra = (teacher_top_k_mass(zt_t, top_k),) if top_k else ()
+                return (divergence, generalized_jsd(zs_t, zt_t, 1.0), logprobs_from_logits(zs_t, t),
+                        logprobs_from_logits(zt_t, t), entropy_from_logits(zs_t), *extra)
+
+        with torch.no_grad():
+            width = head_s(h_s[:0]).shape[-1]
+        starts, step = _row_chunks(len(positions), width)
+        grad = torch.is_grad_enabled() and h_s.requires_grad
+        for i in starts:
+            pos = positions[i : i + step]
+            args = (h_s[pos], h_t[i : i + step], tokens[pos])
+            part = checkpoint(chunk, *args, use_reentrant=False) if grad else chunk(*args)
+            for k, v in zip(names, part):
+                out[k] = out[k].index_copy(0, pos, v.float())
+    return {k: v.view(B, R) for k, v in out.items()}

@@ -54,6 +54,7 @@ TRL_ALIASES: dict[str, str] = {
     "cliprange_value": "clip_eps_value",
     "epsilon": "clip_eps",                    # TRL GRPOConfig
     "epsilon_high": "clip_eps_high",
+    "teacher_model_name_or_path": "teacher",  # TRL GKDConfig / DistillationConfig
 }
 # TRL / transformers settings with no meaning here: refused with one line (and a hint).
 TRL_UNSUPPORTED: dict[str, str] = {
