@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-distill test test-faults test-slow test-zoo test-sharded test-gpu bench bench-gpu clean
+.PHONY: setup demo demo-distill demo-calculator test test-faults test-slow test-zoo test-sharded test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ demo: setup
 
 demo-distill: setup
 	$(BIN)/rlhf demo-distill --output-dir runs/distill-demo
+
+demo-calculator: setup
+	$(BIN)/rlhf demo-calculator --output-dir runs/calculator-demo
 
 test: setup
 	$(BIN)/python -m pytest -q

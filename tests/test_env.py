@@ -207,3 +207,65 @@ def test_the_python_api_takes_an_environment_factory(tiny_dir, tmp_path):
     assert "env/turns" in result.metrics and len(made) == 1 + 4 * 2  # the start-up probe, then one per episode
     with pytest.raises(UserError, match=r"env= takes a factory"):
         rlhf.grpo(tiny_dir, data=[{"prompt": "x"}] * 8, env=5, output_dir=str(tmp_path / "h"))
+
+
+def test_sft_conversations_keep_tool_calls_and_tool_results(tool_tokenizer, tmp_path):
+    """Before: every key but role and content was dropped, and an assistant turn whose content is empty
+    because it only calls a tool was a bad record."""
+    from rlhf.data import Encoder, prepare
+
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    row = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "5"}]}
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    prepared = prepare(str(path), "sft", Encoder(tool_tokenizer, 256))
+    ex = prepared.examples[0]
+    trained = tool_tokenizer.decode([t for t in ex["labels"] if t != -100])
+    assert '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' in trained
+    assert "<tool_response>" not in trained  # the tool's result is context, not a label
+
+
+def test_killed_episode_run_resumes_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    from safetensors.torch import load_file
+
+    import rlhf.training.logs as logs
+    from rlhf.recipes import grpo
+
+    monkeypatch.setitem(sys.modules, "test_env_factories", sys.modules[__name__])
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(16)))
+
+    def config(out, **over):
+        return grpo.Config(model=tiny_dir, data=str(data), env="test_env_factories:calculator_env",
+                           reward_fn="rule_rewards:vowel_fraction", output_dir=str(out), max_steps=4, save_every=2,
+                           rollout_batch_size=4, num_generations=2, mini_batch_size=8, batch_size=8, max_new_tokens=6,
+                           max_turns=2, report_to="none", lr=1e-3, **over)
+
+    grpo.run(config(tmp_path / "full"))
+    real = logs.RunLogger.log
+
+    def die_at_step_3(self, step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, metrics)
+
+    monkeypatch.setattr(logs.RunLogger, "log", die_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.run(config(tmp_path / "killed"))
+    monkeypatch.setattr(logs.RunLogger, "log", real)
+    grpo.run(config(tmp_path / "killed", resume="auto"))
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_calculator_demo_runs_and_prints_its_table(tmp_path, capsys):
+    from rlhf.cli import main
+
+    assert main(["demo-calculator", "--output-dir", str(tmp_path), "--sft-steps", "30", "--grpo-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "env/tool_call_fraction" in out and "reward" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"reward", "env/tool_call_fraction", "env/used_tool_result"}

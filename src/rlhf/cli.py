@@ -24,6 +24,8 @@ TOOLS = {
     "explain": ("rlhf.commands.explain", "Print the seeds' Part 5 table for one real rollout."),
     "report": ("rlhf.watch.report", "An HTML report of a run: curves, monitor signals and warnings, samples."),
     "demo": ("rlhf.demo.run", "The built-in SupportBot pipeline: tokenizer, SFT, RM, PPO, DPO, report."),
+    "demo-calculator": ("rlhf.demo.calculator", "The built-in multi-turn example: a tiny model learns by GRPO on "
+                                                "episodes to call a calculator tool."),
     "demo-distill": ("rlhf.demo.distill", "The built-in distillation example: a counting teacher by SFT, distilled "
                                           "on-policy into a smaller untrained student."),
 }

@@ -53,7 +53,16 @@ def _messages(value, field: str) -> list[dict]:
             raise BadRecord(f"{field}[{i}]", "expected {\"role\": str, \"content\": str}")
         if m["role"] not in ROLES:
             raise BadRecord(f"{field}[{i}].role", f"unknown role {m['role']!r}; valid: {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": m["content"]})
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls") is not None:  # an assistant's tool calls, as transformers' chat templates take them
+            if m["role"] != "assistant" or not isinstance(m["tool_calls"], list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) for c in m["tool_calls"]):
+                raise BadRecord(f"{field}[{i}].tool_calls", "expected an assistant's list of {\"function\": {...}}")
+            message["tool_calls"] = m["tool_calls"]
+        for key in ("name", "tool_call_id"):  # a tool result's
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out
 
 
@@ -110,7 +119,7 @@ def normalize_sft(r: dict) -> dict:
         if msgs[0]["role"] == "assistant" or len(msgs) < 2:
             raise BadRecord("messages", "needs at least one turn before the assistant's reply")
         for i, m in enumerate(msgs):
-            if m["role"] == "assistant" and not m["content"].strip():
+            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
                 raise BadRecord(f"messages[{i}]", "empty assistant message")
         return {"messages": msgs}
     if "text" in r and "prompt" not in r and "completion" not in r:
