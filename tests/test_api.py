@@ -106,7 +106,7 @@ def test_help_lists_every_option_and_the_signature_has_them():
     doc, params = rlhf.grpo.__doc__, inspect.signature(rlhf.grpo).parameters
     for f in __import__("dataclasses").fields(grpo.Config):
         assert f.name in params, f.name
-        if f.name not in ("model", "data", "eval_data", "reward_model", "ref_model"):
+        if f.name not in ("model", "data", "eval_data", "reward_model", "ref_model", "env"):  # objects: documented above
             assert f"\n    {f.name} (default " in doc, f.name
     assert "reward_fns" in params and "callbacks" in params and "reward_fns" not in inspect.signature(rlhf.sft).parameters
 

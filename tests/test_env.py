@@ -45,10 +45,12 @@ class Scripted:
         self.seen.append([list(p) for p in prompts])
         text = self.replies.pop(0)
         ids = self.tok(text, add_special_tokens=False).input_ids + ([self.tok.eos_token_id] if self.finished else [])
+        finished = self.finished and len(ids) <= params.max_new_tokens
+        ids = ids[: params.max_new_tokens]  # as a sampler: at most max_new_tokens
         n = len(prompts)
         return RolloutBatch(torch.ones(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
                             torch.tensor([ids] * n), torch.ones(n, len(ids), dtype=torch.long),
-                            torch.tensor([self.finished] * n))
+                            torch.tensor([finished] * n))
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_episode_tokens_are_the_sampled_ones_plus_the_templates_observations(too
     rollout = Scripted(tok, [call, "The sum is 5"])
     env = ToolEnv([add])
     episodes = run_episodes(rollout, tok, TOOL_TEMPLATE, [env], [{"prompt": "What is 2+3?"}],
-                            SamplingParams(max_new_tokens=64), max_turns=4, max_length=512, tools=env.schemas)
+                            SamplingParams(max_new_tokens=200), max_turns=4, max_length=512, tools=env.schemas)
     e = episodes[0]
     eos = tok.eos_token_id
     first = tok(call, add_special_tokens=False).input_ids + [eos]
@@ -126,19 +128,36 @@ class NaNReward:
 def test_bad_environment_output_is_one_line(env, reply, message, tool_tokenizer):
     with pytest.raises(EnvError, match=message):
         run_episodes(Scripted(tool_tokenizer, [reply]), tool_tokenizer, TOOL_TEMPLATE, [env], [{"prompt": "Go"}],
-                     SamplingParams(max_new_tokens=32), max_turns=2, max_length=256)
+                     SamplingParams(max_new_tokens=200), max_turns=2, max_length=512)
 
 
 def test_a_malformed_call_is_an_observation_and_the_budget_ends_the_episode(tool_tokenizer):
     env = ToolEnv([add])
     episodes = run_episodes(Scripted(tool_tokenizer, ["<tool_call>{oops}</tool_call>", "5"]), tool_tokenizer,
-                            TOOL_TEMPLATE, [env], [{"prompt": "2+3?"}], SamplingParams(max_new_tokens=32), max_turns=4,
+                            TOOL_TEMPLATE, [env], [{"prompt": "2+3?"}], SamplingParams(max_new_tokens=200), max_turns=4,
                             max_length=512, tools=env.schemas)
     assert "error: the tool call is not valid JSON" in episodes[0].messages[2]["content"]
     short = run_episodes(Scripted(tool_tokenizer, ['<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}</tool_call>']),
                          tool_tokenizer, TOOL_TEMPLATE, [ToolEnv([add])], [{"prompt": "2+3?"}],
-                         SamplingParams(max_new_tokens=64), max_turns=4, max_length=60, tools=env.schemas)
-    assert short[0].done and not short[0].finished and short[0].turns == 1
+                         SamplingParams(max_new_tokens=200), max_turns=4, max_length=90, tools=env.schemas)
+    # The next turn would not fit: the episode ends after one turn; its last reply ended with EOS (TRL's
+    # "not truncated"), so it counts as finished.
+    assert short[0].done and short[0].finished and short[0].turns == 1 and short[0].model_mask[-1] == 1
+
+
+def test_each_episode_keeps_its_own_token_budget(tool_tokenizer):
+    """Before: one budget, the tightest of all active episodes, cut every episode's reply."""
+    long = {"prompt": "What is " + "2+3 " * 20 + "?"}
+    opening = tool_tokenizer(tool_tokenizer.apply_chat_template(
+        [{"role": "user", "content": long["prompt"]}], chat_template=TOOL_TEMPLATE, add_generation_prompt=True,
+        tokenize=False), add_special_tokens=False).input_ids
+    rollout = Scripted(tool_tokenizer, ["The sum is 5"])
+    episodes = run_episodes(rollout, tool_tokenizer, TOOL_TEMPLATE, [ToolEnv([add]), ToolEnv([add])],
+                            [{"prompt": "2+3?"}, long], SamplingParams(max_new_tokens=200), max_turns=2,
+                            max_length=len(opening) + 3, tools=None)  # room for 3 tokens after the long prompt
+    reply = len(tool_tokenizer("The sum is 5", add_special_tokens=False).input_ids) + 1
+    assert reply > 3 and sum(episodes[0].model_mask) == reply and episodes[0].finished
+    assert sum(episodes[1].model_mask) == 3 and not episodes[1].finished
 
 
 def calculator_env():
@@ -178,8 +197,8 @@ def test_grpo_trains_on_episodes_with_the_loss_on_model_tokens(tiny_dir, tool_to
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(8)))
     grpo.run(grpo.Config(model=str(model_dir), data=str(data), env="test_env_factories:calculator_env",
                          reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "g"), max_steps=1,
-                         rollout_batch_size=4, num_generations=2, mini_batch_size=8, batch_size=8, max_new_tokens=32,
-                         max_turns=3, report_to="none", lr=1e-3))
+                         rollout_batch_size=4, num_generations=2, mini_batch_size=8, batch_size=8, max_new_tokens=200,
+                         max_length=512, max_turns=3, report_to="none", lr=1e-3))
     rows = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl") if '"reward"' in x]
     assert rows[-1]["env/tool_calls"] == 1.0 and rows[-1]["env/turns"] == 2.0 and rows[-1]["env/used_tool_result"] == 1.0
     call = len(tool_tokenizer('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
@@ -269,3 +288,45 @@ def test_the_calculator_demo_runs_and_prints_its_table(tmp_path, capsys):
     assert "env/tool_call_fraction" in out and "reward" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"reward", "env/tool_call_fraction", "env/used_tool_result"}
+
+
+def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens(tiny_dir, tool_tokenizer, tmp_path, monkeypatch):
+    """PPO with --env: one episode per prompt; the loss and value masks are the model's tokens."""
+    import sys
+
+    from rlhf.models import load_causal_lm, save_pretrained
+    from rlhf.recipes import ppo
+
+    model_dir = tmp_path / "tool-model"
+    save_pretrained(load_causal_lm(tiny_dir), tool_tokenizer, str(model_dir))
+    masks = []
+    real = ppo.ppo_policy_loss
+
+    def spy(logprobs, old, advantages, mask, **kw):
+        masks.append(mask.clone())
+        return real(logprobs, old, advantages, mask, **kw)
+
+    class Replies(Scripted):
+        def generate(self, prompts, params):
+            self.replies = ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "5"]
+            self.replies = self.replies[len(prompts[0]) > 40:]
+            return super().generate(prompts, params)
+
+        def load_weights(self, named):
+            pass
+
+    monkeypatch.setattr(ppo, "ppo_policy_loss", spy)
+    monkeypatch.setattr(ppo, "build_rollout", lambda cfg, model, tok, acc: Replies(tool_tokenizer, []))
+    monkeypatch.setitem(sys.modules, "test_env_factories", sys.modules[__name__])
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(8)))
+    ppo.run(ppo.Config(model=str(model_dir), data=str(data), env="test_env_factories:calculator_env",
+                       reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "p"), max_steps=1,
+                       rollout_batch_size=4, mini_batch_size=4, batch_size=4, max_new_tokens=200, max_length=512,
+                       max_turns=3, report_to="none"))
+    call = len(tool_tokenizer('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
+                              add_special_tokens=False).input_ids) + 1
+    observation = len(tool_tokenizer("<|user|><tool_response>5</tool_response><|end|><|assistant|>",
+                                     add_special_tokens=False).input_ids)
+    expected = [1.0] * call + [0.0] * observation + [1.0] * 2
+    assert masks and all(row.tolist()[: len(expected)] == expected for m in masks for row in m)

@@ -3,8 +3,8 @@
 The task is two-digit arithmetic ("What is 37 * 48?"), which a tiny model cannot do in its head but can
 with a ``calculator`` tool: call it (``<tool_call>{"name": "calculator", "arguments": {"expression":
 "37 * 48"}}</tool_call>``), read the result, and answer with it. A tiny model (Llama-shaped, untrained)
-is first taught by ``rlhf sft`` on conversations of which only a quarter use the tool (the rest answer
-with a guess), then trained by ``rlhf grpo --env`` on episodes, rewarded 1 for the right answer.
+is first taught by ``rlhf sft`` on conversations of which 40% use the tool (the rest answer with a
+random number), then trained by ``rlhf grpo --env`` on episodes, rewarded 1 for the right answer.
 Everything runs on a CPU with no download; it prints the table and writes ``summary.json``.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from typing import Callable
 
@@ -56,11 +57,25 @@ class EpisodeSampler:
         self.tools = getattr(probe, "schemas", None) or None
         check_append_only(tokenizer, self.template, self.tools)
 
+    @classmethod
+    def for_run(cls, cfg, accelerator, tokenizer) -> "EpisodeSampler | None":
+        """The sampler of ``cfg.env`` (None without one); refused where processes are sharded."""
+        if not cfg.env:
+            return None
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):  # uneven turn loops would hang the shards
+            raise UserError("--env under FSDP or DeepSpeed: not supported yet (use DDP, or one process)")
+        return cls(cfg.env, tokenizer, cfg.max_turns, cfg.max_length)
+
     def new_env(self):
-        env = self.factory()
-        if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
-            raise UserError(f"--env {self.name}: the factory returned {type(env).__name__}, which has no reset(row) "
-                            "and step(message) (rlhf.rollout.env.Environment)")
+        try:
+            env = self.factory()
+        except Exception as e:
+            raise UserError(f"--env {self.name}: the factory raised {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        missing = [m for m in ("reset(row)", "step(message)") if not callable(getattr(env, m.split("(")[0], None))]
+        if missing:
+            raise UserError(f"--env {self.name}: the factory returned {type(env).__name__}, which has no "
+                            f"{' and no '.join(missing)} (rlhf.rollout.env.Environment)")
         return env
 
     def __call__(self, accelerator, rollout, prompts, indices: list[int], sampling: SamplingParams, scorer, timer):
@@ -89,7 +104,7 @@ class EpisodeSampler:
                                         [r.get("_where") for r in rows])
             scores = scores + fn_scores
         timer.lap("time/score")
-        used = [any(m["role"] == "tool" and m.get("content") and m["content"] in (_last_answer(e) or "")
+        used = [any(m["role"] == "tool" and _contains(_last_answer(e) or "", str(m.get("content") or ""))
                     for m in e.messages) for e in episodes]
         counts = reduce_sum(accelerator, torch.tensor([
             float(sum(e.turns for e in episodes)), float(sum(e.tool_calls for e in episodes)),
@@ -101,6 +116,11 @@ class EpisodeSampler:
                         "env/finished_fraction": float(counts[4] / n), "env/reward": float(counts[5] / n)})
         completions = [self.tokenizer.decode(e.ids) for e in episodes]
         return batch, completions, scores, metrics, examples, None
+
+
+def _contains(answer: str, result: str) -> bool:
+    """Whether ``result`` appears in ``answer`` as a whole (not "5" inside "15")."""
+    return bool(result.strip()) and re.search(rf"(?<![\w.]){re.escape(result.strip())}(?![\w.])", answer) is not None
 
 
 def _last_answer(e) -> str | None:

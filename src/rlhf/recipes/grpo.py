@@ -96,7 +96,7 @@ class Config(RLConfig):
     vespo_lambda_neg: float = 2.0
     """vespo's decay lambda for negative advantages."""
     mask_truncated_completions: bool = False
-    """Leave responses that hit --max-new-tokens without EOS out of the loss (DAPO)."""
+    """Leave responses that hit --max-new-tokens without EOS out of the loss (DAPO; an episode: its last reply)."""
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment: over the last N tokens before --max-new-tokens the score loses up to
     --overlong-penalty, linearly (0: off)."""
@@ -109,14 +109,6 @@ class Config(RLConfig):
     dynamic_sampling_max_rounds: int = 4
     """Sampling rounds per step under --dynamic-sampling (the first included); if the batch is still short,
     the step trains on the untied groups it has."""
-    env: str | None = None
-    """Multi-turn episodes: module:factory, the factory returning one environment per episode (reset(row) ->
-    messages, step(message) -> (observations, reward, done); rlhf.rollout.env.ToolEnv for plain-function tools).
-    Episodes are G per prompt, token-in token-out; only the model's tokens are trained; --reward-fn then scores
-    the final answer, added to the environment's rewards."""
-    max_turns: int = 4
-    """With --env: the most assistant turns of an episode (each at most --max-new-tokens; all within
-    --max-length)."""
     share_prompt: bool = True
     """Score the G responses of a prompt padding-free, the prompt encoded once (flash attention: packed
     without sharing; off where a probe finds the model's result differs from the padded one)."""
@@ -148,10 +140,9 @@ class Config(RLConfig):
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise UserError(f"--overlong-buffer must be 0 (off) to --max-new-tokens ({self.max_new_tokens}), "
                             f"got {self.overlong_buffer}")
-        if self.env and self.dynamic_sampling:
-            raise UserError("--dynamic-sampling with --env: not supported yet (episodes are played in one round)")
-        if self.max_turns < 1:
-            raise UserError(f"--max-turns must be at least 1, got {self.max_turns}")
+        if self.env and (self.dynamic_sampling or self.overlong_buffer):
+            raise UserError(f"{'--dynamic-sampling' if self.dynamic_sampling else '--overlong-buffer'} with --env: not "
+                            "supported yet (episodes are played in one round; their length spans several turns)")
         if self.dynamic_sampling_max_rounds < 1:
             raise UserError("--dynamic-sampling-max-rounds must be at least 1")
         if self.estimator == "reinforce_pp" and self.loss_type == "vespo":
@@ -263,7 +254,7 @@ def run(cfg: Config) -> dict[str, float]:
     disable_dropout(policy)
     ref = load_reference(cfg, policy, tokenizer).to(accelerator.device) if cfg.beta > 0 else None
     scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
-    episodes = EpisodeSampler(cfg.env, tokenizer, cfg.max_turns, cfg.max_length) if cfg.env else None
+    episodes = EpisodeSampler.for_run(cfg, accelerator, tokenizer)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     check_prompt_positions(cfg, policy, prompts)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)

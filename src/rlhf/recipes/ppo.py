@@ -34,6 +34,7 @@ from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import announce_saved, full_state_dict, save_final
+from rlhf.recipes.episodes import EpisodeSampler
 from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score, is_sharded
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
@@ -244,7 +245,8 @@ def run(cfg: Config) -> dict[str, float]:
     cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
-    scorer = cfg.scorer(tokenizer, accelerator.device)
+    scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
+    episodes = EpisodeSampler.for_run(cfg, accelerator, tokenizer)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     check_prompt_positions(cfg, model.policy if critic is None else model, prompts)
     plan = StepPlan(len(prompts), cfg.rollout_batch_size, 1, cfg.seed)
@@ -298,9 +300,14 @@ def run(cfg: Config) -> dict[str, float]:
         timer = StepTimer()  # laps: generate, score, policy_value_pass, reference_pass, train, weight_sync
         # 1. Sample a batch of prompts.
         examples = [prompts.examples[i] for i in shard(plan.step_indices(state.step)[0], rank, world)]
-        # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them.
-        batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
-                                                                       scorer, accelerator.device, timer)
+        # 2-3. Generate responses (KV cache, left padding, stop when all have finished) and score them;
+        # with --env, play an episode per prompt (its observations are attended to, never trained).
+        if episodes is not None:
+            batch, completions, scores, score_metrics, examples, _ = episodes(
+                accelerator, rollout, prompts, plan.step_indices(state.step)[0], sampling, scorer, timer)
+        else:
+            batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
+                                                                           scorer, accelerator.device, timer)
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)))
             timer.lap("time/score")
@@ -308,7 +315,7 @@ def run(cfg: Config) -> dict[str, float]:
         old_logprobs, old_values, ref_logprobs, ref_seconds = rollout_forwards(cfg, model, critic, ref, batch,
                                                                                cfg.batch_size)
         timer.lap("time/policy_value_pass", time_reference_pass=ref_seconds)
-        mask = batch.response_mask
+        mask = batch.loss_mask  # the model's tokens: GAE's time steps (an episode's observations are holes)
         # 5. Per-token rewards: the score at the last token minus beta KL at every token.
         kl_coef = kl_ctl.value
         rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)

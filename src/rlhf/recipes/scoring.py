@@ -165,6 +165,14 @@ class RLConfig(TrainConfig):
     """Passes over each rollout batch."""
     rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
     """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
+    env: str | None = None
+    """Multi-turn episodes: module:factory, the factory returning one environment per episode (reset(row) ->
+    messages, step(message) -> (observations, reward, done); rlhf.rollout.env.ToolEnv for plain-function tools).
+    Episodes are token-in token-out (GRPO: G per prompt); only the model's tokens are trained (PPO: values and
+    GAE over them); --reward-fn then scores the final answer, added to the environment's rewards."""
+    max_turns: int = 4
+    """With --env: the most assistant turns of an episode (each at most --max-new-tokens; all within
+    --max-length)."""
     log_samples: int = 4
     """Prompts whose response (GRPO: the first of each group), score and length go to samples.jsonl at step 1
     and each logged step (0: none); rlhf report shows them."""
@@ -210,6 +218,8 @@ class RLConfig(TrainConfig):
             raise UserError(f"--eval-every: {recipe} evaluates --eval-data preference pairs; give --eval-data too")
         if self.stop_on_overoptimisation and not self.monitor:
             raise UserError("--stop-on-overoptimisation stops at the monitor's first warning; drop --no-monitor")
+        if self.max_turns < 1:
+            raise UserError(f"--max-turns must be at least 1, got {self.max_turns}")
         if self.grad_accum != 1:
             raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
                             "--mini-batch-size update; set those instead")

@@ -30,7 +30,9 @@ from rlhf.rollout.base import RolloutBatch, SamplingParams
 
 
 class Environment(Protocol):
-    """One episode's world. A new instance per episode (the factory's job)."""
+    """One episode's world. A new instance per episode (the factory's job). An environment with tools
+    says so in a ``schemas`` attribute (a list of JSON schemas, as :func:`tool_schemas` makes them),
+    which reaches the chat template as ``tools=``."""
 
     def reset(self, row: dict) -> list[dict]:
         """The episode's opening messages (at least the user's first turn), from a data row."""
@@ -54,16 +56,17 @@ def tool_schemas(tools: list[Callable]) -> list[dict]:
     return [get_json_schema(fn) for fn in tools]
 
 
-def parse_assistant(tokenizer, text: str, tools: list[dict] | None = None) -> dict:
+def parse_assistant(tokenizer, text: str, tools: list[dict] | None = None, prefix: str = "") -> dict:
     """The assistant message of the model's ``text``: its content and its tool calls.
 
-    A tokenizer with a response schema (``tokenizer.response_schema``) parses with transformers'
-    ``parse_response``; otherwise the Hermes format of Qwen 2.5/3 and most tool-calling templates,
+    A tokenizer with a response template (``tokenizer.response_template``, transformers 5) parses with
+    transformers' ``parse_response`` (``prefix``: the rendered context before the reply); otherwise the
+    Hermes format of Qwen 2.5/3 and most tool-calling templates,
     ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. A call that is not valid JSON with a
     name is kept as ``{"error": ...}``, for the environment to answer (an observation, not a crash).
     """
-    if getattr(tokenizer, "response_schema", None):
-        message = dict(tokenizer.parse_response(text, tools=tools))
+    if getattr(tokenizer, "response_template", None):
+        message = dict(tokenizer.parse_response(text, prefix=prefix, tools=tools))
         message.setdefault("role", "assistant")
         message.setdefault("content", "")
         return message
@@ -148,7 +151,7 @@ class Episode:
     reward: float = 0.0
     turns: int = 0
     tool_calls: int = 0
-    finished: bool = False  # ended by the environment (done), not by a limit
+    finished: bool = False  # its last reply ended with EOS (TRL's "not truncated")
     done: bool = False
 
 
@@ -169,8 +172,13 @@ def check_append_only(tokenizer, template: str, tools: list[dict] | None) -> Non
                     {"role": "assistant", "content": "The answer is 42."},
                     {"role": "user", "content": "Thanks."}]
     for k in range(1, len(conversation)):
-        before = _render(tokenizer, template, conversation[:k], tools, conversation[k]["role"] == "assistant")
-        after = _render(tokenizer, template, conversation[: k + 1], tools, False)
+        try:
+            before = _render(tokenizer, template, conversation[:k], tools, conversation[k]["role"] == "assistant")
+            after = _render(tokenizer, template, conversation[: k + 1], tools, False)
+        except Exception as e:  # jinja's TemplateError, or a template that indexes what a tool turn lacks
+            raise UserError(f"the chat template cannot render a tool-calling conversation (message {k + 1}, "
+                            f"a {conversation[k]['role']} turn): {type(e).__name__}: {str(e).splitlines()[0]}; "
+                            "use a model whose template supports tools") from None
         if not after.startswith(before):
             raise UserError(f"the chat template is not append-only: rendering the first {k + 1} messages of a "
                             f"tool-calling conversation does not start with the rendering of the first {k} "
@@ -189,38 +197,46 @@ def run_episodes(rollout, tokenizer, template: str, envs: list, rows: list[dict]
     for i, (env, row) in enumerate(zip(envs, rows)):
         messages = _checked_messages(env.reset(row), names, i, 0, "reset")
         ids = tokenizer(_render(tokenizer, template, messages, tools, True), add_special_tokens=False).input_ids
+        if len(ids) >= max_length:
+            raise EnvError(f"environment {_name(names, i)}, episode {i}, turn 0: the opening ({len(ids)} tokens with "
+                           f"the tools) leaves no room for a reply under --max-length {max_length}")
         episodes.append(Episode(prompt_ids=ids, messages=messages))
     for turn in range(1, max_turns + 1):
         active = [i for i, e in enumerate(episodes) if not e.done]
         if not active:
             break
-        budget = min(params.max_new_tokens, *(max_length - len(episodes[i].prompt_ids) - len(episodes[i].ids)
-                                              for i in active))
-        if budget < 1:
-            for i in active:
-                episodes[i].done = True
-            break
+        room = {i: min(params.max_new_tokens, max_length - len(episodes[i].prompt_ids) - len(episodes[i].ids))
+                for i in active}
         batch = rollout.generate([episodes[i].prompt_ids + episodes[i].ids for i in active],
-                                 SamplingParams(params.temperature, params.top_p, params.top_k, budget, 1))
+                                 SamplingParams(params.temperature, params.top_p, params.top_k, max(room.values()), 1))
         for k, i in enumerate(active):
             e = episodes[i]
             sampled = batch.response_ids[k][batch.response_mask[k].bool()].tolist()
+            ended = bool(batch.finished[k]) and len(sampled) <= room[i]
+            sampled = sampled[: room[i]]  # each episode's own budget
             e.ids += sampled
             e.model_mask += [1] * len(sampled)
             e.turns = turn
             text = tokenizer.decode([t for t in sampled if t != eos])
-            message = parse_assistant(tokenizer, text, tools)
+            prefix = (tokenizer.decode(e.prompt_ids + e.ids[: len(e.ids) - len(sampled)])
+                      if getattr(tokenizer, "response_template", None) else "")
+            message = parse_assistant(tokenizer, text, tools, prefix)
             e.tool_calls += len(message.get("tool_calls") or [])
             observations, reward, done = env_step(envs[i], message, names, i, turn)
             e.reward += reward
-            if done or not bool(batch.finished[k]) or turn == max_turns:
-                e.done, e.finished = True, bool(done and batch.finished[k])
+            e.finished = ended  # as TRL: whether the last reply ended with EOS
+            if done or not ended or turn == max_turns:
+                e.done = True
                 e.messages.append(message)
                 continue
             # What the template adds after the sampled reply (its end-of-turn tail) and for the observations.
             so_far = _render(tokenizer, template, e.messages, tools, True)
             with_reply = _render(tokenizer, template, e.messages + [message], tools, False)
             after = _render(tokenizer, template, e.messages + [message] + observations, tools, True)
+            if not (with_reply.startswith(so_far) and after.startswith(with_reply)):
+                raise EnvError(f"environment {_name(names, i)}, episode {i}, turn {turn}: the chat template rewrote an "
+                               "earlier turn when this one was added (not append-only here), so the observation "
+                               "cannot be appended to the sampled tokens")
             reply = with_reply[len(so_far):]
             tail = reply[reply.rfind(eos_text) + len(eos_text):] if eos_text in reply else ""
             added = tokenizer(tail + after[len(with_reply):], add_special_tokens=False).input_ids

@@ -37,7 +37,8 @@ class TrainConfig:
     """Training data: JSONL, JSON, CSV, Parquet, a saved datasets directory, or hf:NAME[:SPLIT]."""
     eval_data: str | None = None
     """Held-out data in the same format, evaluated every --eval-every steps and at the end (sft, rm, dpo);
-    for ppo and grpo, preference pairs (prompt/chosen/rejected) for the implicit preference accuracy."""
+    for ppo and grpo, preference pairs (prompt/chosen/rejected) for the implicit preference accuracy; for
+    distill, prompts (the reverse KL to the teacher on the student's samples)."""
     output_dir: str = "runs/out"
     """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
     max_steps: int = -1
