@@ -12,17 +12,7 @@ from rlhf.rollout import RolloutBatch, SamplingParams
 from rlhf.rollout.env import (EnvError, ToolEnv, check_append_only, episodes_to_batch, parse_assistant, run_episodes,
                               tool_schemas)
 
-# A tool-calling template in Qwen's style over the tiny tokenizer's role tokens: tools listed in a system
-# turn, calls as <tool_call>{json}</tool_call>, results as a user turn in <tool_response>.
-TOOL_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|system|>Tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}<|end|>"
-    "{% endif %}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}"
-    "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c['function']['name'], "
-    "'arguments': c['function']['arguments']} | tojson }}</tool_call>{% endfor %}{% endif %}<|end|>"
-    "{% elif m['role'] == 'tool' %}<|user|><tool_response>{{ m['content'] }}</tool_response><|end|>"
-    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from rlhf.demo.calculator import TOOL_TEMPLATE  # Qwen's tool-calling style over the tiny tokenizer's tokens
 
 
 def add(a: int, b: int) -> int:
@@ -51,6 +41,27 @@ class Scripted:
         return RolloutBatch(torch.ones(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
                             torch.tensor([ids] * n), torch.ones(n, len(ids), dtype=torch.long),
                             torch.tensor([finished] * n))
+
+
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+
+
+class CallThenAnswer(Scripted):
+    """The recipes' sampler, scripted: a call to add(2, 3), then the answer "5"."""
+
+    def generate(self, prompts, params):
+        self.replies = [CALL, "5"][len(prompts[0]) > 40:]  # the second turn's context is the longer one
+        return super().generate(prompts, params)
+
+    def load_weights(self, named):
+        pass
+
+
+def expected_mask(tok) -> list[float]:
+    """1 on the call and the answer (each with its EOS), 0 on the observation between them."""
+    call = len(tok(CALL, add_special_tokens=False).input_ids) + 1
+    observation = len(tok("<|user|><tool_response>5</tool_response><|end|><|assistant|>", add_special_tokens=False).input_ids)
+    return [1.0] * call + [0.0] * observation + [1.0] * (len(tok("5", add_special_tokens=False).input_ids) + 1)
 
 
 @pytest.fixture
@@ -181,17 +192,8 @@ def test_grpo_trains_on_episodes_with_the_loss_on_model_tokens(tiny_dir, tool_to
         seen.append(mask.clone())
         return real(loss_type, logprobs, old, advantages, mask, **kw)
 
-    class Replies(Scripted):
-        def generate(self, prompts, params):
-            self.replies = ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "5"]
-            self.replies = self.replies[len(prompts[0]) > 40:]  # the second turn's context is the longer one
-            return super().generate(prompts, params)
-
-        def load_weights(self, named):
-            pass
-
     monkeypatch.setattr(grpo, "policy_loss_terms", spy)
-    monkeypatch.setattr(grpo, "build_rollout", lambda cfg, model, tok, acc: Replies(tool_tokenizer, []))
+    monkeypatch.setattr(grpo, "build_rollout", lambda cfg, model, tok, acc: CallThenAnswer(tool_tokenizer, []))
     monkeypatch.setitem(sys.modules, "test_env_factories", sys.modules[__name__])
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(8)))
@@ -201,13 +203,7 @@ def test_grpo_trains_on_episodes_with_the_loss_on_model_tokens(tiny_dir, tool_to
                          max_length=512, max_turns=3, report_to="none", lr=1e-3))
     rows = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl") if '"reward"' in x]
     assert rows[-1]["env/tool_calls"] == 1.0 and rows[-1]["env/turns"] == 2.0 and rows[-1]["env/used_tool_result"] == 1.0
-    call = len(tool_tokenizer('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
-                              add_special_tokens=False).input_ids) + 1
-    observation = len(tool_tokenizer("<|user|><tool_response>5</tool_response><|end|><|assistant|>",
-                                     add_special_tokens=False).input_ids)
-    answer = len(tool_tokenizer("5", add_special_tokens=False).input_ids) + 1
-    expected = [1.0] * call + [0.0] * observation + [1.0] * answer
-    assert seen and all(row.tolist() == expected for m in seen for row in m)
+    assert seen and all(row.tolist() == expected_mask(tool_tokenizer) for m in seen for row in m)
 
 
 def test_the_python_api_takes_an_environment_factory(tiny_dir, tmp_path):
@@ -306,17 +302,8 @@ def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens(tiny_dir, tool_to
         masks.append(mask.clone())
         return real(logprobs, old, advantages, mask, **kw)
 
-    class Replies(Scripted):
-        def generate(self, prompts, params):
-            self.replies = ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "5"]
-            self.replies = self.replies[len(prompts[0]) > 40:]
-            return super().generate(prompts, params)
-
-        def load_weights(self, named):
-            pass
-
     monkeypatch.setattr(ppo, "ppo_policy_loss", spy)
-    monkeypatch.setattr(ppo, "build_rollout", lambda cfg, model, tok, acc: Replies(tool_tokenizer, []))
+    monkeypatch.setattr(ppo, "build_rollout", lambda cfg, model, tok, acc: CallThenAnswer(tool_tokenizer, []))
     monkeypatch.setitem(sys.modules, "test_env_factories", sys.modules[__name__])
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?"}) + "\n" for i in range(8)))
@@ -324,9 +311,5 @@ def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens(tiny_dir, tool_to
                        reward_fn="rule_rewards:vowel_fraction", output_dir=str(tmp_path / "p"), max_steps=1,
                        rollout_batch_size=4, mini_batch_size=4, batch_size=4, max_new_tokens=200, max_length=512,
                        max_turns=3, report_to="none"))
-    call = len(tool_tokenizer('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
-                              add_special_tokens=False).input_ids) + 1
-    observation = len(tool_tokenizer("<|user|><tool_response>5</tool_response><|end|><|assistant|>",
-                                     add_special_tokens=False).input_ids)
-    expected = [1.0] * call + [0.0] * observation + [1.0] * 2
+    expected = expected_mask(tool_tokenizer)
     assert masks and all(row.tolist()[: len(expected)] == expected for m in masks for row in m)
