@@ -330,7 +330,7 @@ def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
                          finished=torch.ones(2, dtype=torch.bool))
     where = ["p.jsonl:1", "p.jsonl:2"]
     for returned, message in [(None, "returned NoneType; expected a list of 2 numbers, one per completion"),
-                              ([1.0, None], "returned None for completion 2 of the batch (prompt p.jsonl:2)"),
+                              ([1.0, float("nan")], "returned nan for completion 2 of the batch (prompt p.jsonl:2)"),
                               (["1", 2], "returned '1' for completion 1 of the batch (prompt p.jsonl:1)"),
                               ([1.0, float("inf")], "returned inf for completion 2 of the batch (prompt p.jsonl:2)")]:
         scorer = Scorer(None, [RewardFn("mod:fn", lambda returned=returned, **kw: returned)])
@@ -338,6 +338,9 @@ def test_reward_values_that_are_not_numbers_name_the_function(tokenizer):
             scorer(batch, ["a", "b"], ["x", "y"], {}, where)
     scores, _ = Scorer(None, [RewardFn("mod:fn", lambda **kw: [True, 0])])(batch, ["a", "b"], ["x", "y"], {}, where)
     assert scores.tolist() == [1.0, 0.0]
+    # None is TRL's "does not apply" (issue 22): the completion is unscorable, NaN, for GRPO to leave out.
+    scores, _ = Scorer(None, [RewardFn("mod:fn", lambda **kw: [1.0, None])])(batch, ["a", "b"], ["x", "y"], {}, where)
+    assert scores[0].item() == 1.0 and scores[1].isnan()
 
 
 # ---- 6. a reward model that is not one ------------------------------------------------------------

@@ -359,3 +359,57 @@ def test_yaml_config_with_a_byte_order_mark_is_read(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_bytes(BOM + b"model: m\nlr: 0.25\n")
     assert printed_config(capsys, "sft", "--config", path)["lr"] == 0.25
+
+
+def test_a_trl_grpo_yaml_ports_or_lists_what_it_cannot_honour_in_one_line(capsys, tmp_path):
+    """Issue 22, item 3: 17 of 38 keys of an open-r1 GRPO YAML were refused, one per run."""
+    path = tmp_path / "grpo.yaml"
+    path.write_text(
+        "model_name_or_path: m\ndataset_name: p.jsonl\nlearning_rate: 1.0e-6\nbf16: false\nfp16: false\n"
+        "use_vllm: false\npush_to_hub: false\ndo_eval: false\nsave_strategy: 'no'\nmodel_revision: main\n"
+        "torch_dtype: auto\nlog_completions: true\nreport_to: [tensorboard]\nloss_type: dr_grpo\n"
+        "scale_rewards: false\nreward_funcs: [rule_rewards.vowel_fraction, rule_rewards.has_answer]\n"
+        "reward_weights: [1.0, 0.5]\nnum_generations: 4\nmax_completion_length: 16\nbeta: 0.0\n")
+    rc, out, err = cli(capsys, "grpo", "--config", path, "--print-config")
+    assert rc == 0, err
+    cfg = yaml.safe_load("\n".join(out))
+    assert cfg["reward_fn"] == "rule_rewards:vowel_fraction:1.0,rule_rewards:has_answer:0.5"
+    assert (cfg["loss_type"], cfg["scale_rewards"], cfg["report_to"], cfg["max_new_tokens"]) == ("dr_grpo", "none",
+                                                                                                 "tensorboard", 16)
+    assert len(err) == 1 and "ignored: fp16=False, use_vllm=False, push_to_hub=False" in err[0]
+    path.write_text("model: m\nuse_vllm: true\ntop_entropy_quantile: 0.2\nwarmup_steps: 10\n")
+    rc, _, err = cli(capsys, "grpo", "--config", path, "--print-config")
+    assert rc == 1 and len(err) == 1 and "3 keys cannot be honoured: 'use_vllm' (TRL/transformers) is not" in err[0]
+    assert "'top_entropy_quantile'" in err[0] and "use --warmup-ratio" in err[0]
+
+
+def test_reward_functions_under_trls_contract(tiny_dir, tmp_path):
+    """Issue 22, item 4: None ("does not apply") was a fatal error, and a function taking completion_ids failed."""
+    import math
+
+    import torch
+
+    import rlhf
+    from rlhf.algos import group_advantages
+
+    # By hand: group (1, None) has one scorable completion: both advantages 0; group (3, 5) is +-1/(sqrt 2 + eps).
+    adv = group_advantages(torch.tensor([1.0, math.nan, 3.0, 5.0]), 2, eps=1e-4)
+    assert adv.tolist() == pytest.approx([0.0, 0.0, -1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)], abs=1e-6)
+    seen = []
+
+    def only_even(prompts, completions, completion_ids, **columns):
+        seen.append([len(ids) for ids in completion_ids])
+        return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+    def never(prompts, completions, **columns):
+        return [None] * len(completions)
+
+    result = rlhf.grpo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[only_even, never],
+                       output_dir=str(tmp_path / "g"), max_steps=1, rollout_batch_size=4, num_generations=2,
+                       mini_batch_size=8, batch_size=8, max_new_tokens=4, report_to="none")
+    assert seen and all(0 < n <= 4 for n in seen[0])  # the sampled ids reached the function
+    assert result.metrics["reward"] == 1.0 and "rewards/never" not in result.metrics
+    with pytest.raises(rlhf.UserError, match="PPO needs a score for every response"):
+        rlhf.ppo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[never],
+                 output_dir=str(tmp_path / "p"), max_steps=1, rollout_batch_size=4, mini_batch_size=4, batch_size=4,
+                 max_new_tokens=4, report_to="none")

@@ -98,6 +98,8 @@ def group_advantages(
     """
     if group_size < 2:
         raise ValueError("group advantages need group_size >= 2")
+    if scores.isnan().any():  # unscorable completions (TRL: no reward function applied)
+        return _nan_group_advantages(scores, group_size, scale, eps, reduce_sum)
     grouped = scores.float().view(-1, group_size)  # (n_prompts, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -107,6 +109,29 @@ def group_advantages(
         flat = scores.float().view(-1)
         n, s = total(torch.stack([torch.tensor(float(flat.numel()), device=flat.device), flat.sum()]))
         var = total(((flat - s / n) ** 2).sum()) / (n - 1).clamp(min=1.0)
+        centered = centered / (var.sqrt() + eps)
+    elif scale is not None:
+        raise ValueError(f"unknown group scale {scale!r}; valid: 'group', 'batch', None")
+    return centered.view(-1)
+
+
+def _nan_group_advantages(scores, group_size, scale, eps, reduce_sum) -> torch.Tensor:
+    """:func:`group_advantages` where some scores are NaN: the means and (unbiased) stds leave them out, as
+    TRL's ``nanmean``/``nanstd`` do, and their advantages are 0."""
+    grouped = scores.float().view(-1, group_size)
+    valid = ~grouped.isnan()
+    n = valid.sum(1, keepdim=True).float()
+    x = grouped.nan_to_num(0.0)
+    mean = (x * valid).sum(1, keepdim=True) / n.clamp(min=1)
+    centered = (grouped - mean).nan_to_num(0.0) * valid
+    if scale == "group":
+        std = ((centered**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        centered = centered / (std + eps)
+    elif scale == "batch":
+        total = reduce_sum or (lambda t: t)
+        flat, ok = scores.float().view(-1), ~scores.float().view(-1).isnan()
+        count, s = total(torch.stack([ok.sum().float(), flat.nan_to_num(0.0).sum()]))
+        var = total((((flat - s / count).nan_to_num(0.0) * ok) ** 2).sum()) / (count - 1).clamp(min=1.0)
         centered = centered / (var.sqrt() + eps)
     elif scale is not None:
         raise ValueError(f"unknown group scale {scale!r}; valid: 'group', 'batch', None")

@@ -301,9 +301,12 @@ def run(cfg: Config) -> dict[str, float]:
                 accelerator, rollout, prompts, indices, sampling, tokenizer, scorer, timer,
                 dynamic_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 0,
                 seed=cfg.seed * 1_000_003 + state.step)
+        if scores.isnan().any() and cfg.estimator != "grpo":
+            raise UserError(f"no reward function applied to some completions (every one returned None): only "
+                            f"--estimator grpo leaves such completions out (as TRL), not {cfg.estimator}")
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
-            best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(completions)
-                                                                                      * accelerator.num_processes)))
+            best.offer(state.step + 1, float(reduce_sum(accelerator, scores.nan_to_num(0.0).sum()) / (
+                len(completions) * accelerator.num_processes)))
             timer.lap("time/score")
         mask, P = batch.loss_mask, batch.prompt_ids.shape[1]  # the model's tokens (an episode's observations: 0)
         # Old and reference log-probs, without gradients (old ones only when the policy will move first).
@@ -356,7 +359,8 @@ def run(cfg: Config) -> dict[str, float]:
         all_scores = accelerator.gather(scores.contiguous())  # every process's groups: what 1 process would log
         lengths = accelerator.gather(mask.sum(1).float().contiguous())
         grouped = all_scores.view(-1, G)
-        metrics = {"reward": float(all_scores.mean()), "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
+        metrics = {"reward": float(all_scores.nanmean()),
+                   "reward_std": float(grouped.std(1).nanmean()) if G > 1 else 0.0,
                    "frac_reward_zero_std": float(tied_groups(all_scores, G).float().mean()),
                    "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                    "completions/max_length": float(lengths.max()),
@@ -365,7 +369,8 @@ def run(cfg: Config) -> dict[str, float]:
                                                    / timer.metrics()["time/step"],
                    **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
-            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores, *monitor_kl(cfg, buf),
+            metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores.nan_to_num(0.0),
+                                           *monitor_kl(cfg, buf),
                                            member_scores=member_scores))
         stop = watch(state.step, total, metrics, monitor, pref_eval, best, logger)  # warnings; stop at one?
         if state.step % cfg.log_every == 0 or state.step == total or stop:

@@ -308,6 +308,9 @@ def run(cfg: Config) -> dict[str, float]:
         else:
             batch, completions, scores, score_metrics = generate_and_score(rollout, examples, sampling, tokenizer,
                                                                            scorer, accelerator.device, timer)
+        if scores.isnan().any():
+            raise UserError("no reward function applied to some responses (every one returned None): PPO needs a "
+                            "score for every response (GRPO leaves them out)")
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)))
             timer.lap("time/score")

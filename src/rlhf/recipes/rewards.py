@@ -6,8 +6,11 @@ in from Python as a callable (:mod:`rlhf.handles`). It receives ``prompts`` and 
 lists plus every extra dataset column as a keyword list. Prompts are as in the dataset: text or
 messages. A completion takes its prompt's form, as in TRL: text for a text prompt, and
 ``[{"role": "assistant", "content": text}]`` for a conversational one (:func:`in_prompt_form`).
-Anything else than a finite number (NaN, inf, None, a string), or an exception, stops the run with
-one line naming the function, the value or exception, and the prompt's ``file:line``.
+None means "does not apply", as in TRL: it is left out of the weighted sum over functions, and a
+completion no function applies to is unscorable (GRPO gives it no advantage). Anything else than a
+finite number or None (NaN, inf, a string), or an exception, stops the run with one line naming the
+function, the value or exception, and the prompt's ``file:line``. Functions that accept
+``completion_ids`` (by name or ``**kwargs``) get the sampled token ids, as TRL gives them.
 """
 
 from __future__ import annotations
@@ -70,10 +73,24 @@ def in_prompt_form(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def call_reward_fn(r: RewardFn, prompts: list, completions: list, extras: dict[str, list], where: list[str] | None):
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name, or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
+
+
+def call_reward_fn(r: RewardFn, prompts: list, completions: list, extras: dict[str, list], where: list[str] | None,
+                   completion_ids: list[list[int]] | None = None):
     """``r.fn`` on the batch; an exception it raises is a :class:`UserError` naming the function,
     the exception's first line and the record: the first completion that raises on its own
     (the function is called once per completion to find it), else the batch's prompts."""
+    if completion_ids is not None and _takes(r.fn, "completion_ids"):  # TRL passes the sampled token ids too
+        extras = {**extras, "completion_ids": completion_ids}
     try:
         return r.fn(prompts=prompts, completions=completions, **extras)
     except Exception as e:  # the user's code: any exception is theirs to fix
@@ -96,6 +113,9 @@ def call_reward_fn(r: RewardFn, prompts: list, completions: list, extras: dict[s
 
 
 def reward_value(name: str, value, i: int, where: list[str] | None) -> float:
+    """``value`` as a float; None (TRL's "this function does not apply") is NaN, for the caller to leave out."""
+    if value is None:
+        return math.nan
     number = None
     if not isinstance(value, (str, bytes)):  # bools count as 0 and 1, as in TRL
         try:

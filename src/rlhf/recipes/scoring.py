@@ -86,16 +86,23 @@ class Scorer:
                 rm = (rm - self.stats[0]) / max(self.stats[1], 1e-6)
             metrics["objective/rm_score"] = float(rm.mean())
             scores += rm
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.loss_mask)]
+        applies = torch.zeros_like(scores, dtype=torch.bool) if self.reward_fns and self.reward_model is None else None
         for r in self.reward_fns:
-            values = call_reward_fn(r, prompts, completions, extras, where)
+            values = call_reward_fn(r, prompts, completions, extras, where, ids)
             if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
                 raise UserError(f"reward function {r.name} returned {type(values).__name__}; expected a list of "
                                 f"{len(completions)} numbers, one per completion")
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
             values = torch.tensor([reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
-            metrics[f"rewards/{r.name}"] = float(values.mean())
-            scores += r.weight * values
+            if not values.isnan().all():
+                metrics[f"rewards/{r.name}"] = float(values.nanmean())
+            if applies is not None:
+                applies |= ~values.isnan()
+            scores += r.weight * values.nan_to_num(0.0)  # None: left out of the sum (TRL's nansum)
+        if applies is not None and not applies.all():  # no function applies: unscorable (NaN), as in TRL
+            scores = scores.masked_fill(~applies, math.nan)
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
         if self.missing_eos_penalty is not None:

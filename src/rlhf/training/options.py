@@ -55,6 +55,7 @@ TRL_ALIASES: dict[str, str] = {
     "epsilon": "clip_eps",                    # TRL GRPOConfig
     "epsilon_high": "clip_eps_high",
     "teacher_model_name_or_path": "teacher",  # TRL GKDConfig / DistillationConfig
+    "reward_funcs": "reward_fn",              # TRL's GRPO scripts: a list of dotted paths
 }
 # TRL / transformers settings with no meaning here: refused with one line (and a hint).
 TRL_UNSUPPORTED: dict[str, str] = {
@@ -79,14 +80,31 @@ TRL_UNSUPPORTED: dict[str, str] = {
     "dataset_config": "use --data hf:NAME:SPLIT",
     **dict.fromkeys(["use_vllm", "vllm_mode"], "use --rollout-engine"),
     "padding_free": "use --packing (sft) or --share-prompt (dpo, grpo)",
-    "reward_weights": "give weights in --reward-fn module:function:weight",
+    "log_completions": "",
 }
+# TRL / transformers settings whose value asks for nothing we lack (off, none, the default): accepted and
+# named once on stderr. Any other value of them is refused as TRL_UNSUPPORTED says.
+_OFF = (False, None, "false", "none", "no", "")
+TRL_NO_OPS: dict[str, tuple] = {
+    **dict.fromkeys(["push_to_hub", "use_vllm", "fp16", "tf32", "load_in_4bit", "load_in_8bit", "torch_compile",
+                     "use_liger_kernel", "do_eval", "eval_on_start", "use_bnb_nested_quant", "hub_private_repo"], _OFF),
+    **dict.fromkeys(["hub_model_id", "hub_token", "gradient_checkpointing_kwargs", "run_name"], _OFF),
+    "do_train": (True, "true"),
+    "model_revision": ("main",),
+    **dict.fromkeys(["torch_dtype", "dtype"], (None, "auto", "float32", "none")),
+    "save_strategy": ("steps", "no"),   # with save_steps (or none): what --save-every does
+    **dict.fromkeys(["eval_strategy", "evaluation_strategy"], ("steps", "no")),
+    "logging_strategy": ("steps",),
+    "remove_unused_columns": (False, True, "false", "true"),  # our readers keep every column for reward functions
+    "log_completions": (False, True, "false", "true"),  # samples.jsonl is always written (--log-samples)
+}
+
 # Our own flags that were renamed: the old name is refused with the new one.
 RENAMED: dict[str, str] = {
     "loss_agg": "GRPO's loss and its normalisation are --loss-type (TRL's names; PPO keeps --loss-agg)",
 }
 # Aliases whose value is converted, so they keep their own argparse dest.
-_CONVERTED = ("per_device_train_batch_size", "dataset_name", "resume_from_checkpoint")
+_CONVERTED = ("per_device_train_batch_size", "dataset_name", "resume_from_checkpoint", "reward_funcs")
 
 
 def flag(name: str) -> str:
@@ -173,6 +191,8 @@ def _convert(name: str, tp, value, where: str):
             return bool(value)
         if base is list:
             return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+        if base is str and isinstance(value, (list, tuple)):  # TRL's report_to: [wandb, tensorboard]
+            return ",".join(str(v) for v in value) or "none"
         if base is int and isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
             try:
                 value = float(value)  # TRL's float fields: --num_train_epochs 3.0
@@ -232,6 +252,15 @@ def _from_trl(name: str, value):
     if name == "per_device_train_batch_size":
         per_device = _convert(name, int, value, "--per_device_train_batch_size")
         return per_device * int(os.environ.get("WORLD_SIZE", "1"))
+    if name == "reward_funcs":  # TRL's list of dotted paths (trl.rewards.accuracy_reward) -> module:function
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        out = []
+        for item in (str(i).strip() for i in items if str(i).strip()):
+            if ":" not in item and "." not in item:
+                raise ConfigError(f"reward_funcs: {item!r} is a name from a script's registry; give its module path "
+                                  "(module.function or module:function)")
+            out.append(item if ":" in item else "{}:{}".format(*item.rsplit(".", 1)))
+        return ",".join(out)
     if name == "scale_rewards" and str(value).lower() in ("true", "false"):  # TRL's booleans
         return "group" if str(value).lower() == "true" else "none"
     if name == "resume_from_checkpoint" and str(value).lower() in ("true", "false"):  # transformers: the latest
@@ -263,14 +292,38 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of field: value")
         known = spellings(cls)
+        recipe = cls.__module__.rsplit(".", 1)[-1]
+        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        weights = loaded.pop("reward_weights", None)
+        if weights is not None and "reward_fn" in names:  # TRL: one weight per reward function, in order
+            funcs = loaded.get("reward_funcs", loaded.get("reward_fn"))
+            funcs = _from_trl("reward_funcs", funcs) if funcs is not None else ""
+            items = [f for f in funcs.split(",") if f]
+            if not isinstance(weights, (list, tuple)) or len(weights) != len(items):
+                raise ConfigError(f"{yaml_path}: reward_weights: {weights!r} is not one number per reward function "
+                                  f"({len(items)})")
+            loaded["reward_funcs"] = ",".join(f"{f}:{float(w)}" for f, w in zip(items, weights))
+            loaded.pop("reward_fn", None)
+        refused, ignored = [], []
         for key, value in loaded.items():
-            key = str(key).replace("-", "_")
             if key not in known:
-                recipe = cls.__module__.rsplit(".", 1)[-1]
-                raise ConfigError(f"{yaml_path}: {unknown_name(cls, key, recipe, dash='')}")
+                ok = TRL_NO_OPS.get(key, ())
+                if any(value == v or (isinstance(v, str) and str(value).lower() == v) for v in ok):
+                    ignored.append(f"{key}={value}")
+                    continue
+                refused.append(unknown_name(cls, key, recipe, dash=""))
+                continue
             if known[key] in values:
                 raise ConfigError(f"{yaml_path}: {key!r} sets {known[key]!r}, which another key set already")
             values[known[key]] = _convert(known[key], hints[known[key]], _from_trl(key, value), yaml_path)
+        if refused:
+            raise ConfigError(f"{yaml_path}: " + (refused[0] if len(refused) == 1 else
+                                                  f"{len(refused)} keys cannot be honoured: " + "; ".join(refused)))
+        if ignored:
+            import sys
+
+            print(f"rlhf {recipe}: {yaml_path}: TRL settings that ask for nothing here, ignored: {', '.join(ignored)}",
+                  file=sys.stderr)
     for key in _CONVERTED:
         target = TRL_ALIASES[key]
         if key in flags:
