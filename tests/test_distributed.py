@@ -8,6 +8,7 @@ Slow (spawns accelerate launch): run with `make test-slow`.
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_di
         done = subprocess.run([*cmd, str(script), tiny_dir, str(out), str(per_device)], capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        # The processes share stdout, so their lines may interleave ("RESULTRESULT {...}\n {...}"): read the objects.
+        results = [json.loads(m) for m in re.findall(r'\{"rank": [^{}]*\}', done.stdout)]
         assert sorted(r["rank"] for r in results) == list(range(n)), done.stdout[-2000:]
         assert done.stdout.count(f"saved model to {out}") == 1
         assert {r["path"] for r in results} == {str(out)} and (out / "config.json").exists()
