@@ -216,7 +216,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                     m = {**m, "kl": masked_mean(kl_tokens.detach(), mask)}
                 for name, value in (*((k2, v * share) for k2, v in m.items()),
                                     ("entropy", masked_mean(entropy.detach(), mask) * share),
-                                    ("loss/policy", policy_loss.detach())):
+                                    ("loss/policy", policy_loss.detach()), ("loss", loss.detach())):
                     sums[name] = sums.get(name, 0.0) + value
             grad_norm = clip_grad_norm(accelerator, params, cfg.max_grad_norm)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.as_tensor(float(grad_norm)) / world
@@ -263,7 +263,7 @@ def run(cfg: Config) -> dict[str, float]:
     updates = total * cfg.ppo_epochs * max(1, -(-n_completions // cfg.mini_batch_size))
     optimizer, scheduler = make_optimizer(cfg, policy.parameters(), updates)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
-                                                          {"reward": "reward", "kl": "kl"})
+                                                          {"loss": "loss", "reward": "reward", "kl": "kl"})
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
@@ -367,6 +367,7 @@ def run(cfg: Config) -> dict[str, float]:
                    "completions/clipped_ratio": float(accelerator.gather((~batch.finished).float()).mean()),
                    "speed/completions_per_second": len(completions) * accelerator.num_processes
                                                    / timer.metrics()["time/step"],
+                   "learning_rate": scheduler.get_last_lr()[0], "epoch": state.step / plan.steps_per_epoch,
                    **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores.nan_to_num(0.0),
