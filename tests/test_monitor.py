@@ -204,3 +204,15 @@ def test_monitor_flags_may_change_on_resume():
     changed = dict(monitor=False, monitor_distinct_drop=0.1, monitor_length_growth=None, monitor_reward_length_corr=0.9,
                    monitor_kl_fraction=2.0)
     assert run_record(ppo.Config(model="m")) == run_record(ppo.Config(model="m", **changed))
+
+
+def test_kl_fraction_of_scores_near_zero_is_no_false_alarm():
+    """Issue 22, item 6: reward 0 and a KL of 4e-7 read 'kl_reward_fraction = 10.13 (1013% of the mean |score|)'."""
+    from rlhf.algos import kl_reward_fraction
+
+    scores, mask = torch.zeros(4), torch.ones(4, 8)
+    fraction, penalty = kl_reward_fraction(scores, torch.full((4, 8), 4e-7), mask, kl_coef=0.04)
+    assert fraction.item() < 1e-3 and penalty.item() == pytest.approx(0.04 * 8 * 4e-7)
+    # A sizeable penalty against scores near 0 still reads as large.
+    fraction, _ = kl_reward_fraction(scores, torch.full((4, 8), 0.5), mask, kl_coef=0.04)
+    assert fraction.item() > 1.0

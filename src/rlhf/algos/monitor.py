@@ -82,14 +82,17 @@ def reward_length(scores: torch.Tensor, response_mask: torch.Tensor) -> tuple[to
 
 
 def kl_reward_fraction(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float,
-                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of the reward the KL penalty gives back.
 
     ``penalty = mean_i(kl_coef * sum_t KL_{i,t})``, the mean over responses of the penalty
     summed over each response's tokens (seed 002 Part 5: ``R_t = r_t - beta KL_t``), and
     ``fraction = penalty / max(mean_i |score_i|, eps)``. With the k1 estimator a response's
     summed KL can be negative, so the fraction is signed: positive when the penalty takes reward
-    away. A fraction near 1 means the policy pays in KL about as much as it earns in score.
+    away. A fraction near 1 means the policy pays in KL about as much as it earns in score. ``eps``
+    (0.01) floors the score scale: with scores near 0 (a rule reward nobody earns yet) a KL of 4e-7
+    read as 1013% of the mean |score| (issue 22); against the floor it is the penalty itself, a
+    fraction that warns only when the penalty itself is sizeable.
 
     Shape:
         scores: (B,), kl, response_mask: (B, T) -> two scalars ``(fraction, penalty)``.
