@@ -630,3 +630,20 @@ def test_sigterm_exits_like_ctrl_c(tmp_path, tiny_dir, capsys, monkeypatch):
     assert rc == 143 and err == ["rlhf sft: terminated (SIGTERM)"], (rc, err)
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (out / "model.safetensors").exists() and not (out / ".rlhf.lock").exists()
+
+
+def test_a_default_max_length_beyond_the_models_positions_is_lowered_one_given_is_refused(tmp_path, tokenizer, capsys):
+    """Issue 22, item 11: --max-length's default of 512 was refused on a model of 256 positions though the user
+    never set it."""
+    from rlhf.models import save_pretrained, tiny_causal_lm
+
+    short = tmp_path / "short"
+    save_pretrained(tiny_causal_lm(tokenizer, "gpt2", hidden_size=32, num_layers=1, max_positions=256), tokenizer,
+                    str(short))
+    args = ["sft", "--model", str(short), "--data", sft_data(tmp_path), "--batch-size", 4, "--report-to", "none",
+            "--max-steps", 1]
+    rc, err = cli(capsys, *args, "--output-dir", tmp_path / "out")  # --max-length not given: its default, 512
+    assert rc == 0, err
+    rc, err = cli(capsys, *args, "--output-dir", tmp_path / "o2", "--max-length", 512)
+    assert rc == 1 and err == [f"rlhf sft: error: --max-length 512 is beyond the 256 positions of --model {short} "
+                               "(max_position_embeddings in its config); lower it to 256 or less"]

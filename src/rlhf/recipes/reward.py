@@ -31,7 +31,8 @@ from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.errors import UserError
 from rlhf.training.config import TrainConfig
 from rlhf.training.loop import StepPlan, fit, shard, to_device
-from rlhf.training.setup import check_positions, load_data, make_accelerator, make_optimizer, start, with_lora
+from rlhf.training.setup import (check_positions, fit_default_length, load_data, make_accelerator, make_optimizer, start,
+                                 with_lora)
 from rlhf.training.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )
@@ -133,6 +134,7 @@ def train_one(cfg: Config, bootstrap_seed: int | None = None) -> dict[str, float
     classifier = load_sequence_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                           attn_implementation=cfg.attn_implementation)
     classifier.config.pad_token_id = tokenizer.pad_token_id
+    fit_default_length(cfg, classifier, f"--model {cfg.model}")
     check_positions(classifier, cfg.max_length, "--max-length", f"--model {cfg.model}")
     if cfg.lora:
         classifier = with_lora(cfg, classifier, task_type="SEQ_CLS")

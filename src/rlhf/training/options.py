@@ -337,6 +337,7 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
         cfg = cls(**values)
     except TypeError as e:
         raise ConfigError(str(e)) from None
+    cfg.__dict__["given"] = frozenset(values)  # what the user set (not a field: a default may adapt to the model)
     check = getattr(cfg, "check", None)
     if check:
         check()

@@ -83,6 +83,7 @@ def load_policy(cfg: TrainConfig, path: str | None = None):
     path = path or cfg.model
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    fit_default_length(cfg, model, f"--model {path}")
     check_positions(model, cfg.max_length, "--max-length", f"--model {path}")
     if cfg.lora:
         model = with_lora(cfg, model)
@@ -128,6 +129,17 @@ def max_positions(model) -> tuple[int, str] | None:
         if isinstance(value, int) and value > 0:
             return value, name
     return None
+
+
+def fit_default_length(cfg: TrainConfig, model, whose: str) -> None:
+    """A --max-length the user never set (the default 512) is lowered to ``model``'s positions, said once;
+    one the user gave is checked as given (:func:`check_positions`)."""
+    limit = max_positions(model)
+    given = getattr(cfg, "given", None)
+    if limit is not None and cfg.max_length > limit[0] and given is not None and "max_length" not in given:
+        print(f"--max-length: the default {cfg.max_length} is beyond the {limit[0]} positions of {whose}; "
+              f"using {limit[0]}")
+        cfg.max_length = limit[0]
 
 
 def check_positions(model, length: int, what: str, whose: str) -> None:
