@@ -647,3 +647,14 @@ def test_a_default_max_length_beyond_the_models_positions_is_lowered_one_given_i
     rc, err = cli(capsys, *args, "--output-dir", tmp_path / "o2", "--max-length", 512)
     assert rc == 1 and err == [f"rlhf sft: error: --max-length 512 is beyond the 256 positions of --model {short} "
                                "(max_position_embeddings in its config); lower it to 256 or less"]
+
+
+def test_after_ctrl_c_without_checkpoints_both_messages_name_overwrite(tmp_path, tiny_dir, capsys):
+    """Issue 22, item 8: without --save-every, --resume said there was no checkpoint (drop --resume), and
+    without --resume the directory was refused with a suggestion to --resume: the two pointed at each other."""
+    out = tmp_path / "out"
+    assert cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1))[0] == 0  # results, no checkpoint
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1))
+    assert rc == 1 and "it left no checkpoint to resume (no --save-every), so pass --overwrite-output-dir" in err[0]
+    rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1, "--resume"))
+    assert rc == 1 and "start afresh with --overwrite-output-dir instead" in err[0] and "drop --resume" not in err[0]

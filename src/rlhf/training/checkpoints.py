@@ -157,7 +157,11 @@ class Checkpointer:
         """The checkpoint ``--resume spec`` names ('auto': the newest), or a one-line error."""
         path = self.latest() if spec == "auto" else spec
         if path is None:
-            raise CheckpointError(f"--resume: no checkpoint in {self.root} to resume (drop --resume to start afresh)")
+            out = os.path.dirname(os.path.normpath(self.root))
+            left = [n for n in RESULT_FILES if os.path.exists(os.path.join(out, n))]
+            way = ("start afresh with --overwrite-output-dir instead, replacing " + ", ".join(left) if left
+                   else "drop --resume to start afresh")
+            raise CheckpointError(f"--resume: no checkpoint in {self.root} to resume ({way})")
         if not os.path.isdir(path):
             raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
         return path
@@ -328,8 +332,10 @@ def claim_output_dir(cfg, is_main_process: bool) -> None:
         if cfg.resume:
             check_same_run(Checkpointer(None, out, 0).find(cfg.resume), cfg)
         elif not cfg.overwrite_output_dir and (found := previous_results(out)):
-            raise CheckpointError(f"--output-dir {out} holds another run's results ({', '.join(found)}); pass "
-                                  "--resume to continue that run or --overwrite-output-dir to replace it")
+            way = ("pass --resume to continue that run or --overwrite-output-dir to replace it"
+                   if any(f.startswith("checkpoints") for f in found) else
+                   "it left no checkpoint to resume (no --save-every), so pass --overwrite-output-dir to replace it")
+            raise CheckpointError(f"--output-dir {out} holds another run's results ({', '.join(found)}); {way}")
     except CheckpointError:
         release_output_dir(out)
         if created and is_main_process:
