@@ -658,3 +658,26 @@ def test_after_ctrl_c_without_checkpoints_both_messages_name_overwrite(tmp_path,
     assert rc == 1 and "it left no checkpoint to resume (no --save-every), so pass --overwrite-output-dir" in err[0]
     rc, err = cli(capsys, *sft_args(tiny_dir, sft_data(tmp_path), out, "--max-steps", 1, "--resume"))
     assert rc == 1 and "start afresh with --overwrite-output-dir instead" in err[0] and "drop --resume" not in err[0]
+
+
+def test_message_data_without_a_chat_template_says_so_and_saves_the_template(tmp_path, tiny_dir, capsys):
+    """Issue 22, item 7: training used the plain fallback template silently, and the saved model had none."""
+    from rlhf.data import PLAIN_CHAT_TEMPLATE
+    from rlhf.models import load_tokenizer, save_pretrained
+    from transformers import AutoModelForCausalLM
+
+    plain = tmp_path / "plain"
+    tok = load_tokenizer(tiny_dir)
+    tok.chat_template = None
+    save_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tok, str(plain))
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                               {"role": "assistant", "content": "Hello"}]}
+                                                 for i in range(8)])
+    from rlhf.cli import main
+
+    capsys.readouterr()
+    assert main(["sft", "--model", str(plain), "--data", data, "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+                 "--batch-size", "4", "--report-to", "none"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("the tokenizer has no chat template") == 1
+    assert load_tokenizer(str(tmp_path / "out")).chat_template == PLAIN_CHAT_TEMPLATE

@@ -76,6 +76,7 @@ class Encoder:
 
     def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: int | None = None):
         self.tokenizer = tokenizer
+        self.used_plain_template = False
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.eos_id = tokenizer.eos_token_id
@@ -87,6 +88,8 @@ class Encoder:
 
     @property
     def template(self) -> str:
+        if not self.tokenizer.chat_template:
+            self.used_plain_template = True  # the caller says so once and saves it with the model
         return self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -155,9 +155,14 @@ def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
     """Validate and tokenise a whole file before training; report skips and truncations."""
     if not source:
         raise UserError("--data is required")
-    from rlhf.data import Encoder, prepare
+    from rlhf.data import PLAIN_CHAT_TEMPLATE, Encoder, prepare
 
-    prepared = prepare(source, kind, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.on_bad_record)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    prepared = prepare(source, kind, encoder, cfg.on_bad_record)
+    if encoder.used_plain_template and not tokenizer.chat_template:  # message data, a tokenizer without a template
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        log(f"{source}: the tokenizer has no chat template: messages are rendered with rlhf's plain template "
+            "('Role: content' blocks), which is saved with the model so it renders them the same way")
     if kind == "prompt":  # each prompt knows its file:line, for errors about its completions
         for example, where in zip(prepared.examples, prepared.where):
             example["_where"] = where
