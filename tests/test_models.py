@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.algos import logprobs_from_logits
 from rlhf.models import (
     Critic, ModelLoadError, PolicyWithValueHead, Reference, apply_lora, causal_logits, get_score_stats,
-    load_causal_lm, load_sequence_classifier, save_pretrained, sequence_scores, set_gradient_checkpointing,
-    set_score_stats, tiny_causal_lm,
+    load_causal_lm, load_sequence_classifier, load_tokenizer, save_pretrained, sequence_scores,
+    set_gradient_checkpointing, set_score_stats, tiny_causal_lm,
 )
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
@@ -155,3 +155,16 @@ def test_separate_critic_from_reward_model_and_gradient_checkpointing(tiny_dir):
 def test_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no such model directory"):
         load_causal_lm(str(tmp_path / "nope"))
+
+
+def test_a_hub_shaped_path_that_is_nowhere_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    """Issue 22, item 10: 'runs/sft-typo' with no runs/ directory here went to the hub: a minute of retries,
+    then 'cannot load tokenizer (We couldn't connect to https://huggingface.co ...)'."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cannot be reached, whatever this machine's network
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"^sft-typo/model: no such local directory, and the hub \(huggingface.co\) "
+                                             r"cannot be reached"):
+        load_tokenizer("sft-typo/model")
+    assert time.perf_counter() - start < 30

@@ -64,6 +64,47 @@ def _check_local(path: str) -> None:
     first = path.split("/", 1)[0]
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or ("/" in path and os.path.isdir(first)):
         raise ModelLoadError(f"{path}: no such model directory")
+    if handles.lookup(path) is None and not _in_hub_cache(path) and not _hub_reachable():
+        host = _hub_host()
+        raise ModelLoadError(f"{path}: no such local directory, and the hub ({host}) cannot be reached to look for "
+                             "it as a hub id (nor is it in the hub cache)")
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers a TCP connection within 3 s (asked once a process); offline mode says no.
+    Without it a mistyped ``runs/sft-typo`` ran into a minute of hub retries before its error."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = _hub_host()
+    if host not in _REACHABLE:
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds ``repo_id`` (a config or tokenizer file), so it loads without the hub."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+                   for name in ("config.json", "tokenizer_config.json"))
+    except Exception:  # not a valid repo id, no cache: not cached
+        return False
 
 
 def _loaded(path: str) -> handles.Loaded | None:
