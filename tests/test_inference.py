@@ -105,6 +105,24 @@ def test_chat_history_follows_the_template(tiny_dir, monkeypatch):
     assert seen[1][0]["content"] == "first" and seen[1][2]["content"] == "second"
 
 
+def test_chat_system_message_opens_every_conversation(tiny_dir, monkeypatch):
+    """Issue 22, item 12: rlhf chat --system."""
+    import io
+    from types import SimpleNamespace
+
+    from rlhf.commands import inference
+
+    seen = []
+    real = inference.stream_reply
+    monkeypatch.setattr(inference, "stream_reply", lambda gen, messages, write: (seen.append(messages),
+                                                                                 real(gen, messages, write))[1])
+    args = SimpleNamespace(model=tiny_dir, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=3, seed=0, raw=False,
+                           device="cpu", trust_remote_code=False, system="Be brief.")
+    inference.chat(args, stdin=io.StringIO("first\n/reset\nsecond\n"), stdout=io.StringIO())
+    assert [m["role"] for m in seen[0]] == ["system", "user"] and seen[0][0]["content"] == "Be brief."
+    assert [m["role"] for m in seen[1]] == ["system", "user"] and seen[1][1]["content"] == "second"
+
+
 def _chat_args(tiny_dir, **over):
     from types import SimpleNamespace
 

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         src.add_argument("--prompt", action="append", help="A prompt (repeat for several).")
         src.add_argument("--prompts", help="JSONL/JSON/CSV/Parquet file with a prompt (or messages) column.")
         p.add_argument("--num-samples", type=int, default=1, help="Completions per prompt.")
+    if name == "chat":
+        p.add_argument("--system", help="A system message opening the conversation (kept across /reset).")
     p.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (0: greedy).")
     p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
     p.add_argument("--top-k", type=int, default=0, help="Sample among the k likeliest tokens (0: all).")
@@ -170,7 +172,9 @@ def chat(args, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     torch.manual_seed(args.seed)
     gen = Generator(args)
-    history: list[dict] = []
+    system = getattr(args, "system", None)
+    opening = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = list(opening)
     print(f"Chatting with {args.model}. /reset clears the history, Ctrl-C stops a reply, /exit or Ctrl-D quits.",
           file=stdout, flush=True)
     read = _line_reader(stdin, stdout)
@@ -189,7 +193,7 @@ def chat(args, stdin=None, stdout=None) -> int:
         if not text:
             continue
         if text == "/reset":
-            history = []
+            history = list(opening)
             print("(history cleared)", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": text})
