@@ -18,6 +18,17 @@ def test_data_check_clean_file(tiny_dir, tmp_path):
     assert "prompt tokens:   p50" in out.stdout and "example (" in out.stdout
 
 
+def test_data_check_shows_the_trained_tokens(tiny_dir, tmp_path):
+    """Issue 22, item 12: rlhf data check --show-labels prints which tokens the loss trains."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi there"},
+                                             {"role": "assistant", "content": "Hello friend"}]}) + "\n")
+    out = rlhf("data", "check", str(path), "--kind", "sft", "--model", tiny_dir, "--show-labels")
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout.split("trained tokens in [[ ]]:\n", 1)[1]
+    assert shown.strip() == "'<|bos|><|user|>Hi there<|end|><|assistant|>[[Hello friend<|end|>]]'"
+
+
 def test_data_check_bad_file_lists_errors_without_traceback(tmp_path):
     path = tmp_path / "pref.jsonl"
     path.write_text('{"prompt": "a", "chosen": "x", "rejected": "x"}\n{"prompt": "a"\n')

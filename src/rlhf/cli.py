@@ -64,6 +64,8 @@ def _data_parser(sub) -> None:
     c.add_argument("--model", help="Model or tokenizer directory, for token lengths.")
     c.add_argument("--max-length", type=int, default=1024, help="Maximum tokens of prompt + response.")
     c.add_argument("--max-prompt-length", type=int, default=None, help="Prompts longer than this are cut from the left.")
+    c.add_argument("--show-labels", action="store_true",
+                   help="SFT: print the example with the tokens the loss trains in [[ ]] (needs --model).")
 
 
 def _run_data(args) -> int:
@@ -74,7 +76,7 @@ def _run_data(args) -> int:
         from rlhf.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-    ok, report = check_file(args.file, args.kind, tokenizer, args.max_length, args.max_prompt_length)
+    ok, report = check_file(args.file, args.kind, tokenizer, args.max_length, args.max_prompt_length, args.show_labels)
     print(report)
     return 0 if ok else 1
 

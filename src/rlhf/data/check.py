@@ -15,9 +15,27 @@ def _percentiles(values: list[int]) -> str:
     return f"p50 {pick(0.5)}  p90 {pick(0.9)}  p99 {pick(0.99)}  max {s[-1]}"
 
 
+def trained_spans(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """The example's text with each trained run of tokens (label not -100) in ``[[...]]``."""
+    out, run, trained = [], [], None
+    for t, label in zip(input_ids, labels):
+        now = label != -100
+        if run and now != trained:
+            text = tokenizer.decode(run)
+            out.append(f"[[{text}]]" if trained else text)
+            run = []
+        run.append(t)
+        trained = now
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"[[{text}]]" if trained else text)
+    return "".join(out)
+
+
 def check_file(path: str, kind: str, tokenizer=None, max_length: int = 1024,
-               max_prompt_length: int | None = None) -> tuple[bool, str]:
-    """Return ``(ok, report)``. ``ok`` is False when any record is bad."""
+               max_prompt_length: int | None = None, show_labels: bool = False) -> tuple[bool, str]:
+    """Return ``(ok, report)``. ``ok`` is False when any record is bad. ``show_labels`` (SFT) prints the
+    example with its trained tokens marked ``[[...]]``."""
     lines = [f"{path} ({kind})"]
     if tokenizer is None:
         records, errors = read_records(path)
@@ -53,6 +71,8 @@ def check_file(path: str, kind: str, tokenizer=None, max_length: int = 1024,
         first = ex[0]
         ids = first.get("input_ids") or (first["prompt_ids"] + first.get("chosen_ids", []))
         lines.append(f"example ({prepared.where[0]}):\n{tokenizer.decode(ids)!r}")
+        if show_labels and kind == "sft":
+            lines.append(f"trained tokens in [[ ]]:\n{trained_spans(tokenizer, first['input_ids'], first['labels'])!r}")
     lines += [f"error: {e}" for e in prepared.errors[:50]]
     if len(prepared.errors) > 50:
         lines.append(f"... and {len(prepared.errors) - 50} more")
