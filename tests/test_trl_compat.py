@@ -413,3 +413,26 @@ def test_reward_functions_under_trls_contract(tiny_dir, tmp_path):
         rlhf.ppo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[never],
                  output_dir=str(tmp_path / "p"), max_steps=1, rollout_batch_size=4, mini_batch_size=4, batch_size=4,
                  max_new_tokens=4, report_to="none")
+
+
+def test_grpo_reads_trls_per_device_batch_as_trl_does(capsys, monkeypatch):
+    """Issue 22, item 3: per_device_train_batch_size 16 in GRPO silently gave 8 prompts and 32 completions a step;
+    in TRL it is 16 completions a process per micro-step (4 prompts at G 4), gradient accumulation included."""
+    cfg = printed_config(capsys, "grpo", "--model", "m", "--reward-fn", "x:y", "--per_device_train_batch_size", "16",
+                         "--num_generations", "4")
+    assert (cfg["batch_size"], cfg["mini_batch_size"], cfg["rollout_batch_size"]) == (16, 16, 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = printed_config(capsys, "grpo", "--model", "m", "--reward-fn", "x:y", "--per_device_train_batch_size", "8",
+                         "--gradient_accumulation_steps", "2", "--num_generations", "4")
+    assert (cfg["batch_size"], cfg["mini_batch_size"], cfg["rollout_batch_size"], cfg["grad_accum"]) == (16, 32, 8, 1)
+    # Our own sizes, when given, are kept.
+    cfg = printed_config(capsys, "grpo", "--model", "m", "--reward-fn", "x:y", "--per_device_train_batch_size", "8",
+                         "--rollout-batch-size", "2", "--num_generations", "4")
+    assert cfg["rollout_batch_size"] == 2
+    import rlhf.training.options as options
+
+    from rlhf.recipes import grpo
+
+    kw = options.from_keywords(grpo.Config, {"model": "m", "reward_fn": "x:y", "per_device_train_batch_size": 8,
+                                             "num_generations": 2}, "grpo")
+    assert (kw.batch_size, kw.mini_batch_size, kw.rollout_batch_size) == (16, 16, 8)

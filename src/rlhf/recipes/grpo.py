@@ -24,6 +24,7 @@ from rlhf.algos import (LOSS_TYPES, compute_advantages, importance_log_ratio, kl
                         masked_mean, normalise_policy_loss, overlong_penalty, policy_loss_terms, tied_groups)
 from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
+from rlhf.training.options import trl_grpo_batch
 from rlhf.training.loop import (StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, mean_over_processes,
                                 reduce_sum)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
@@ -88,13 +89,13 @@ class Config(RLConfig):
     sapo_temperature_neg: float = 1.05
     """sapo's gate temperature where the advantage is 0 or negative."""
     vespo_k_pos: float = 2.0
-    """vespo's power k for non-negative advantages."""
+    """vespo's power k (advantage >= 0)."""
     vespo_lambda_pos: float = 3.0
-    """vespo's decay lambda for non-negative advantages."""
+    """vespo's decay lambda (advantage >= 0)."""
     vespo_k_neg: float = 3.0
-    """vespo's power k for negative advantages."""
+    """vespo's power k (advantage < 0)."""
     vespo_lambda_neg: float = 2.0
-    """vespo's decay lambda for negative advantages."""
+    """vespo's decay lambda (advantage < 0)."""
     mask_truncated_completions: bool = False
     """Leave responses that hit --max-new-tokens without EOS out of the loss (DAPO; an episode: its last reply)."""
     overlong_buffer: int = 0
@@ -114,6 +115,7 @@ class Config(RLConfig):
     without sharing; off where a probe finds the model's result differs from the padded one)."""
 
     def check(self) -> None:
+        trl_grpo_batch(self)  # before the checks: TRL's per-device batch may set the batch sizes
         super().check()
         if self.num_generations < 2 and self.estimator != "reinforce_pp":  # grpo's std of one score is NaN
             raise UserError(f"--estimator {self.estimator} needs --num-generations of at least 2: its baseline "

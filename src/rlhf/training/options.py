@@ -324,6 +324,7 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
 
             print(f"rlhf {recipe}: {yaml_path}: TRL settings that ask for nothing here, ignored: {', '.join(ignored)}",
                   file=sys.stderr)
+    trl_batch = "per_device_train_batch_size" in flags or (yaml_path and "per_device_train_batch_size" in loaded)
     for key in _CONVERTED:
         target = TRL_ALIASES[key]
         if key in flags:
@@ -338,10 +339,24 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
     except TypeError as e:
         raise ConfigError(str(e)) from None
     cfg.__dict__["given"] = frozenset(values)  # what the user set (not a field: a default may adapt to the model)
+    cfg.__dict__["trl_batch"] = bool(trl_batch)  # TRL's per-device batch size was given (GRPO reads it as TRL does)
     check = getattr(cfg, "check", None)
     if check:
         check()
     return cfg
+
+
+def trl_grpo_batch(cfg) -> None:
+    """TRL's GRPO batch on a GRPO config, where per_device_train_batch_size was given and the rollout and minibatch
+    sizes were not: batch (already x processes) x gradient_accumulation_steps completions an optimizer step, one
+    generation each (TRL's default steps_per_generation), so G of them per prompt."""
+    if not getattr(cfg, "trl_batch", False) or {"rollout_batch_size", "mini_batch_size"} & getattr(cfg, "given", set()):
+        return
+    completions = cfg.batch_size * cfg.grad_accum
+    if completions % cfg.num_generations:
+        raise ConfigError(f"per_device_train_batch_size x processes x gradient_accumulation_steps = {completions} "
+                          f"completions a step is not a multiple of --num-generations {cfg.num_generations}")
+    cfg.mini_batch_size, cfg.rollout_batch_size, cfg.grad_accum = completions, completions // cfg.num_generations, 1
 
 
 def from_keywords(cls: type, keywords: dict, recipe: str):
@@ -359,6 +374,9 @@ def from_keywords(cls: type, keywords: dict, recipe: str):
             raise ConfigError(f"rlhf.{recipe}(): {name}= sets {known[name]!r}, which another keyword set already")
         if known[name] == "resume" and isinstance(value, bool):  # resume=True: the latest, as plain --resume
             value = "auto" if value else None
+        if name in _CONVERTED:  # converted by build_config, as the command line's are
+            values[name] = value
+            continue
         values[known[name]] = _from_trl(name, value)
     return build_config(cls, None, values)
 
