@@ -38,8 +38,9 @@ test-slow: setup
 test-zoo: setup
 	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py
 
-# Every recipe sharded, FSDP2 on two CPU processes over gloo (docs/scaling.md).
+# Every recipe sharded, FSDP2 and DeepSpeed ZeRO-3 on two CPU processes over gloo (docs/scaling.md).
 test-sharded: setup
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[deepspeed]'
 	$(BIN)/python -m pytest -q -m sharded tests/test_sharded.py
 
 # On a CUDA machine (README "On a GPU"): every recipe in bf16 on a Qwen2.5-0.5B-shaped model.

@@ -35,3 +35,13 @@ def item_number(prompts, completions, **columns):
     import re
 
     return [int(re.search(r"\d+", str(p)).group()) / 32 for p in prompts]
+
+
+def stalls_on_rank_1(prompts, completions, **columns):
+    """0 for every completion, after ten minutes' wait on the process of rank 1: a hung process."""
+    import os
+    import time
+
+    if os.environ.get("RANK") == "1":
+        time.sleep(600)
+    return [0.0 for _ in completions]

@@ -184,3 +184,38 @@ def test_grpo_metrics_on_two_processes_are_the_whole_batchs(tiny_dir, tmp_path):
     for a, b in zip(one, two):
         for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/rule_rewards:item_number"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (key, a[key], b[key])
+
+
+def test_reward_ensemble_on_two_processes_follows_one_process(tiny_dir, tmp_path):
+    """`rlhf rm --ensemble 2` under 2 processes trains each member on both (one process would train it
+    alone, and the two collide on the directory lock): each member's losses are one process's."""
+    rows = [{"prompt": f"Help {i}.", "chosen": " Sure, here it is" * (1 + i % 3), "rejected": " No."} for i in range(32)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["rm", "--model", tiny_dir, "--data", str(data), "--max-steps", "2", "--batch-size", "8", "--lr", "5e-3",
+              "--report-to", "none", "--max-length", "64", "--ensemble", "2"]
+    launch(1, [*common, "--output-dir", str(tmp_path / "one")])
+    launch(2, [*common, "--output-dir", str(tmp_path / "two")])
+    for member in ("member-0", "member-1"):
+        one, two = losses(tmp_path / "one" / member), losses(tmp_path / "two" / member)
+        assert len(one) == 2 and two == pytest.approx(one, rel=1e-5), (member, one, two)
+    assert os.path.exists(tmp_path / "two" / "ensemble.json")
+
+
+def test_a_hung_process_ends_the_run_in_one_line_after_the_ddp_timeout(tiny_dir, tmp_path):
+    """One process stalls (its reward function sleeps ten minutes): the other's next collective gives up after
+    --ddp-timeout 5 s, and the run ends in one line naming it (without the timeout, subprocess.run's 120 s
+    would run out first)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(8)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIG, "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "rlhf.cli", "grpo", "--model", tiny_dir, "--data", str(data),
+           "--reward-fn", "rule_rewards:stalls_on_rank_1", "--num-generations", "2", "--rollout-batch-size", "4",
+           "--mini-batch-size", "8", "--batch-size", "8", "--max-new-tokens", "4", "--max-steps", "1",
+           "--report-to", "none", "--ddp-timeout", "5", "--output-dir", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(__file__))
+    assert out.returncode != 0
+    lines = [x for x in out.stderr.splitlines() if x.startswith("rlhf grpo: error:")]
+    assert lines == ["rlhf grpo: error: a collective across processes waited --ddp-timeout 5 s and timed out: another "
+                     "process stopped, hung, or ran other steps"], out.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "out" / "config.json")

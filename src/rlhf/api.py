@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf import handles
-from rlhf.errors import UserError
+from rlhf.errors import CollectiveTimeout, UserError
 from rlhf.recipes import STAGES
 
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
@@ -208,6 +208,11 @@ def train(stage: str, cfg, callbacks: list[Callable] = ()) -> Result:
         metrics = module.run(cfg)
     except FileNotFoundError as e:
         raise UserError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+    except RuntimeError as e:  # gloo's "Timed out waiting 1800000ms for recv operation to complete"
+        if "timed out" not in str(e).lower() or not _distributed():
+            raise
+        raise CollectiveTimeout(f"a collective across processes waited --ddp-timeout {cfg.ddp_timeout} s and timed "
+                                "out: another process stopped, hung, or ran other steps") from None
     finally:
         FINAL.reset(tokens[1])
         CALLBACKS.reset(tokens[0])
@@ -220,6 +225,12 @@ def train(stage: str, cfg, callbacks: list[Callable] = ()) -> Result:
     except UserError:  # another process's directory, not written here
         warnings = []
     return Result(stage, cfg.output_dir, path, metrics, warnings, *(kept or (None, None)))
+
+
+def _distributed() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _from_main_process(metrics: dict) -> dict:

@@ -10,3 +10,8 @@ Only the standard library is imported here.
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, diverged run): one line, exit 1."""
+
+
+class CollectiveTimeout(UserError):
+    """A collective across processes waited --ddp-timeout seconds for a process that never joined it (one
+    stopped, hung, or ran other steps): the run ends in one line, as a bad input does, instead of waiting."""

@@ -23,8 +23,8 @@ _OTHER_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_s
 def lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``h -> logits`` as the model computes them from its last hidden states (the output
     embedding, then Gemma's final softcapping), or None where that cannot be done outside its
-    forward: unknown logit transforms, or an LM head sharded by FSDP (its weights exist whole only
-    inside the forward)."""
+    forward: unknown logit transforms, or an LM head sharded by FSDP or ZeRO-3 (its weights exist whole
+    only inside the forward)."""
     from rlhf.models.packing import _inner, _text_config
 
     inner = _inner(model)
@@ -33,7 +33,8 @@ def lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if head is None or not hasattr(inner, "get_decoder") or any(getattr(config, k, None) for k in _OTHER_LOGIT_TRANSFORMS):
         return None
     weight = getattr(head, "weight", None)
-    if weight is None or type(weight).__name__ == "DTensor" or type(model).__name__.startswith("FullyShardedDataParallel"):
+    if (weight is None or type(weight).__name__ == "DTensor" or type(model).__name__.startswith("FullyShardedDataParallel")
+            or hasattr(weight, "ds_id")):  # DeepSpeed ZeRO-3's partitioned parameter
         return None
     cap = getattr(config, "final_logit_softcapping", None)
     if not cap:

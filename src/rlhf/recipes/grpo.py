@@ -12,7 +12,6 @@ the losses' sources are in :mod:`rlhf.algos.policy_losses`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +25,7 @@ from rlhf.models import disable_dropout, eval_mode
 from rlhf.errors import UserError
 from rlhf.training.options import trl_grpo_batch
 from rlhf.training.loop import (StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, mean_over_processes,
-                                reduce_sum)
+                                micro_batch, reduce_sum)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, model_response_logprobs, packed_response_logprobs
 from rlhf.watch.monitor import Monitor
@@ -190,7 +189,7 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
                            max_new_tokens=cfg.max_new_tokens)
             for k, mi in enumerate(micro):
                 ids, mask = buf["input_ids"][mi], buf["response_mask"][mi]
-                with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
+                with micro_batch(accelerator, model, last=k == len(micro) - 1):
                     logprobs, entropy = logprobs_fn(model, ids, buf["attention_mask"][mi], P, cfg.temperature,
                                                     with_entropy=True, entropy_grad=False)  # a metric
                     # One epoch, one minibatch: the policy has not moved, so old = current (ratio 1).

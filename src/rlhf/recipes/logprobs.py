@@ -13,7 +13,7 @@ import torch
 
 from rlhf.algos import logprobs_from_logits
 from rlhf.models import causal_logits, packed_logits
-from rlhf.training.loop import shard, to_device
+from rlhf.training.loop import pass_batches, to_device
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0,
@@ -233,12 +233,10 @@ def all_pair_logps(accelerator, model, examples: list[dict], collate, batch_size
     """(n, 2): chosen and rejected log-probs of every example under ``model``, in one pass;
     with ``with_lengths`` also (n, 2) of their token counts (:func:`pair_lengths`)."""
     out, lengths = torch.zeros(len(examples), 2), torch.zeros(len(examples), 2)
-    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
+    for idx, k in pass_batches(len(examples), accelerator.process_index, accelerator.num_processes, batch_size):
         batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
-        out[idx] = torch.stack(pair_logps(model, batch), dim=1).float().cpu()
-        lengths[idx] = torch.stack(pair_lengths(batch), dim=1).cpu()
+        out[idx[:k]] = torch.stack(pair_logps(model, batch), dim=1).float().cpu()[:k]
+        lengths[idx[:k]] = torch.stack(pair_lengths(batch), dim=1).cpu()[:k]
     if accelerator.num_processes > 1:
         out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
         lengths = accelerator.reduce(lengths.to(accelerator.device), reduction="sum").cpu()

@@ -10,7 +10,6 @@ lm-human-preferences. Run: ``rlhf ppo --model SFT_DIR --reward-model RM_DIR --da
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -27,7 +26,7 @@ from rlhf.models import (
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
-                                reduce_sum, shard)
+                                micro_batch, reduce_sum, shard)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
 from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
 from rlhf.training.logs import write_model_card
@@ -153,11 +152,7 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizers: list, schedu
                 b = {key: buffer[key][mi] for key in ("input_ids", "attention_mask", "response_mask", "old_logprobs",
                                                        "old_values", "advantages", "returns")}
                 mask = b["response_mask"]
-                with contextlib.ExitStack() as stack:
-                    if k < len(micro) - 1:  # accumulate locally; gradients sync on the last micro-batch
-                        for m in (model, critic):
-                            if m is not None:
-                                stack.enter_context(accelerator.no_sync(m))
+                with micro_batch(accelerator, model, critic, last=k == len(micro) - 1):
                     logprobs, values, entropy = policy_forward(model, critic, b["input_ids"], b["attention_mask"],
                                                                prompt_len, cfg.temperature, with_entropy=True)
                     pg_loss, pg_m = ppo_policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask,
@@ -244,6 +239,12 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
 def run(cfg: Config) -> dict[str, float]:
     cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
+    if cfg.critic == "separate" and accelerator.distributed_type.value == "DEEPSPEED":
+        raise UserError("--critic separate under DeepSpeed: accelerate runs each backward through one engine, and "
+                        "the critic would be a second; use --critic shared, or FSDP (docs/scaling.md)")
+    if accelerator.distributed_type.value == "DEEPSPEED" and cfg.max_grad_norm:
+        accelerator.print("--max-grad-norm under DeepSpeed: the engine clips the policy and its value head together "
+                          "(one norm, as TRL's PPO does), not apart")
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
     scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
     episodes = EpisodeSampler.for_run(cfg, accelerator, tokenizer)

@@ -30,9 +30,9 @@ from rlhf.models import (
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.errors import UserError
 from rlhf.training.config import TrainConfig
-from rlhf.training.loop import StepPlan, fit, shard, to_device
-from rlhf.training.setup import (check_positions, fit_default_length, load_data, make_accelerator, make_optimizer, start,
-                                 with_lora)
+from rlhf.training.loop import StepPlan, fit, pass_batches, to_device
+from rlhf.training.setup import (check_positions, fit_default_length, load_data, make_accelerator, make_optimizer,
+                                 process_options, start, with_lora)
 from rlhf.training.checkpoints import (
     RUN_FILE, CheckpointError, Checkpointer, check_same_run, previous_results, remove_old_run, run_record,
 )
@@ -90,19 +90,19 @@ def loss_fn(scorer, batch: dict, pad_token_id: int | None):
 @torch.no_grad()
 def score_all(accelerator, scorer, examples: list[dict], collate, batch_size: int,
               pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected scores of every example (gathered from all processes)."""
+    """Chosen and rejected scores of every example, gathered from all processes (in the order of the
+    processes' shares, not of ``examples``)."""
     scorer.eval()
-    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
-    chosen, rejected = [], []
-    for i in range(0, len(mine), batch_size):
-        batch = to_device(collate([examples[j] for j in mine[i : i + batch_size]]), accelerator.device)
+    rows = []  # (chosen, rejected, counts) of each row of each batch
+    for idx, k in pass_batches(len(examples), accelerator.process_index, accelerator.num_processes, batch_size):
+        batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
         c, r = pair_scores(scorer, batch, pad_token_id)
-        chosen.append(c.float())
-        rejected.append(r.float())
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    if accelerator.num_processes > 1:
-        chosen, rejected = accelerator.gather_for_metrics(chosen), accelerator.gather_for_metrics(rejected)
-    return chosen, rejected
+        rows.append(torch.stack([c.float(), r.float(), (torch.arange(len(idx), device=c.device) < k).float()], 1))
+    rows = torch.cat(rows) if rows else torch.zeros(0, 3, device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process has as many rows (pass_batches)
+        rows = accelerator.gather(rows)
+    rows = rows[rows[:, 2] > 0]
+    return rows[:, 0], rows[:, 1]
 
 
 def evaluate(accelerator, scorer, examples, collate, batch_size, pad_token_id) -> dict[str, float]:
@@ -258,7 +258,10 @@ def run_ensemble(cfg: Config) -> dict[str, float]:
     names = member_names(cfg.ensemble)
     if cfg.resume:
         check_ensemble_resume(cfg, names)
-    state = PartialState()  # prints and writes once, from the main process
+    # Prints and writes once, from the main process. The members' accelerators share this state, so it is made
+    # as theirs are: a default PartialState() would leave each process of a launch to train alone (on CPU).
+    cpu, group = process_options(cfg)
+    state = PartialState(cpu, **(group.to_kwargs() if group else {}))
     for i, name in enumerate(names):
         member = member_config(cfg, i)
         if cfg.resume and is_finished(member.output_dir):
@@ -287,7 +290,7 @@ def ensemble_metrics(cfg: Config, names: list[str]) -> dict[str, float]:
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=process_options(cfg)[0])  # the state the members made
     tokenizer = load_tokenizer(os.path.join(cfg.output_dir, names[0]), trust_remote_code=cfg.trust_remote_code)
     held_out = load_data(cfg, cfg.eval_data, "preference", tokenizer, accelerator.print) if cfg.eval_data else None
     collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)

@@ -17,7 +17,7 @@ from rlhf.algos import head_token_stats, sft_loss
 from rlhf.data import collate_packed, collate_sft
 from rlhf.models import packed_logits
 from rlhf.training.config import TrainConfig
-from rlhf.training.loop import StepPlan, fit, shard, to_device
+from rlhf.training.loop import StepPlan, fit, pass_batches, to_device
 from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import choose_layout
 from rlhf.training.saving import save_final
@@ -76,14 +76,14 @@ def loss_fn(model, batch: dict):
 def evaluate(accelerator, model, examples: list[dict], collate, batch_size: int) -> dict[str, float]:
     """Token-weighted held-out loss and accuracy, reduced over processes."""
     model.eval()
-    mine = shard(list(range(len(examples))), accelerator.process_index, accelerator.num_processes)
     totals = torch.zeros(3, device=accelerator.device)  # nll sum, correct, tokens
-    for i in range(0, len(mine), batch_size):
-        batch = to_device(collate([examples[j] for j in mine[i : i + batch_size]]), accelerator.device)
+    for idx, k in pass_batches(len(examples), accelerator.process_index, accelerator.num_processes, batch_size):
+        batch = to_device(collate([examples[j] for j in idx]), accelerator.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), use_cache=False).logits
-        nll_sum, m = sft_loss(logits, batch["labels"], num_tokens=1.0)
-        totals += torch.stack([nll_sum.float(), m["accuracy"] * m["num_tokens"], m["num_tokens"]])
+        if k:  # the first k rows count; the rest pad this process's last batch
+            nll_sum, m = sft_loss(logits[:k], batch["labels"][:k], num_tokens=1.0)
+            totals += torch.stack([nll_sum.float(), m["accuracy"] * m["num_tokens"], m["num_tokens"]])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     n = totals[2].clamp(min=1)

@@ -62,6 +62,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 or none: no clipping)."""
     seed: int = 42
     """Seed of the model init, data order and sampling."""
+    ddp_timeout: int = 1800
+    """Seconds a collective across processes may wait (transformers' ddp_timeout): a process that stopped or hung
+    ends the run in one line after this long, instead of the others waiting forever."""
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0: none until the end)."""
     save_total_limit: int = 2
@@ -119,7 +122,7 @@ class TrainConfig:
         """Reject impossible values with one line naming the flag."""
         if not self.model:
             raise UserError("--model is required")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:

@@ -86,6 +86,20 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank::world]
 
 
+def pass_batches(n: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """This process's batches of one pass over ``n`` examples (held-out evaluation, scoring): pairs of
+    example indices and how many of them, from the first, count.
+
+    Every process gets as many batches, of the same sizes, whatever its share of ``n``: where the weights
+    are sharded (FSDP, ZeRO-3) each forward is a collective, and a process with one batch fewer would leave
+    the others waiting. A process's last batch is padded with example 0, computed and not counted.
+    """
+    mine = list(range(n))[rank::world]
+    per = -(-n // world)
+    padded = mine + [0] * (per - len(mine))
+    return [(padded[i : i + batch_size], max(0, min(batch_size, len(mine) - i))) for i in range(0, per, batch_size)]
+
+
 # ---- the shared step loop --------------------------------------------------------------------
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -113,6 +127,33 @@ def clip_grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: floa
         norm = torch.nn.utils.clip_grad_norm_(params, bound)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return accelerator.clip_grad_norm_(params, bound)
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, *models, last: bool):
+    """The backward of one micro-batch of an optimizer step: gradients are accumulated locally and
+    synchronised across processes on the ``last`` one only.
+
+    DDP and FSDP: ``no_sync`` on the others. DeepSpeed: its engine accumulates, clips and steps inside
+    ``accelerator.backward``, at the boundary that accelerate's ``sync_gradients`` marks; without the mark
+    it would step on every micro-batch. (Under DeepSpeed the optimizer's and the scheduler's own ``step``
+    are then accelerate's no-ops, and ``optimizer.zero_grad`` too.)
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+        return
+    with contextlib.ExitStack() as stack:
+        if not last:
+            for m in models:
+                if m is not None:
+                    stack.enter_context(accelerator.no_sync(m))
+        yield
 
 
 def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
@@ -156,8 +197,7 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
         metric_sums: dict[str, torch.Tensor] = {}
         for k, batch in enumerate(micros):
             batch = to_device(batch, accelerator.device)
-            sync = contextlib.nullcontext() if k == len(micros) - 1 else accelerator.no_sync(model)
-            with sync:
+            with micro_batch(accelerator, model, last=k == len(micros) - 1):
                 loss, metrics = loss_fn(model, batch)
                 weight = count(batch) / n_global  # this part's share of the whole step
                 accelerator.backward(loss * weight * world)  # DDP averages over processes

@@ -55,17 +55,38 @@ def staged(out: str, last: str = "config.json"):
 
 
 def full_state_dict(accelerator, module) -> dict | None:
-    """Under FSDP, ``module``'s whole weights gathered from every process's shards, on the main
-    process (the others get an empty dict); every process must call it. ``module`` may be a part of
-    the prepared model (PPO's policy). None under any other engine: one process, DDP, and for now
-    DeepSpeed, whose ZeRO-3 shards are not gathered here yet (issue 24)."""
+    """Under FSDP or DeepSpeed ZeRO-3, ``module``'s whole weights gathered from every process's shards,
+    on the main process (the others get an empty dict); every process must call it. ``module`` may be a
+    part of the prepared model (PPO's policy, its value head). None where every process holds the whole
+    model: one process, DDP, ZeRO stages 1 and 2."""
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        return _zero3_full_state_dict(accelerator, module) if plugin is not None and plugin.zero_stage == 3 else None
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _zero3_full_state_dict(accelerator, module) -> dict:
+    """ZeRO-3's partitioned parameters gathered one module at a time (so one layer's whole weights are
+    alive at a time, as DeepSpeed's own 16-bit save does), copied to the CPU on the main process. Keys
+    are ``module.state_dict()``'s, tied weights under each of their names; buffers are never partitioned."""
+    import deepspeed
+
+    main, out = accelerator.is_main_process, {}
+    for prefix, sub in module.named_modules():
+        own = {name: p for name, p in sub._parameters.items() if p is not None}
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=None):
+            if main:
+                out.update({f"{prefix}.{name}" if prefix else name: p.detach().cpu().clone() for name, p in own.items()})
+    if main:
+        buffers = dict(module.named_buffers())
+        out.update({k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in buffers})
+    return out
 
 
 def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str, float],

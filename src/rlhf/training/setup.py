@@ -29,11 +29,14 @@ def make_accelerator(cfg: TrainConfig):
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 and cuda and torch.cuda.is_bf16_supported()
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
-    # cpu=True without a GPU: under torchrun, accelerate then runs DDP over gloo (MULTI_CPU).
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
-                              log_with=trackers(cfg.report_to) or None, project_config=project)
+    cpu, group = process_options(cfg)
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu,
+                              log_with=trackers(cfg.report_to) or None, project_config=project,
+                              kwargs_handlers=[group] if group else None)
     if not cuda and _launched_with("FSDP"):
         fsdp_on_cpu(accelerator)
+    if _launched_with("DEEPSPEED"):
+        zero3_loads_whole(accelerator)
     if _launched_with("FSDP") and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
         # transformers would then load real weights on local rank 0 only, for prepare to broadcast; but the
         # reference, the reward model and a policy's frozen copy are never prepared, and were zeros elsewhere.
@@ -46,6 +49,27 @@ def make_accelerator(cfg: TrainConfig):
                       f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
     set_seed(cfg.seed)
     return accelerator
+
+
+def process_options(cfg: TrainConfig):
+    """``(cpu, InitProcessGroupKwargs or None)``: how this process joins the others, the same for every
+    ``Accelerator`` or ``PartialState`` of a run (the first one made fixes the state they all share).
+
+    Without a GPU ``cpu=True`` makes accelerate run DDP over gloo under ``accelerate launch``, a DeepSpeed
+    config silently ignored; DeepSpeed on CPU needs ``cpu=False``, gloo and DeepSpeed's CPU accelerator.
+    Launched, collectives wait at most --ddp-timeout seconds.
+    """
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda, deepspeed = torch.cuda.is_available(), _launched_with("DEEPSPEED")
+    if deepspeed and not cuda:  # oneccl is not installed: DeepSpeed falls back to gloo
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return not cuda, None
+    return not cuda and not deepspeed, InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout),
+                                                              backend="gloo" if deepspeed and not cuda else None)
 
 
 def _launched_with(engine: str) -> bool:
@@ -71,6 +95,48 @@ def fsdp_on_cpu(accelerator) -> None:
     for shared in (PartialState._shared_state, AcceleratorState._shared_state):
         shared["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def zero3_loads_whole(accelerator) -> None:
+    """Under DeepSpeed ZeRO-3, every model is loaded whole, and the trained one is partitioned by ``prepare``.
+
+    With ``zero3_init_flag`` transformers would load each model already partitioned (``zero.Init``): the
+    reference (a copy of the policy), the reward model and the teachers are never prepared, so their
+    forwards would see empty shards, and rebuilding a model to save it would be a collective on one
+    process. As with FSDP's ``fsdp_cpu_ram_efficient_loading``, the flag is turned off and said once.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not plugin.zero3_init_flag:
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    plugin.zero3_init_flag, plugin.dschf = False, None
+    unset_hf_deepspeed_config()
+    accelerator.print("zero3_init_flag: every process loads every model whole; prepare partitions the trained one "
+                      "(the reference and reward models are not partitioned)")
+
+
+def deepspeed_settings(cfg: TrainConfig, accelerator) -> None:
+    """Give a DeepSpeed engine what the run's flags say, before ``prepare`` builds it: the micro-batch
+    per process (no dataloader is prepared, so a config's ``auto`` has nothing to be filled from), one
+    accumulation step per engine step (rlhf's --grad-accum marks the boundary), and --max-grad-norm, which
+    the engine applies itself (0: none)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise UserError(f"the DeepSpeed config's gradient_accumulation_steps {ds['gradient_accumulation_steps']}: "
+                        "set it to 1 and pass --grad-accum (rlhf accumulates micro-batches itself)")
+    # The engine steps where rlhf marks a step's last micro-batch (rlhf.training.loop.micro_batch).
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // accelerator.num_processes)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * accelerator.num_processes
+    clip = float(cfg.max_grad_norm or 0.0)
+    if ds.get("gradient_clipping", "auto") not in ("auto", clip):
+        accelerator.print(f"gradient_clipping: --max-grad-norm {clip:g} replaces the DeepSpeed config's "
+                          f"{ds['gradient_clipping']}")
+    ds["gradient_clipping"] = clip
 
 
 def load_policy(cfg: TrainConfig, path: str | None = None):
@@ -191,6 +257,7 @@ def start(cfg: TrainConfig, accelerator, model, optimizer, scheduler, total_step
 
     Returns ``(model, optimizer, state, checkpointer, logger)``.
     """
+    deepspeed_settings(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler)
