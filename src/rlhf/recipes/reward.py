@@ -326,10 +326,9 @@ def save_ensemble(cfg: Config, names: list[str], metrics: dict[str, float]) -> N
     --overwrite-output-dir removes here what an earlier run left at the top (a single model's
     files) and member directories beyond K.
     """
-    state = PartialState()
+    state, out = PartialState(), cfg.output_dir
     state.wait_for_everyone()
     if state.is_main_process:
-        out = cfg.output_dir
         if cfg.overwrite_output_dir:
             remove_old_run(out, keep=tuple(names))  # also an earlier ensemble's members beyond K
         manifest = {

@@ -176,7 +176,7 @@ LOCK_FILE = ".rlhf.lock"
 NOT_RUN_DEFINING = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "max_steps", "epochs", "save_every", "save_total_limit",
     "eval_every", "eval_data", "log_every", "report_to", "max_consecutive_skips", "on_bad_record",
-    "trust_remote_code", "bf16", "gradient_checkpointing", "prompts",
+    "trust_remote_code", "bf16", "gradient_checkpointing", "prompts", "ddp_timeout",
     "monitor", "monitor_distinct_drop", "monitor_length_growth", "monitor_reward_length_corr", "monitor_kl_fraction",
     "monitor_disagreement_growth", "monitor_pref_accuracy_drop", "stop_on_overoptimisation", "log_samples",
 })
