@@ -137,10 +137,6 @@ def test_sharded_runs_saves_and_resumes_exactly(case, engine, tiny_dir, tmp_path
     args = CASES[case]
     common = [*args[:1], "--model", tiny_dir, "--data", data(tmp_path, "sft" if args[0] == "sft" else "prompts"),
               *args[1:], "--max-steps", "3", "--save-every", "1", "--report-to", "none", "--seed", "3"]
-    if case == "ppo-separate-critic" and engine[0] != "fsdp_cpu_2proc.yaml":
-        err = launch(engine[0], [*common, "--output-dir", str(tmp_path / "a")], ok=False)
-        assert "--critic separate under DeepSpeed" in err, err[-2000:]
-        return
     out = launch(engine[0], [*common, "--output-dir", str(tmp_path / "a")])
     assert engine[1] in out, out[-2000:]
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "a")) is not None  # LoRA merged, gathered whole

@@ -1,8 +1,8 @@
 """Models: any HF causal LM, the value head or separate critic, reward model, reference, LoRA."""
 
 from rlhf.models.heads import (
-    Critic, PolicyWithValueHead, gather_at, gather_last, get_score_stats, member_scores, position_ids_from_mask,
-    score_index, sequence_scores, set_score_stats, token_scores,
+    Critic, PolicyAndCritic, PolicyWithValueHead, gather_at, gather_last, get_score_stats, member_scores,
+    position_ids_from_mask, score_index, sequence_scores, set_score_stats, token_scores,
 )
 from rlhf.models.lm_head import causal_hidden, lm_head
 from rlhf.models.loading import (
@@ -17,7 +17,8 @@ from rlhf.models.saving import save_pretrained
 from rlhf.models.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_config, train_tokenizer
 
 __all__ = [
-    "CHAT_TEMPLATE", "Critic", "ENSEMBLE_FILE", "ModelLoadError", "PolicyWithValueHead", "Reference", "apply_lora",
+    "CHAT_TEMPLATE", "Critic", "ENSEMBLE_FILE", "ModelLoadError", "PolicyAndCritic", "PolicyWithValueHead", "Reference",
+    "apply_lora",
     "causal_hidden", "causal_logits", "lm_head", "check_packing", "default_tolerance", "disable_dropout", "ensemble_members", "eval_mode",
     "freeze", "frozen_copy", "gather_at", "gather_last", "get_score_stats", "is_ensemble", "is_peft_model",
     "load_causal_lm", "load_reward_models", "load_sequence_classifier", "load_tokenizer", "member_scores",

@@ -93,6 +93,34 @@ class Critic(nn.Module):
         return token_scores(self.model, input_ids, attention_mask, position_ids)  # (B, L)
 
 
+class PolicyAndCritic(nn.Module):
+    """The policy and a separate :class:`Critic` as one module, for an engine that trains one model per
+    backward (DeepSpeed): it is prepared, optimised and checkpointed as one. Its forward is
+    :class:`PolicyWithValueHead`'s: ``(logits, values)``, each computed as the two models compute them
+    apart; with a sampling step's keyword arguments, the policy's own output."""
+
+    def __init__(self, policy: nn.Module, critic: Critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None, **sampling):
+        if sampling:
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **sampling)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        return logits, self.critic(input_ids, attention_mask)
+
+    def generate(self, *args, **kwargs):
+        """The policy's ``generate`` (``--rollout-engine generate`` on a sharded model)."""
+        return self.policy.generate(*args, **kwargs)
+
+
 def _score_head(classifier: nn.Module) -> nn.Module:
     for name in ("score", "classifier"):
         head = getattr(classifier, name, None)

@@ -22,7 +22,8 @@ from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
-    Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier, save_pretrained,
+    Critic, PolicyAndCritic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
+    save_pretrained,
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
@@ -205,7 +206,17 @@ def build_models(cfg: Config, accelerator):
         critic = Critic(disable_dropout(load_sequence_classifier(cfg.critic_model or cfg.reward_model or cfg.model,
                                                                 attn_implementation=cfg.attn_implementation,
                                                                 first_member=True)))
+        if accelerator.distributed_type.value == "DEEPSPEED":  # one engine per backward: one module, two parts
+            model, critic = PolicyAndCritic(policy, critic), None
     return tokenizer, model, critic, ref
+
+
+def value_part(model, critic):
+    """What holds the values' parameters: the separate critic, the value head, or the critic inside
+    :class:`PolicyAndCritic` (a Critic, whose ``model`` is saved)."""
+    if critic is not None:
+        return critic
+    return model.critic if isinstance(model, PolicyAndCritic) else model.value_head
 
 
 def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics: dict[str, float], checkpointer,
@@ -217,12 +228,13 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
         cfg = dataclasses.replace(cfg, output_dir=directory)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
                checkpointer, announce=False)
-    critic_model = accelerator.unwrap_model(critic).model if critic is not None else None
+    part = value_part(unwrapped, accelerator.unwrap_model(critic) if critic is not None else None)
+    critic_model = part.model if isinstance(part, Critic) else None
     # Sharded, every process takes part in gathering the value head or the critic; the main one writes.
-    gathered = full_state_dict(accelerator, unwrapped.value_head if critic is None else critic_model)
+    gathered = full_state_dict(accelerator, part if critic_model is None else critic_model)
     if accelerator.is_main_process:
         try:
-            if critic is None:
+            if critic_model is None:
                 unwrapped.save_value_head(cfg.output_dir, gathered)
             else:
                 critic_dir = os.path.join(cfg.output_dir, "critic")
@@ -239,11 +251,8 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
 def run(cfg: Config) -> dict[str, float]:
     cfg.check()  # the command line checked it already; the Python API gets the same errors
     accelerator = make_accelerator(cfg)
-    if cfg.critic == "separate" and accelerator.distributed_type.value == "DEEPSPEED":
-        raise UserError("--critic separate under DeepSpeed: accelerate runs each backward through one engine, and "
-                        "the critic would be a second; use --critic shared, or FSDP (docs/scaling.md)")
     if accelerator.distributed_type.value == "DEEPSPEED" and cfg.max_grad_norm:
-        accelerator.print("--max-grad-norm under DeepSpeed: the engine clips the policy and its value head together "
+        accelerator.print("--max-grad-norm under DeepSpeed: the engine clips the policy and its critic together "
                           "(one norm, as TRL's PPO does), not apart")
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
     scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
@@ -254,7 +263,7 @@ def run(cfg: Config) -> dict[str, float]:
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
 
     actor_params = [p for p in (model.policy if critic is None else model).parameters() if p.requires_grad]
-    critic_params = list(model.value_head.parameters()) if critic is None else list(critic.parameters())
+    critic_params = list(value_part(model, critic).parameters())
     from transformers import get_scheduler
 
     n_updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
