@@ -142,6 +142,11 @@ def test_sharded_runs_saves_and_resumes_exactly(case, engine, tiny_dir, tmp_path
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "a")) is not None  # LoRA merged, gathered whole
     if case == "ppo-separate-critic":
         assert os.path.exists(tmp_path / "a" / "critic" / "model.safetensors")
+    if case == "grpo":  # DDP's processes sample what the sharded ones do: every logged number must agree
+        launch("cpu_ddp_2proc.yaml", [*common, "--output-dir", str(tmp_path / "ddp")])
+        for ddp, sharded in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "a")):
+            for k in ("loss", "grad_norm", "reward", "entropy"):  # grad_norm missed FSDP's root parameters
+                assert sharded[k] == pytest.approx(ddp[k], rel=1e-5, abs=1e-7), (sharded["step"], k, ddp[k], sharded[k])
     # Resume: the run directory as it was after step 2.
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "step2")
     launch(engine[0], [*common, "--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "step2")])

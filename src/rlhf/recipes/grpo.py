@@ -174,7 +174,9 @@ def grpo_update(cfg: Config, accelerator, model, optimizer, scheduler, buf: dict
         buf["response_mask"].sum().float(), torch.tensor(float(n), device=device)]))
     sums: dict[str, torch.Tensor] = {}
     n_updates = skipped = 0
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's parameters: after a rollout FSDP2 leaves the root's parameters unsharded, and
+    # model.parameters() would then list those stand-ins, whose gradients are never set (clipping missed them).
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, device=device)
         for s in range(0, n, mb):
