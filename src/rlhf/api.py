@@ -35,7 +35,7 @@ from typing import Any
 
 from rlhf import handles
 from rlhf.errors import UserError
-from rlhf.recipes import STAGES
+from rlhf.recipes import STAGES, config_module
 
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
 WITH_REFERENCE = ("dpo", "ppo", "grpo")  # the stages with ref_model=
@@ -239,7 +239,7 @@ def _from_main_process(metrics: dict) -> dict:
 def _call(stage: str, objects: list[str], given: dict, options: dict) -> Result:
     from rlhf.training.options import from_keywords
 
-    module = importlib.import_module(STAGES[stage][0])
+    module = importlib.import_module(config_module(stage))
     _check_keywords(stage, module.Config, options, objects)
     model, tokenizer = given.get("model"), given.get("tokenizer")
     held: list[str] = []
@@ -337,7 +337,7 @@ def _stage(stage: str) -> Callable[..., Result]:
             raise UserError(f"rlhf.{stage}(): reward_fns= is for rlhf.ppo and rlhf.grpo")
         return _call(stage, objects, given, options)
 
-    cls = importlib.import_module(STAGES[stage][0]).Config
+    cls = importlib.import_module(config_module(stage)).Config
     taken = set(objects)
     params, lines = _option_lines(cls, taken)
     head = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]

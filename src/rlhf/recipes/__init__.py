@@ -3,8 +3,8 @@
 ``rewards`` (Python reward functions, called as TRL calls them) and ``logprobs`` (log-probs of
 responses and of preference pairs).
 
-Each module has a ``Config`` dataclass (its field docstrings are the ``--help`` and ``help(rlhf.X)``)
-and ``run(config)``. The machinery they use is in :mod:`rlhf.training`, the tools that watch them
+Each module has ``run(config)`` and the ``Config`` dataclass it takes, defined in :mod:`rlhf.recipes.configs`
+(its field docstrings are the ``--help`` and ``help(rlhf.X)``; nothing there imports torch). The machinery they use is in :mod:`rlhf.training`, the tools that watch them
 in :mod:`rlhf.watch`.
 """
 
@@ -19,3 +19,8 @@ STAGES = {
     "distill": ("rlhf.recipes.distill", "On-policy distillation (GKD): the student learns the teacher's per-token "
                                         "distributions on its own samples."),
 }
+
+
+def config_module(stage: str) -> str:
+    """The module of ``stage``'s ``Config``, which imports no torch: ``rlhf.recipes.configs.grpo``."""
+    return "rlhf.recipes.configs." + STAGES[stage][0].rsplit(".", 1)[-1]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf.training.logs import truncate_metrics
+
+if TYPE_CHECKING:  # rlhf report reads samples.jsonl without torch
+    import torch
 
 SAMPLES_FILE = "samples.jsonl"
 
