@@ -151,7 +151,8 @@ def _check_keywords(stage: str, cls, options: dict, objects: list[str]) -> None:
     """Refuse an option given an object, and a misspelt object keyword (with the object's name)."""
     import difflib
 
-    from rlhf.training.options import TRL_ALIASES, TRL_UNSUPPORTED, spellings
+    from rlhf.training.options import spellings
+    from rlhf.training.trl_names import TRL_ALIASES, TRL_UNSUPPORTED
 
     known = spellings(cls)
     where = ", ".join(f"{o}=" for o in objects)
