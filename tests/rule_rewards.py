@@ -35,3 +35,12 @@ def item_number(prompts, completions, **columns):
     import re
 
     return [int(re.search(r"\d+", str(p)).group()) / 32 for p in prompts]
+
+
+def item_number_of_threes(prompts, completions, **columns):
+    """:func:`item_number` where it is a multiple of 3, None (does not apply) elsewhere: processes see different
+    counts of them."""
+    import re
+
+    numbers = [int(re.search(r"\d+", str(p)).group()) for p in prompts]
+    return [n / 32 if n % 3 == 0 else None for n in numbers]

@@ -472,6 +472,31 @@ def test_reward_functions_under_trls_contract(tiny_dir, tmp_path):
                  max_new_tokens=4, report_to="none")
 
 
+def test_grpo_logs_each_reward_functions_mean_and_std_as_trl(tiny_dir, tmp_path):
+    """Issue 22, item 5: GRPO logged each reward function's mean only (rewards/NAME); TRL logs rewards/NAME/mean
+    and rewards/NAME/std over the whole batch, its Nones left out (nanmean, nanstd with Bessel's correction)."""
+    import statistics
+
+    import rlhf
+
+    returned = []
+
+    def odd_lengths(prompts, completions, **columns):
+        values = [None if len(c) % 3 == 0 else float(len(c) % 5) for c in completions]
+        returned.append(values)
+        return values
+
+    result = rlhf.grpo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[odd_lengths],
+                       output_dir=str(tmp_path / "g"), max_steps=1, rollout_batch_size=4, num_generations=4,
+                       mini_batch_size=16, batch_size=8, max_new_tokens=12, report_to="none", seed=3)
+    applied = [v for v in returned[-1] if v is not None]
+    assert len(returned) == 1 and 2 <= len(applied) < 16  # some Nones, and a std to take
+    m = result.metrics
+    assert m["rewards/odd_lengths/mean"] == pytest.approx(statistics.mean(applied), abs=1e-6)
+    assert m["rewards/odd_lengths/std"] == pytest.approx(statistics.stdev(applied), abs=1e-6)
+    assert m["rewards/odd_lengths"] == m["rewards/odd_lengths/mean"]  # the name logged before stays
+
+
 def test_grpo_reads_trls_per_device_batch_as_trl_does(capsys, monkeypatch):
     """Issue 22, item 3: per_device_train_batch_size 16 in GRPO silently gave 8 prompts and 32 completions a step;
     in TRL it is 16 completions a process per micro-step (4 prompts at G 4), gradient accumulation included."""

@@ -31,7 +31,8 @@ from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import save_final
 from rlhf.recipes.episodes import EpisodeSampler
-from rlhf.recipes.scoring import build_rollout, check_prompt_positions, make_scorer, sample_groups, sampling_params
+from rlhf.recipes.scoring import (build_rollout, check_prompt_positions, make_scorer, reward_fn_metrics, sample_groups,
+                                  sampling_params)
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import merged_named_weights
 
@@ -254,7 +255,8 @@ def run(cfg: Config) -> dict[str, float]:
                    "speed/completions_per_second": len(completions) * accelerator.num_processes
                                                    / timer.metrics()["time/step"],
                    "learning_rate": scheduler.get_last_lr()[0], "epoch": state.step / plan.steps_per_epoch,
-                   **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics}
+                   **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics,
+                   **(reward_fn_metrics(accelerator, scorer.last_fn_scores) if scorer is not None else {})}
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, raw_scores.nan_to_num(0.0),
                                            *monitor_kl(cfg, buf),

@@ -35,7 +35,7 @@ from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import announce_saved, full_state_dict, save_final
 from rlhf.recipes.episodes import EpisodeSampler
 from rlhf.recipes.scoring import (build_rollout, check_prompt_positions, generate_and_score, is_sharded, make_scorer,
-                                  sampling_params)
+                                  reward_fn_metrics, sampling_params)
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
@@ -303,6 +303,7 @@ def run(cfg: Config) -> dict[str, float]:
                 "response/no_eos_fraction": float((~batch.finished).float().mean())}),
             "speed/tokens_per_second": float(mask.sum() * world) / timer.metrics()["time/step"],
             **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics,
+            **(reward_fn_metrics(accelerator, scorer.last_fn_scores) if scorer is not None else {}),
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,

@@ -35,7 +35,9 @@ class Scorer:
     every sequence and is whitened with its own statistics, giving a (B, K) matrix that
     :func:`rlhf.algos.aggregate_scores` turns into one score by ``aggregation`` (``mean``,
     ``mean_minus_std`` with ``uncertainty_coef`` as lambda, ``min``). The matrix of the last call
-    is kept in ``last_member_scores`` for the over-optimisation monitor (``None`` with one model).
+    is kept in ``last_member_scores`` for the over-optimisation monitor (``None`` with one model), and each
+    reward function's values of the last call (NaN where it returned None) in ``last_fn_scores``, for
+    :func:`reward_fn_metrics`.
     """
 
     reward_model: torch.nn.Module | list[torch.nn.Module] | None = None
@@ -67,6 +69,7 @@ class Scorer:
                             "(the statistics rlhf rm stores) or use mean")
         self.stats = self.member_stats[0] if len(self.members) == 1 and self.member_stats else None
         self.last_member_scores: torch.Tensor | None = None
+        self.last_fn_scores: dict[str, torch.Tensor] = {}  # name -> (B,)
 
     @torch.no_grad()
     def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str], extras: dict[str, list],
@@ -88,6 +91,7 @@ class Scorer:
             scores += rm
         ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.loss_mask)]
         applies = torch.zeros_like(scores, dtype=torch.bool) if self.reward_fns and self.reward_model is None else None
+        self.last_fn_scores = {}
         for r in self.reward_fns:
             values = call_reward_fn(r, prompts, completions, extras, where, ids)
             if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
@@ -96,8 +100,7 @@ class Scorer:
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
             values = torch.tensor([reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
-            if not values.isnan().all():
-                metrics[f"rewards/{r.name}"] = float(values.nanmean())
+            self.last_fn_scores[r.name] = values
             if applies is not None:
                 applies |= ~values.isnan()
             scores += r.weight * values.nan_to_num(0.0)  # None: left out of the sum (TRL's nansum)
@@ -130,6 +133,34 @@ class Scorer:
         return aggregated
 
 
+
+
+def reward_fn_metrics(accelerator, fn_scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each reward function's mean and std over the whole batch, every process's rows: TRL's
+    ``rewards/NAME/mean`` and ``rewards/NAME/std`` (and ``rewards/NAME``, the mean, as before). A None (NaN) is
+    left out, as TRL's nanmean and nanstd leave it; the std has Bessel's correction, as TRL's. A function that
+    applied to no completion logs nothing, and its std needs two values.
+
+    Shape:
+        fn_scores: name -> (B,), this process's rows (the same names on every process).
+    """
+    if not fn_scores:
+        return {}
+    names = list(fn_scores)
+    values = torch.stack([fn_scores[n].float() for n in names])  # (F, B)
+    seen = ~values.isnan()
+    sums = reduce_sum(accelerator, torch.cat([values.nan_to_num(0.0).sum(1), seen.sum(1).float()]))
+    count = sums[len(names):]
+    mean = sums[: len(names)] / count.clamp(min=1)  # (F,)
+    deviations = torch.where(seen, values - mean[:, None].to(values.device), torch.zeros_like(values))
+    squares = reduce_sum(accelerator, (deviations ** 2).sum(1))
+    out: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if count[i] >= 1:
+            out[f"rewards/{name}/mean"] = out[f"rewards/{name}"] = float(mean[i])
+        if count[i] >= 2:
+            out[f"rewards/{name}/std"] = float((squares[i] / (count[i] - 1)).sqrt())
+    return out
 
 
 def sampling_params(cfg: RLConfig, num_samples: int = 1) -> SamplingParams:
@@ -237,7 +268,7 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     if not dynamic_rounds:
         return batch, completions, scores, score_metrics, examples, scorer.last_member_scores
     want = len(examples)
-    rounds = [(batch, completions, scores, examples, scorer.last_member_scores)]
+    rounds = [(batch, completions, scores, examples, scorer.last_member_scores, scorer.last_fn_scores)]
     untied = ~tied_groups(scores, G).cpu()
     extra = torch.Generator().manual_seed(seed)
     while len(rounds) < dynamic_rounds:
@@ -246,7 +277,7 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
         drawn = torch.randint(len(prompts.examples), (len(indices),), generator=extra).tolist()
         more = [prompts.examples[i] for i in shard(drawn, rank, world)]
         b, c, sc, _ = generate_and_score(rollout, more, sampling, tokenizer, scorer, accelerator.device, timer)
-        rounds.append((b, c, sc, more, scorer.last_member_scores))
+        rounds.append((b, c, sc, more, scorer.last_member_scores, scorer.last_fn_scores))
         untied = torch.cat([untied, ~tied_groups(sc, G).cpu()])
     n_keep = min(want, int(untied.sum()))
     if world > 1:
@@ -266,6 +297,8 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     scores = torch.cat([r[2] for r in rounds])[rows.to(scores.device)]
     all_examples = [e for r in rounds for e in r[3]]
     members = None if rounds[0][4] is None else torch.cat([r[4] for r in rounds])[rows.to(rounds[0][4].device)]
+    scorer.last_fn_scores = {name: torch.cat([r[5][name] for r in rounds])[rows.to(scores.device)]
+                             for name in rounds[0][5]}  # the kept rows' (reward_fn_metrics)
     counts = reduce_sum(accelerator, torch.tensor([float(len(untied) - int(untied.sum())), float(n_untied),
                                                    float(n_keep - n_untied), float(want - n_untied)]))
     score_metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/tied_groups": float(counts[0]),
