@@ -28,12 +28,21 @@ class Config(TrainConfig):
     """The assumed fraction of flipped labels, for robust (below 0.5) and cdpo only: TRL's sigmoid ignores it."""
     precompute_ref: bool = True
     """Compute the reference log-probs once before training and cache them beside the run."""
+    log_samples: int = 4
+    """Prompts (the first of --eval-data, else of --data) whose greedy completion by the policy goes to
+    samples.jsonl at step 0 (before any update), at each --eval-every step with --eval-data, and at the end
+    (0: none); rlhf report shows them."""
+    sample_max_new_tokens: int = 128
+    """Longest of those completions (and within --max-length)."""
     share_prompt: bool = True
     """Encode each prompt once for chosen and rejected, packed padding-free (flash attention: packed without
     sharing; off where a probe finds the model's result differs from the padded one)."""
 
     def check(self) -> None:
         super().check()
+        if self.log_samples < 0 or self.sample_max_new_tokens < 1:
+            raise UserError(f"--log-samples must be 0 (none) or more and --sample-max-new-tokens at least 1, got "
+                            f"{self.log_samples} and {self.sample_max_new_tokens}")
         eps = self.label_smoothing
         if self.loss_type in ("sigmoid", "ipo", "hinge") and eps != 0:
             why = ("TRL 1.13's sigmoid ignores it too; conservative DPO is --loss-type cdpo, robust DPO --loss-type "
