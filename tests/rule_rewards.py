@@ -45,3 +45,12 @@ def stalls_on_rank_1(prompts, completions, **columns):
     if os.environ.get("RANK") == "1":
         time.sleep(600)
     return [0.0 for _ in completions]
+
+
+def item_number_of_threes(prompts, completions, **columns):
+    """:func:`item_number` where it is a multiple of 3, None (does not apply) elsewhere: processes see different
+    counts of them."""
+    import re
+
+    numbers = [int(re.search(r"\d+", str(p)).group()) for p in prompts]
+    return [n / 32 if n % 3 == 0 else None for n in numbers]

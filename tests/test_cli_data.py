@@ -56,3 +56,21 @@ def test_recipe_cli_print_config_and_help(tmp_path):
     bad = rlhf("sft", "--model", str(tmp_path / "missing"), "--data", "x.jsonl")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "no such model directory" in bad.stderr
+
+
+def test_help_and_parsing_of_every_recipe_import_no_torch():
+    """Issue 22, item 9: rlhf grpo --help took about 5 s (4.5 s of CPU), as the parser imported the recipe and
+    with it torch; now each Config is in rlhf.recipes.configs, which imports no torch. Each command runs in a
+    fresh interpreter: its help, an unknown flag, the Python API's help() and signature."""
+    commands = ["sft", "rm", "ppo", "dpo", "grpo", "distill", "report", "demo", "demo-calculator", "demo-distill"]
+    code = ("import contextlib, io, sys, inspect\nfrom rlhf.cli import main\ncommand = sys.argv[1]\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):\n"
+            "    assert main([command, '--help']) == 0 and '--' in out.getvalue()\n"
+            "    assert main([command, '--no-such-flag']) == 2\n"
+            "    if command in ('sft', 'rm', 'ppo', 'dpo', 'grpo', 'distill'):\n"
+            "        import rlhf\n"
+            "        assert 'Options' in getattr(rlhf, command).__doc__ and inspect.signature(getattr(rlhf, command))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))\n")
+    for command in commands:
+        out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True)
+        assert (out.returncode, out.stderr, out.stdout.strip()) == (0, "", "[]"), command

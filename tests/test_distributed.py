@@ -162,12 +162,15 @@ def test_a_python_script_under_accelerate_launch_keeps_the_cli_semantics(tiny_di
 
 def test_grpo_metrics_on_two_processes_are_the_whole_batchs(tiny_dir, tmp_path):
     """Issue 22: reward, reward_std and completions/* were process 0's alone (every reward a multiple of 1/16
-    for 32 completions). A reward fixed by the prompt makes the step's values known on any process count."""
+    for 32 completions). A reward fixed by the prompt makes the step's values known on any process count.
+    Item 5: each reward function's mean and std are the whole batch's, one returning None on some prompts too
+    (the mean of the processes' means was not, and a process where it never applied logged no key)."""
     rows = [{"prompt": f"Tell me about item {i}."} for i in range(32)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["grpo", "--model", tiny_dir, "--data", str(data), "--max-steps", "2", "--batch-size", "4",
-              "--report-to", "none", "--reward-fn", "rule_rewards:item_number", "--max-new-tokens", "4",
+              "--report-to", "none", "--reward-fn", "rule_rewards:item_number,rule_rewards:item_number_of_threes",
+              "--max-new-tokens", "4",
               "--rollout-batch-size", "8", "--mini-batch-size", "8", "--num-generations", "2"]
     cwd = os.getcwd()
     os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__))))
@@ -182,7 +185,10 @@ def test_grpo_metrics_on_two_processes_are_the_whole_batchs(tiny_dir, tmp_path):
 
     one, two = logged("one"), logged("two")
     for a, b in zip(one, two):
-        for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/rule_rewards:item_number"):
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/rule_rewards:item_number",
+                    # item 5: each function's mean and std over the whole batch, its Nones left out
+                    *(f"rewards/rule_rewards:{f}/{s}" for f in ("item_number", "item_number_of_threes")
+                      for s in ("mean", "std"))):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (key, a[key], b[key])
 
 

@@ -2,6 +2,7 @@
 --no-monitor in the PPO and GRPO recipes on the tiny model (tier 3)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,11 +50,47 @@ def test_reward_length_correlation_by_hand():
     assert mean_length.item() == pytest.approx(8 / 3)
 
 
-def test_reward_length_correlation_without_variance_is_zero():
+def test_reward_length_correlation_is_undefined_without_variance():
+    """Issue 22, item 6: defined only where the lengths and the scores vary, over 3 responses or more; it was 0
+    there, which reads as "no correlation"."""
     corr, _ = reward_length(T([0.5, 0.5, 0.5]), MASK)  # equal scores
-    assert corr.item() == 0.0
-    corr, mean_length = reward_length(T([1.0, 2.0]), T([[1, 1, 0], [1, 1, 0]]))  # equal lengths
-    assert corr.item() == 0.0 and mean_length.item() == 2.0
+    assert math.isnan(corr.item())
+    corr, mean_length = reward_length(T([1.0, 2.0, 3.0]), T([[1, 1, 0], [1, 1, 0], [1, 1, 0]]))  # equal lengths
+    assert math.isnan(corr.item()) and mean_length.item() == 2.0
+    corr, _ = reward_length(T([1.0, 2.0]), T([[1, 1, 0], [1, 0, 0]]))  # two points: r = -1 whatever they are
+    assert math.isnan(corr.item())
+
+
+def test_monitor_leaves_an_undefined_correlation_out_and_says_so_once():
+    """Issue 22, item 6: reward_length_corr on equal lengths was logged (as 0; the user saw 1.00) instead of
+    being left out with a line saying why; it is no warning."""
+    from types import SimpleNamespace
+
+    from rlhf.watch.monitor import Monitor
+
+    class Log:
+        def __init__(self):
+            self.events = []
+
+        def event(self, step, message, **fields):
+            self.events.append((step, message, fields))
+
+    cfg = SimpleNamespace(monitor_distinct_drop=0.3, monitor_length_growth=0.5, monitor_reward_length_corr=0.7,
+                          monitor_kl_fraction=0.5)
+    monitor, log, ids = Monitor(cfg, {}), Log(), torch.arange(16).view(4, 4)
+    same_length, scores = torch.ones(4, 4), T([0.0, 1.0, 0.0, 1.0])
+    for step in (1, 2):  # every response 4 tokens: undefined, said at step 1 only
+        signals = monitor.measure(step, ids, same_length, scores)
+        assert "monitor/reward_length_corr" not in signals and "monitor/length_mean" in signals
+        monitor.warn(step, signals, log)
+    assert log.events == [(1, "over-optimisation monitor: monitor/reward_length_corr is not measured at step 1: "
+                              "every response has 4 tokens; it is logged at the steps where the lengths and the "
+                              "scores both vary", {})]
+    varied = T([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+    signals = monitor.measure(3, ids, varied, scores)
+    assert signals["monitor/reward_length_corr"] == pytest.approx(float(reward_length(scores, varied)[0]))
+    signals = monitor.measure(4, ids, varied, torch.zeros(4))  # scores that tie: why is named (once a run: not now)
+    assert monitor.why_unmeasured == {"monitor/reward_length_corr": "every response has the score 0"}
 
 
 def test_kl_reward_fraction_by_hand():
@@ -107,12 +144,14 @@ def read_log(tmp_path):
     return [r for r in lines if "event" not in r], [r for r in lines if "event" in r]
 
 
-def check_signals(rows, length_key):
+def check_signals(rows, events, length_key):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        for key in SIGNALS:
-            assert key in r, (r["step"], key)
+        for key in SIGNALS:  # the correlation where it is defined; the first step without it says so
+            assert key in r or key == "monitor/reward_length_corr" and any(
+                f"{key} is not measured at step" in e["event"] and e["step"] <= r["step"] for e in events), (r["step"], key)
         assert r["monitor/length_mean"] == pytest.approx(r[length_key])  # one definition of length
+    assert any("monitor/reward_length_corr" in r for r in rows)
     # The baseline is step 1's rollout, sampled by the SFT model before any update: no drift there.
     assert rows[0]["monitor/length_vs_start"] == 0.0 and rows[0]["monitor/distinct2_across_vs_start"] == 0.0
     # ... and the policy equals the reference, so its KL penalty is 0.
@@ -127,7 +166,7 @@ def test_ppo_logs_the_monitor_signals_every_step(tiny_dir, prompts_file, tmp_pat
 
     ppo.run(ppo_config(tiny_dir, prompts_file, tmp_path))
     rows, events = read_log(tmp_path)
-    check_signals(rows, "response/length_mean")
+    check_signals(rows, events, "response/length_mean")
     # A PPO update at lr 3e-3 moves the policy off the reference: the penalty becomes non-zero.
     assert rows[-1]["monitor/kl_penalty"] != 0.0
     assert "over-optimisation monitor:" in events[-1]["event"] and events[-1]["step"] == 3
@@ -139,7 +178,7 @@ def test_grpo_logs_the_monitor_signals_every_step(kl_in_reward, tiny_dir, prompt
 
     grpo.run(grpo_config(tiny_dir, prompts_file, tmp_path, kl_in_reward=kl_in_reward))
     rows, events = read_log(tmp_path)
-    check_signals(rows, "completions/mean_length")
+    check_signals(rows, events, "completions/mean_length")
     # KL in the loss (k3, read from the update's single pass) or in the reward (k1 of the rollout):
     # either way the moved policy's penalty shows up. k3 is never negative.
     assert rows[-1]["monitor/kl_penalty"] != 0.0

@@ -60,6 +60,34 @@ def test_model_text_is_escaped(tmp_path):
     assert page.count(html.escape(EVIL)) == 2 and html.escape("user: " + EVIL) in page  # prompt, completion
 
 
+def test_plots_have_y_axis_ticks():
+    """Issue 22, item 12: the y axis showed only the data's two ends, with no tick marks."""
+    from rlhf.watch.plots import svg_plot, tick_label, ticks
+
+    assert ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert ticks(14.5, 16.1) == pytest.approx([14.5, 15.0, 15.5, 16.0])
+    assert [tick_label(v, 0.05) for v in ticks(0.4, 0.6)] == ["0.40", "0.45", "0.50", "0.55", "0.60"]
+    assert [tick_label(v, 2e-8) for v in ticks(0.1, 0.1000001)][:2] == ["0.1", "0.10000002"]  # labels differ
+    svg = svg_plot("reward", [1, 2, 3], [0.0, 0.5, 1.0])
+    labels = [s.split(">")[1].split("<")[0] for s in svg.split('class="ya"')[1:]]
+    assert labels == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"] and svg.count('class="grid"') == 6
+
+
+def test_per_reward_function_curves_are_shown_not_folded():
+    """Issue 22, item 12: rewards/NAME was folded away under "Every other metric"; now each function's mean and
+    std are plotted in their own section (rewards/NAME, the same mean, once)."""
+    rows = [{"step": s, "reward": 0.1 * s, "rewards/f/mean": 0.1 * s, "rewards/f/std": 0.2, "rewards/f": 0.1 * s,
+             "entropy": 1.0} for s in (1, 2, 3)]
+    page = report.render(report.Run("d", rows, [], recipe="grpo"))
+    shown = page[page.index("<h2>Reward functions</h2>"):page.index("<details><summary>Every other metric")]
+    assert "<title>rewards/f/mean</title>" in shown and "<title>rewards/f/std</title>" in shown
+    assert "<title>rewards/f</title>" not in page and "<title>entropy</title>" in page
+    old = [{"step": s, "reward": 0.1 * s, "rewards/f": 0.1 * s} for s in (1, 2)]  # a run before the std was logged
+    assert "<title>rewards/f</title>" in report.render(report.Run("d", old, [], recipe="ppo")).split("Other metrics")[0]
+    dpo = [{"step": 1, "train/loss": 0.7, "rewards/chosen": 0.1}]  # DPO's rewards/* are no reward functions
+    assert "Reward functions" not in report.render(report.Run("d", dpo, [], recipe="dpo"))
+
+
 # ---- tier 3: runs through the command line ------------------------------------------------------
 
 def ppo_args(tiny_dir, prompts, out, *extra):
@@ -158,6 +186,27 @@ def test_grpo_writes_the_first_completion_of_each_group(tiny_dir, prompts_file, 
     assert main(["report", out]) == 0
     page = open(f"{out}/report.html").read()
     assert "rlhf grpo" in page and "<title>reward</title>" in page and "<h2>Sample responses</h2>" in page
+
+
+def test_dpo_writes_samples_and_its_report_shows_them(tiny_dir, tmp_path):
+    """Issue 22, item 12: a DPO run wrote no samples, so its report page had none. Now: the policy's greedy
+    completions of the first --eval-data prompts at step 0, each --eval-every step and the end."""
+    pairs = [{"prompt": f"Paint the box {c}.", "chosen": f" The box is {c}.", "rejected": " No."} for c in
+             ("red", "blue", "green", "pink") * 4]
+    for name in ("d", "e"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = str(tmp_path / "dpo")
+    assert main(["dpo", "--model", tiny_dir, "--data", str(tmp_path / "d.jsonl"), "--eval-data",
+                 str(tmp_path / "e.jsonl"), "--output-dir", out, "--max-steps", "3", "--eval-every", "2",
+                 "--batch-size", "4", "--max-length", "24", "--report-to", "none", "--log-samples", "2"]) == 0
+    rows = read_samples(out)
+    assert [(r["step"], r["index"]) for r in rows] == [(0, 0), (0, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert rows[0]["prompt"].endswith("Paint the box red.") and "score" not in rows[0]
+    assert all(isinstance(r["completion"], str) and 1 <= r["length"] for r in rows)
+    assert main(["report", out]) == 0
+    page = open(f"{out}/report.html").read()
+    assert "<h2>Sample responses</h2>" in page and all(f"<th>step {s}</th>" in page for s in (0, 2, 3))
+    assert "greedy completions" in page and "score " not in page.split("<h2>Sample responses</h2>")[1]
 
 
 def test_report_of_an_sft_run(tiny_dir, tmp_path):

@@ -134,9 +134,9 @@ def test_a_hub_dataset_name_reads_the_hub(capsys, tmp_path):
     # no prefix matching: a shortened flag is a typo, not silently another flag
     ("sft", ["--max-step", "3"], "unknown flag --max-step; did you mean --max-steps?"),
     ("sft", ["--lr-sched", "cosine"], "unknown flag --lr-sched; did you mean --lr-scheduler?"),
-    ("sft", ["--push_to_hub"], "--push_to_hub (TRL/transformers) is not supported by rlhf sft; upload the final "
+    ("sft", ["--push_to_hub"], "--push_to_hub (TRL/transformers) is not supported by rlhf sft: upload the final "
                                "model yourself (it is an HF-format directory)"),
-    ("sft", ["--warmup_steps", "10"], "--warmup_steps (TRL/transformers) is not supported by rlhf sft; "
+    ("sft", ["--warmup_steps", "10"], "--warmup_steps (TRL/transformers) is not supported by rlhf sft: "
                                       "use --warmup-ratio"),
     ("dpo", ["--max_completion_length", "64"], "--max_completion_length (TRL's name for --max-new-tokens) has "
                                                "no meaning in rlhf dpo"),
@@ -383,6 +383,63 @@ def test_a_trl_grpo_yaml_ports_or_lists_what_it_cannot_honour_in_one_line(capsys
     assert "'top_entropy_quantile'" in err[0] and "use --warmup-ratio" in err[0]
 
 
+def test_trl_grpo_keys_we_lack_say_why_and_their_defaults_are_kept(capsys, tmp_path):
+    """Issue 22, item 3: TRL's GRPOConfig keys we lack (top_entropy_quantile, entropy_coef, ...) were refused as
+    "unknown field", without why, even at TRL's values that ask for nothing."""
+    path = tmp_path / "grpo.yaml"
+    path.write_text("model: m\ntop_entropy_quantile: 0.2\nentropy_coef: 0.01\noff_policy_mask_threshold: 0.5\n"
+                    "multi_objective_aggregation: normalize_then_sum\nuse_vllm: true\nvllm_mode: server\n"
+                    "num_generaions: 4\n")
+    rc, _, err = cli(capsys, "grpo", "--config", path, "--print-config")
+    assert rc == 1 and len(err) == 1 and "7 keys cannot be honoured: " in err[0]
+    for key, why in [("top_entropy_quantile", "not implemented: the loss on the highest-entropy tokens only"),
+                     ("entropy_coef", "not implemented: no entropy bonus"),
+                     ("off_policy_mask_threshold", "not implemented: DeepSeek-V3.2's masking"),
+                     ("multi_objective_aggregation", "not implemented: normalize_then_sum (GDPO)"),
+                     ("use_vllm", "vLLM is not used here: --rollout-engine"), ("vllm_mode", "vLLM is not used here")]:
+        assert f"'{key}' (TRL/transformers) is not supported by rlhf grpo: {why}" in err[0], key
+    assert "unknown field 'num_generaions'; did you mean num_generations?" in err[0]  # a typo stays a typo
+    # The same keys at values that ask for nothing here: kept, and named once.
+    path.write_text("model: m\nreward_funcs: rule_rewards.has_answer\ntop_entropy_quantile: 1.0\nentropy_coef: 0.0\n"
+                    "off_policy_mask_threshold: null\nmulti_objective_aggregation: sum_then_normalize\n"
+                    "use_vllm: false\nvllm_mode: server\nvllm_gpu_memory_utilization: 0.7\ndisable_dropout: true\n"
+                    "per_device_eval_batch_size: 16\nadam_epsilon: 1e-8\nhub_token: secret\n")
+    rc, _, err = cli(capsys, "grpo", "--config", path, "--print-config")
+    assert rc == 0 and len(err) == 1 and "ignored: top_entropy_quantile=1.0, entropy_coef=0.0," in err[0], err
+    assert "vllm_gpu_memory_utilization=0.7, disable_dropout=True" in err[0] and "secret" not in err[0]
+    rc, _, err = cli(capsys, "sft", "--config", path, "--print-config")  # sft keeps the model's dropout
+    assert rc == 1 and "'disable_dropout' (TRL/transformers) is not supported by rlhf sft: dropout is off in" in err[0]
+    # As a flag and a Python keyword too.
+    rc, _, err = cli(capsys, "grpo", "--model", "m", "--entropy_coef", "0.01")
+    assert rc == 2 and err == ["rlhf grpo: error: --entropy_coef (TRL/transformers) is not supported by rlhf grpo: "
+                               "not implemented: no entropy bonus in the GRPO loss (entropy is logged)"]
+
+
+def test_every_trl_grpo_config_key_is_ours_or_says_why():
+    """Every field of TRL's GRPOConfig (its TrainingArguments included) sets one of ours or is refused with why;
+    at TRL's default it asks for nothing we lack, but for these three."""
+    import dataclasses
+
+    trl = pytest.importorskip("trl")
+    from rlhf.recipes.configs.grpo import Config
+    from rlhf.training.options import spellings
+    from rlhf.training.trl_names import TRL_UNSUPPORTED, asks_nothing
+
+    known, lacking, refused_defaults = spellings(Config), [], set()
+    for f in dataclasses.fields(trl.GRPOConfig):
+        if f.name in known or f.name == "reward_weights":  # reward_weights: one weight per reward_funcs entry
+            continue
+        if not TRL_UNSUPPORTED.get(f.name):
+            lacking.append(f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if not asks_nothing(f.name, default, {}, "grpo"):
+            refused_defaults.add(f.name)
+    assert lacking == []
+    # dropout is off here; no MoE loss is added; the trackers' project is rlhf (ddp_timeout is ours, --ddp-timeout)
+    assert refused_defaults == {"disable_dropout", "router_aux_loss_coef", "project"}
+    assert not [k for k, why in TRL_UNSUPPORTED.items() if ";" in why]  # one message lists them, split by ";"
+
+
 def test_reward_functions_under_trls_contract(tiny_dir, tmp_path):
     """Issue 22, item 4: None ("does not apply") was a fatal error, and a function taking completion_ids failed."""
     import math
@@ -413,6 +470,31 @@ def test_reward_functions_under_trls_contract(tiny_dir, tmp_path):
         rlhf.ppo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[never],
                  output_dir=str(tmp_path / "p"), max_steps=1, rollout_batch_size=4, mini_batch_size=4, batch_size=4,
                  max_new_tokens=4, report_to="none")
+
+
+def test_grpo_logs_each_reward_functions_mean_and_std_as_trl(tiny_dir, tmp_path):
+    """Issue 22, item 5: GRPO logged each reward function's mean only (rewards/NAME); TRL logs rewards/NAME/mean
+    and rewards/NAME/std over the whole batch, its Nones left out (nanmean, nanstd with Bessel's correction)."""
+    import statistics
+
+    import rlhf
+
+    returned = []
+
+    def odd_lengths(prompts, completions, **columns):
+        values = [None if len(c) % 3 == 0 else float(len(c) % 5) for c in completions]
+        returned.append(values)
+        return values
+
+    result = rlhf.grpo(tiny_dir, data=[{"prompt": f"Say {i}."} for i in range(8)], reward_funcs=[odd_lengths],
+                       output_dir=str(tmp_path / "g"), max_steps=1, rollout_batch_size=4, num_generations=4,
+                       mini_batch_size=16, batch_size=8, max_new_tokens=12, report_to="none", seed=3)
+    applied = [v for v in returned[-1] if v is not None]
+    assert len(returned) == 1 and 2 <= len(applied) < 16  # some Nones, and a std to take
+    m = result.metrics
+    assert m["rewards/odd_lengths/mean"] == pytest.approx(statistics.mean(applied), abs=1e-6)
+    assert m["rewards/odd_lengths/std"] == pytest.approx(statistics.stdev(applied), abs=1e-6)
+    assert m["rewards/odd_lengths"] == m["rewards/odd_lengths/mean"]  # the name logged before stays
 
 
 def test_grpo_reads_trls_per_device_batch_as_trl_does(capsys, monkeypatch):

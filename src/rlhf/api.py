@@ -35,7 +35,7 @@ from typing import Any
 
 from rlhf import handles
 from rlhf.errors import CollectiveTimeout, UserError
-from rlhf.recipes import STAGES
+from rlhf.recipes import STAGES, config_module
 
 ONLINE = ("ppo", "grpo")  # the stages with reward_model= and reward_fns=
 WITH_REFERENCE = ("dpo", "ppo", "grpo")  # the stages with ref_model=
@@ -151,7 +151,8 @@ def _check_keywords(stage: str, cls, options: dict, objects: list[str]) -> None:
     """Refuse an option given an object, and a misspelt object keyword (with the object's name)."""
     import difflib
 
-    from rlhf.training.options import TRL_ALIASES, TRL_UNSUPPORTED, spellings
+    from rlhf.training.options import spellings
+    from rlhf.training.trl_names import TRL_ALIASES, TRL_UNSUPPORTED
 
     known = spellings(cls)
     where = ", ".join(f"{o}=" for o in objects)
@@ -250,7 +251,7 @@ def _from_main_process(metrics: dict) -> dict:
 def _call(stage: str, objects: list[str], given: dict, options: dict) -> Result:
     from rlhf.training.options import from_keywords
 
-    module = importlib.import_module(STAGES[stage][0])
+    module = importlib.import_module(config_module(stage))
     _check_keywords(stage, module.Config, options, objects)
     model, tokenizer = given.get("model"), given.get("tokenizer")
     held: list[str] = []
@@ -348,7 +349,7 @@ def _stage(stage: str) -> Callable[..., Result]:
             raise UserError(f"rlhf.{stage}(): reward_fns= is for rlhf.ppo and rlhf.grpo")
         return _call(stage, objects, given, options)
 
-    cls = importlib.import_module(STAGES[stage][0]).Config
+    cls = importlib.import_module(config_module(stage)).Config
     taken = set(objects)
     params, lines = _option_lines(cls, taken)
     head = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]

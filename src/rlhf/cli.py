@@ -1,6 +1,7 @@
 """The ``rlhf`` command line: argument parsing over the Python API (:mod:`rlhf.api`) and the commands.
 
-Every recipe module exposes a ``Config`` dataclass (its field docstrings are the ``--help``); the
+Every recipe has a ``Config`` dataclass in :mod:`rlhf.recipes.configs` (its field docstrings are the
+``--help``; nothing there imports torch, so ``rlhf grpo --help`` is as quick as ``rlhf --help``); the
 flags and ``--config`` YAML become one, and :func:`rlhf.api.train` runs it, as ``rlhf.sft(...)`` does. User errors print one line and exit non-zero; Ctrl-C exits 130
 and SIGTERM 143, each with one line.
 """
@@ -15,7 +16,7 @@ import importlib.util
 import signal
 import sys
 
-from rlhf.recipes import STAGES
+from rlhf.recipes import STAGES, config_module
 
 RECIPES = STAGES  # sft, rm, ppo, dpo, grpo, distill: the Python API's stages
 TOOLS = {
@@ -81,11 +82,18 @@ def _run_data(args) -> int:
     return 0 if ok else 1
 
 
-def _add_recipe_arguments(p: argparse.ArgumentParser, name: str, module: str) -> None:
+def _options_module(command: str) -> str:
+    """The module whose ``Config`` (or ``add_arguments``) makes ``command``'s flags: a recipe's config
+    module (no torch), or the tool's own."""
+    return config_module(command) if command in RECIPES else TOOLS[command][0]
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, name: str) -> None:
     from rlhf.training.options import add_arguments
 
-    mod = importlib.import_module(module)
-    p.description = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None
+    mod = importlib.import_module(_options_module(name))
+    if name in TOOLS:  # a recipe's description is its line in STAGES
+        p.description = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None
     if hasattr(mod, "Config"):
         if "output_dir" in {f.name for f in __import__("dataclasses").fields(mod.Config)}:
             p.epilog = TRL_EPILOG
@@ -108,7 +116,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            _add_recipe_arguments(p, name, module)
+            _add_recipe_arguments(p, name)
             parser.command_parser = p
     _data_parser(sub)
     return parser
@@ -165,8 +173,7 @@ def _unknown(parser: argparse.ArgumentParser, command: str, extras: list[str]) -
     first = next((a for a in extras if a.startswith("-")), None)
     if first is None:
         return f"unexpected argument {extras[0]!r}"
-    module = {**RECIPES, **TOOLS}.get(command, (None,))[0]
-    mod = importlib.import_module(module) if module else None
+    mod = importlib.import_module(_options_module(command)) if command in {**RECIPES, **TOOLS} else None
     if mod is not None and hasattr(mod, "Config"):
         return unknown_name(mod.Config, first, command)
     sub = getattr(parser, "command_parser", parser)
@@ -179,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    module = {**RECIPES, **TOOLS}.get(command, (None,))[0]
-    if hasattr(parser, "command_parser"):  # a recipe or tool: its module is imported already
-        mod = importlib.import_module(module)
+    if hasattr(parser, "command_parser"):  # a recipe or tool: its options module is imported already
+        mod = importlib.import_module(_options_module(command))
         if hasattr(mod, "Config"):
             from rlhf.training.options import bool_flags
 
@@ -201,7 +207,7 @@ def _main(args) -> int:
     try:
         if args.command == "data":
             return _run_data(args)
-        module = importlib.import_module({**RECIPES, **TOOLS}[args.command][0])
+        module = importlib.import_module(_options_module(args.command))
         if not hasattr(module, "Config"):
             return int(module.main(args, args.command) or 0)
         from rlhf.training.options import build_config, to_yaml

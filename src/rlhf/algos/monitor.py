@@ -67,9 +67,9 @@ def repetition_fraction(response_ids: torch.Tensor, response_mask: torch.Tensor,
 def reward_length(scores: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pearson correlation between the scores and the response lengths, and the mean length.
 
-    The length of a response is its number of tokens under ``response_mask``. When the scores
-    or the lengths do not vary (or B < 2) the correlation is undefined; it is returned as 0,
-    never NaN, so the metric stays a number and no threshold trips on it.
+    The length of a response is its number of tokens under ``response_mask``. The correlation is
+    defined only where the lengths vary and the scores vary, over at least 3 responses (any two
+    varying points give r = +-1); elsewhere it is NaN, not 0, which would read as "no correlation".
 
     Shape:
         scores: (B,), response_mask: (B, T) -> two scalars.
@@ -77,7 +77,7 @@ def reward_length(scores: torch.Tensor, response_mask: torch.Tensor) -> tuple[to
     lengths = response_mask.float().sum(1)
     x, y = scores.float() - scores.float().mean(), lengths - lengths.mean()
     denom = torch.sqrt((x * x).sum() * (y * y).sum())
-    corr = (x * y).sum() / denom if denom > 0 else torch.zeros(())
+    corr = (x * y).sum() / denom if denom > 0 and len(lengths) >= 3 else torch.full((), float("nan"))
     return corr.detach(), lengths.mean()
 
 

@@ -15,8 +15,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from rlhf.errors import UserError
 
 
@@ -61,6 +59,8 @@ def _write_jsonl(path: str, rows: list[dict]) -> str:
 
 
 def run(cfg: Config) -> dict:
+    import torch
+
     from rlhf.demo import report
     from rlhf.demo.evaluate import answer, evaluate_policy
     from rlhf.demo.world import SEED_PROMPT, build_datasets, corpus

@@ -1,11 +1,11 @@
 """The training loops, each a short script that reads like the seeds' steps: ``sft``, ``reward``,
-``ppo``, ``dpo``, ``grpo``, ``distill``; and what they share: ``scoring`` (the RL loops' options, rollout and reward),
+``ppo``, ``dpo``, ``grpo``, ``distill``; and what they share: ``scoring`` (the RL loops' rollout and reward),
 ``rewards`` (Python reward functions, called as TRL calls them) and ``logprobs`` (log-probs of
 responses and of preference pairs).
 
-Each module has a ``Config`` dataclass (its field docstrings are the ``--help`` and ``help(rlhf.X)``)
-and ``run(config)``. The machinery they use is in :mod:`rlhf.training`, the tools that watch them
-in :mod:`rlhf.watch`.
+Each module has ``run(config)`` and the ``Config`` dataclass it takes, defined in :mod:`rlhf.recipes.configs`
+(its field docstrings are the ``--help`` and ``help(rlhf.X)``; nothing there imports torch). The machinery
+they use is in :mod:`rlhf.training`, the tools that watch them in :mod:`rlhf.watch`.
 """
 
 # Each stage's command and Python function name -> its module and one line about it (rlhf.api, rlhf.cli).
@@ -19,3 +19,8 @@ STAGES = {
     "distill": ("rlhf.recipes.distill", "On-policy distillation (GKD): the student learns the teacher's per-token "
                                         "distributions on its own samples."),
 }
+
+
+def config_module(stage: str) -> str:
+    """The module of ``stage``'s ``Config``, which imports no torch: ``rlhf.recipes.configs.grpo``."""
+    return "rlhf.recipes.configs." + STAGES[stage][0].rsplit(".", 1)[-1]

@@ -14,57 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.recipes.configs.dpo import Config
 from rlhf.algos import dpo_loss
 from rlhf.data import collate_preference, collate_preference_shared
 from rlhf.models import Reference, disable_dropout, eval_mode
-from rlhf.errors import UserError
-from rlhf.training.config import TrainConfig
 from rlhf.training.loop import StepPlan, fit
 from rlhf.training.setup import load_data, load_reference, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, count_pairs, pair_lengths, pair_logps
+from rlhf.recipes.scoring import is_sharded
+from rlhf.rollout import SamplingParams, make_rollout
 from rlhf.training.saving import save_final
+from rlhf.watch.samples import SampleLog
 
 
-@dataclass
-class Config(TrainConfig):
-    """DPO options."""
-
-    lr: float = 1e-6
-    """Peak learning rate of AdamW."""
-    ref_model: str | None = None
-    """Reference model pi_ref: a directory or hub id with the policy's tokenizer (default: a frozen copy of
-    --model; with --lora, the base with the adapters off)."""
-    beta: float = 0.1
-    """beta: strength of the implicit KL constraint (higher stays closer to the reference)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "cdpo"] = "sigmoid"
-    """DPO (sigmoid), IPO (on per-token mean log-probs, as TRL), SLiC hinge, robust DPO or conservative DPO
-    (cdpo); TRL's names and meanings (README, "DPO losses")."""
-    label_smoothing: float = 0.0
-    """The assumed fraction of flipped labels, for robust (below 0.5) and cdpo only: TRL's sigmoid ignores it."""
-    precompute_ref: bool = True
-    """Compute the reference log-probs once before training and cache them beside the run."""
-    share_prompt: bool = True
-    """Encode each prompt once for chosen and rejected, packed padding-free (flash attention: packed without
-    sharing; off where a probe finds the model's result differs from the padded one)."""
-
-    def check(self) -> None:
-        super().check()
-        eps = self.label_smoothing
-        if self.loss_type in ("sigmoid", "ipo", "hinge") and eps != 0:
-            why = ("TRL 1.13's sigmoid ignores it too; conservative DPO is --loss-type cdpo, robust DPO --loss-type "
-                   "robust" if self.loss_type == "sigmoid" else "it is cdpo's and robust's")
-            raise UserError(f"--label-smoothing {eps} changes nothing with --loss-type {self.loss_type}: {why}")
-        if self.loss_type == "robust" and not 0 <= eps < 0.5:
-            raise UserError(f"--label-smoothing must be in [0, 0.5) for --loss-type robust, got {eps}")
-        if self.loss_type == "cdpo" and not 0 <= eps <= 0.5:
-            raise UserError(f"--label-smoothing must be in [0, 0.5] for --loss-type cdpo, got {eps}")
 
 
 def reference_fingerprint(ref: Reference, examples: list[dict]) -> str:
@@ -106,6 +73,25 @@ def cached_reference_logps(cfg: Config, accelerator, ref: Reference, examples, c
         save_file({"logps": logps, "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}, path + ".tmp")
         os.replace(path + ".tmp", path)
     return logps
+
+
+@torch.no_grad()
+def write_samples(cfg: Config, accelerator, model, tokenizer, examples: list[dict], samples: SampleLog,
+                  step: int) -> None:
+    """The policy's greedy completions of ``examples``' prompts to samples.jsonl, for ``rlhf report``. Every
+    process samples them (sharded weights make each forward a collective); the main one writes."""
+    if not examples or not samples.due(step):
+        return
+    prompts = [e["prompt_ids"] for e in examples]
+    room = cfg.max_length - max(len(p) for p in prompts)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(cfg.sample_max_new_tokens, room)))
+    rollout = make_rollout("loop", accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                           accelerator.device, sharded=is_sharded(accelerator))
+    with eval_mode(model):
+        batch = rollout.generate(prompts, params)
+    ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
+    samples.write(step, tokenizer.batch_decode(prompts, skip_special_tokens=True),
+                  tokenizer.batch_decode(ids, skip_special_tokens=True), None, batch.response_mask)
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -168,15 +154,29 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, policy.parameters(), total)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, policy, optimizer, scheduler, total,
                                                           {"train/loss": "loss", "rewards/margins": "margin"})
+    # Samples for rlhf report: step 0 (before any update), each --eval-every step, the end.
+    samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.eval_every or total, total, state.step,
+                        accelerator.is_main_process)
+    sample = partial(write_samples, cfg, accelerator, model, tokenizer,
+                     (held_out or train).examples[: cfg.log_samples], samples)
+    if state.step == 0:
+        sample(0)
+
+    def evaluate_and_sample() -> dict[str, float]:
+        sample(state.step)
+        return evaluate()
+
     metrics = fit(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                   examples=train.examples, collate=collate_with_ref, count=count_pairs,
                   loss_fn=loss_fn, state=state, plan=plan, total_steps=total, logger=logger,
-                  checkpointer=checkpointer, evaluate=evaluate if held_out else None, where=train.where)
+                  checkpointer=checkpointer, evaluate=evaluate_and_sample if held_out else None, where=train.where)
 
-    # 4. Final evaluation and the HF-format model.
+    # 4. Final evaluation, samples and the HF-format model.
     if held_out:
         metrics.update(evaluate())
         logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+    if not (held_out and cfg.eval_every and state.step % cfg.eval_every == 0):  # not written at this step already
+        sample(state.step)
     logger.close()
     save_final(accelerator, model, tokenizer, cfg, f"DPO policy ({cfg.loss_type})", metrics, checkpointer)
     return metrics

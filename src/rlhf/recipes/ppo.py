@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from rlhf.recipes.configs.ppo import Config
 from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
@@ -35,59 +34,12 @@ from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
 from rlhf.training.saving import announce_saved, full_state_dict, save_final
 from rlhf.recipes.episodes import EpisodeSampler
-from rlhf.recipes.scoring import RLConfig, build_rollout, check_prompt_positions, generate_and_score, is_sharded
+from rlhf.recipes.scoring import (build_rollout, check_prompt_positions, generate_and_score, is_sharded, make_scorer,
+                                  reward_fn_metrics, sampling_params)
 from rlhf.watch.stopping import BestPolicy, PreferenceEval, watch
 from rlhf.rollout import RolloutBatch, merged_named_weights
 
 
-@dataclass
-class Config(RLConfig):
-    """PPO options (defaults: seed 002 Part 5 and Huang et al. 2024)."""
-
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses are averaged (verl's agg_loss modes): token-mean (every token of the minibatch
-    weighs the same), seq-mean-token-mean (each sequence's token mean, then the mean), seq-mean-token-sum."""
-    critic: Literal["shared", "separate"] = "shared"
-    """Value head on the policy's body (the seeds' design) or a separate critic model (OpenRLHF, verl)."""
-    critic_model: str | None = None
-    """Initialise the separate critic from this model (default: the reward model, else the policy)."""
-    critic_lr: float | None = None
-    """Learning rate of the critic (default: --lr)."""
-    rollout_batch_size: int = 16
-    """Prompts sampled per PPO step, across all processes."""
-    mini_batch_size: int = 8
-    """Sequences per optimizer step inside the PPO epochs (micro-batches of --batch-size accumulate)."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty in the reward."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """KL estimator in the reward: k1 = log pi - log pi_ref (the seeds), k3 = Schulman's non-negative one."""
-    adaptive_kl: bool = False
-    """Adapt beta towards --kl-target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Target KL per sequence of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive controller."""
-    gamma: float = 1.0
-    """GAE discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the batch."""
-    clip_eps: float = 0.2
-    """PPO ratio clip epsilon."""
-    clip_eps_value: float | None = 0.2
-    """Value clip around the old values (none: unclipped value loss)."""
-    vf_coef: float = 0.5
-    """c1: weight of the value loss."""
-    ent_coef: float = 0.01
-    """c2: weight of the entropy bonus."""
-
-    def check(self) -> None:
-        super().check()
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise UserError("--rollout-batch-size must be a multiple of --mini-batch-size")
 
 
 # ---- forwards ---------------------------------------------------------------------------------
@@ -255,7 +207,7 @@ def run(cfg: Config) -> dict[str, float]:
         accelerator.print("--max-grad-norm under DeepSpeed: the engine clips the policy and its critic together "
                           "(one norm, as TRL's PPO does), not apart")
     tokenizer, model, critic, ref = build_models(cfg, accelerator)
-    scorer = cfg.scorer(tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
+    scorer = make_scorer(cfg, tokenizer, accelerator.device) if not cfg.env or cfg.reward_fn or cfg.reward_model else None
     episodes = EpisodeSampler.for_run(cfg, accelerator, tokenizer)
     prompts = load_data(cfg, cfg.data, "prompt", tokenizer, accelerator.print)
     check_prompt_positions(cfg, model.policy if critic is None else model, prompts)
@@ -290,7 +242,7 @@ def run(cfg: Config) -> dict[str, float]:
     # Sharded (FSDP, DeepSpeed), the shared model is sampled and scored through its root, which gathers the weights.
     sampled_policy = unwrapped.policy if critic is None and not is_sharded(accelerator) else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
-    sampling = cfg.sampling()
+    sampling = sampling_params(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics: dict[str, float] = {}
     # Held-out preference pairs (implicit preference accuracy, step 0 first) and --stop-on-overoptimisation.
@@ -361,6 +313,7 @@ def run(cfg: Config) -> dict[str, float]:
                 "response/no_eos_fraction": float((~batch.finished).float().mean())}),
             "speed/tokens_per_second": float(mask.sum() * world) / timer.metrics()["time/step"],
             **timer.metrics(), **mean_over_processes(accelerator, score_metrics), **train_metrics,
+            **(reward_fn_metrics(accelerator, scorer.last_fn_scores) if scorer is not None else {}),
         }
         if monitor is not None:  # over-optimisation signals of this rollout, against step 0
             metrics.update(monitor.measure(state.step, batch.response_ids, mask, scores, kl, kl_coef,

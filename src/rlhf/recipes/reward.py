@@ -15,12 +15,12 @@ import dataclasses
 import gc
 import json
 import os
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from accelerate import PartialState
 
+from rlhf.recipes.configs.reward import Config
 from rlhf.algos import bradley_terry_loss, ensemble_std
 from rlhf.data import collate_preference
 from rlhf.models import (
@@ -29,7 +29,6 @@ from rlhf.models import (
 )
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.errors import UserError
-from rlhf.training.config import TrainConfig
 from rlhf.training.loop import StepPlan, fit, pass_batches, to_device
 from rlhf.training.setup import (check_positions, fit_default_length, load_data, make_accelerator, make_optimizer,
                                  process_options, start, with_lora)
@@ -40,32 +39,6 @@ from rlhf.training.logs import write_model_card
 from rlhf.training.saving import remember, save_final, staged
 
 
-@dataclass
-class Config(TrainConfig):
-    """Reward-model options."""
-
-    lr: float = 1e-5
-    """Peak learning rate of AdamW."""
-    normalize_scores: bool = True
-    """Store the mean and std of the trained model's scores on the training data in its config."""
-    ensemble: int = 1
-    """Train K reward models from the same --model, one after another, member i with seed --seed + i (its
-    score-head init and data order), saved as one ensemble directory (ensemble.json, member-0 ... member-K-1,
-    each a plain transformers model) for rlhf ppo/grpo --reward-model with --reward-aggregation. Seeds alone
-    make the members differ, as in Coste et al. 2023. K members cost K times the training time and disk, and
-    K times the reward model's memory and scoring time in PPO/GRPO."""
-    ensemble_bootstrap: bool = False
-    """Also train each ensemble member on its own bootstrap resample of the pairs (as many pairs drawn with
-    replacement, seeded by the member's seed): more diverse members, each seeing about 63% of the distinct
-    pairs. Off by default: seed diversity alone already gives disagreement and keeps every pair."""
-
-    def check(self) -> None:
-        super().check()
-        if self.ensemble < 1:
-            raise UserError(f"--ensemble must be at least 1 (1: one reward model), got {self.ensemble}")
-        if self.ensemble_bootstrap and self.ensemble < 2:
-            raise UserError("--ensemble-bootstrap resamples the pairs of each ensemble member; it needs --ensemble 2 "
-                            "or more")
 
 
 def pair_scores(scorer, batch: dict, pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,12 @@
 """Scoring responses for RL: a frozen reward model, Python reward functions (:mod:`rlhf.recipes.rewards`),
-or both; and the options, rollout and scoring step the online recipes (PPO, GRPO) share.
+or both; and the rollout and scoring step the online recipes (PPO, GRPO) share (their options are
+:mod:`rlhf.recipes.configs.rl`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -17,7 +17,7 @@ from rlhf.models import (
 )
 from rlhf.errors import UserError
 from rlhf.recipes.rewards import RewardFn, call_reward_fn, in_prompt_form, load_reward_fns, reward_value
-from rlhf.training.config import TrainConfig
+from rlhf.recipes.configs.rl import RLConfig
 from rlhf.training.loop import StepTimer, reduce_sum, shard
 from rlhf.training.setup import max_positions
 from rlhf.rollout import RolloutBatch, SamplingParams, concat_batches
@@ -35,7 +35,9 @@ class Scorer:
     every sequence and is whitened with its own statistics, giving a (B, K) matrix that
     :func:`rlhf.algos.aggregate_scores` turns into one score by ``aggregation`` (``mean``,
     ``mean_minus_std`` with ``uncertainty_coef`` as lambda, ``min``). The matrix of the last call
-    is kept in ``last_member_scores`` for the over-optimisation monitor (``None`` with one model).
+    is kept in ``last_member_scores`` for the over-optimisation monitor (``None`` with one model), and each
+    reward function's values of the last call (NaN where it returned None) in ``last_fn_scores``, for
+    :func:`reward_fn_metrics`.
     """
 
     reward_model: torch.nn.Module | list[torch.nn.Module] | None = None
@@ -67,6 +69,7 @@ class Scorer:
                             "(the statistics rlhf rm stores) or use mean")
         self.stats = self.member_stats[0] if len(self.members) == 1 and self.member_stats else None
         self.last_member_scores: torch.Tensor | None = None
+        self.last_fn_scores: dict[str, torch.Tensor] = {}  # name -> (B,)
 
     @torch.no_grad()
     def __call__(self, batch: RolloutBatch, prompts: list, completions: list[str], extras: dict[str, list],
@@ -88,6 +91,7 @@ class Scorer:
             scores += rm
         ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.loss_mask)]
         applies = torch.zeros_like(scores, dtype=torch.bool) if self.reward_fns and self.reward_model is None else None
+        self.last_fn_scores = {}
         for r in self.reward_fns:
             values = call_reward_fn(r, prompts, completions, extras, where, ids)
             if not hasattr(values, "__len__") or isinstance(values, (str, bytes, dict)):
@@ -96,8 +100,7 @@ class Scorer:
             if len(values) != len(completions):
                 raise UserError(f"reward function {r.name} returned {len(values)} values for {len(completions)} completions")
             values = torch.tensor([reward_value(r.name, v, i, where) for i, v in enumerate(values)], device=device)
-            if not values.isnan().all():
-                metrics[f"rewards/{r.name}"] = float(values.nanmean())
+            self.last_fn_scores[r.name] = values
             if applies is not None:
                 applies |= ~values.isnan()
             scores += r.weight * values.nan_to_num(0.0)  # None: left out of the sum (TRL's nansum)
@@ -130,145 +133,57 @@ class Scorer:
         return aggregated
 
 
-@dataclass
-class RLConfig(TrainConfig):
-    """Options shared by the online recipes (PPO, GRPO): prompts, sampling, rewards, minibatches."""
 
-    prompts: str | None = None
-    """Prompt file (same as --data)."""
-    ref_model: str | None = None
-    """Reference model pi_ref: a directory or hub id with the policy's tokenizer (default: a frozen copy of
-    --model; with --lora, the base with the adapters off)."""
-    reward_model: str | None = None
-    """Frozen reward model directory (from rlhf rm), or a reward-model ensemble directory (rlhf rm --ensemble K):
-    K members take K times the reward model's memory and scoring time."""
-    reward_aggregation: Literal["mean", "mean_minus_std", "min"] | None = None
-    """How an ensemble's member scores (each whitened by its own statistics) become one: mean; mean_minus_std,
-    the mean minus --reward-uncertainty-coef times their population std (Coste et al. 2023's uncertainty-weighted
-    reward, with the std where they take the variance); min, the worst case (default: the ensemble's ensemble.json, mean). With one reward model
-    every aggregation is its score."""
-    reward_uncertainty_coef: float = 1.0
-    """Lambda of --reward-aggregation mean_minus_std (0 or more)."""
-    reward_fn: str | None = None
-    """Python reward(s) module:function[:weight], comma-separated; added to the reward model's score."""
-    normalize_reward: bool = True
-    """Whiten reward-model scores with the mean and std stored by rlhf rm."""
-    score_clip: float | None = None
-    """Clip scores to [-x, x]."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that never produced EOS."""
-    max_new_tokens: int = 32
-    """Longest response sampled."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (below 1 needs --allow-truncated-sampling)."""
-    top_k: int = 0
-    """Sample among the k likeliest tokens (0: all; above 0 needs --allow-truncated-sampling)."""
-    allow_truncated_sampling: bool = False
-    """Let --top-k/--top-p truncate sampling although every log-prob scores the full softmax
-    (the updates are then off-policy)."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    rollout_engine: Literal["auto", "static", "loop", "generate"] = "auto"
-    """Sampler: loop (our KV-cache loop), generate (transformers'), static (static KV cache, CUDA-graph decode on its own bf16 copy of the policy); auto: the measured fastest (the loop until the GPU benchmark has run)."""
-    env: str | None = None
-    """Multi-turn episodes: module:factory, the factory returning one environment per episode (reset(row) ->
-    messages, step(message) -> (observations, reward, done); rlhf.rollout.env.ToolEnv for plain-function tools).
-    Episodes are token-in token-out (GRPO: G per prompt); only the model's tokens are trained (PPO: values and
-    GAE over them); --reward-fn then scores the final answer, added to the environment's rewards."""
-    max_turns: int = 4
-    """With --env: the most assistant turns of an episode (each at most --max-new-tokens; all within
-    --max-length)."""
-    log_samples: int = 4
-    """Prompts whose response (GRPO: the first of each group), score and length go to samples.jsonl at step 1
-    and each logged step (0: none); rlhf report shows them."""
-    monitor: bool = True
-    """Over-optimisation monitor: log monitor/... signals of each rollout batch against the SFT model's samples
-    at step 0, and warn once per signal when one crosses its --monitor-* threshold (--no-monitor: none of it)."""
-    monitor_distinct_drop: float | None = 0.3
-    """Warn when distinct-2 across responses falls by this fraction of its step-0 value (none: never)."""
-    monitor_length_growth: float | None = 0.5
-    """Warn when the mean response length grows by this fraction of its step-0 value (none: never)."""
-    monitor_reward_length_corr: float | None = 0.7
-    """Warn when |Pearson r| between scores and response lengths in a batch reaches this (none: never)."""
-    monitor_kl_fraction: float | None = 0.5
-    """Warn when the KL penalty (coefficient x summed KL per response) reaches this fraction of the mean |score|
-    (none: never)."""
-    monitor_disagreement_growth: float | None = 0.5
-    """Warn when a reward-model ensemble's disagreement (monitor/rm_disagreement) grows by this fraction of its
-    step-0 value (none: never; only with an ensemble --reward-model)."""
-    monitor_pref_accuracy_drop: float | None = 0.1
-    """Warn when the implicit preference accuracy on --eval-data falls this much (absolute) below its step-0
-    value (none: never)."""
-    stop_on_overoptimisation: bool = False
-    """Stop at the monitor's first warning; the final model is then the best policy before it (OUTPUT/best,
-    by the rollout's mean score)."""
 
-    def check(self) -> None:
-        if self.prompts:
-            self.data = self.prompts
-        super().check()
-        for name in ("max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs"):
-            if getattr(self, name, 1) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if not (math.isfinite(self.reward_uncertainty_coef) and self.reward_uncertainty_coef >= 0):
-            raise UserError(f"--reward-uncertainty-coef must be 0 or more, got {self.reward_uncertainty_coef}")
-        if self.log_samples < 0:
-            raise UserError(f"--log-samples must be 0 (none) or more, got {self.log_samples}")
-        if self.truncated_sampling() and not self.allow_truncated_sampling:
-            raise UserError(f"{self.truncated_sampling()}: sampling from a truncated distribution while the old, "
-                            "reference and new log-probs score the full softmax makes every update off-policy; "
-                            "pass --allow-truncated-sampling to do it anyway")
-        recipe = type(self).__module__.rsplit(".", 1)[-1]
-        if self.eval_every and not self.eval_data:  # --eval-data: preference pairs (implicit preference accuracy)
-            raise UserError(f"--eval-every: {recipe} evaluates --eval-data preference pairs; give --eval-data too")
-        if self.stop_on_overoptimisation and not self.monitor:
-            raise UserError("--stop-on-overoptimisation stops at the monitor's first warning; drop --no-monitor")
-        if self.max_turns < 1:
-            raise UserError(f"--max-turns must be at least 1, got {self.max_turns}")
-        if self.grad_accum != 1:
-            raise UserError(f"--grad-accum: {recipe} accumulates micro-batches of --batch-size into each "
-                            "--mini-batch-size update; set those instead")
+def reward_fn_metrics(accelerator, fn_scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each reward function's mean and std over the whole batch, every process's rows: TRL's
+    ``rewards/NAME/mean`` and ``rewards/NAME/std`` (and ``rewards/NAME``, the mean, as before). A None (NaN) is
+    left out, as TRL's nanmean and nanstd leave it; the std has Bessel's correction, as TRL's. A function that
+    applied to no completion logs nothing, and its std needs two values.
 
-    def truncated_sampling(self) -> str:
-        """The flags that truncate the sampling distribution (``''`` when none does).
+    Shape:
+        fn_scores: name -> (B,), this process's rows (the same names on every process).
+    """
+    if not fn_scores:
+        return {}
+    names = list(fn_scores)
+    values = torch.stack([fn_scores[n].float() for n in names])  # (F, B)
+    seen = ~values.isnan()
+    sums = reduce_sum(accelerator, torch.cat([values.nan_to_num(0.0).sum(1), seen.sum(1).float()]))
+    count = sums[len(names):]
+    mean = sums[: len(names)] / count.clamp(min=1)  # (F,)
+    deviations = torch.where(seen, values - mean[:, None].to(values.device), torch.zeros_like(values))
+    squares = reduce_sum(accelerator, (deviations ** 2).sum(1))
+    out: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if count[i] >= 1:
+            out[f"rewards/{name}/mean"] = out[f"rewards/{name}"] = float(mean[i])
+        if count[i] >= 2:
+            out[f"rewards/{name}/std"] = float((squares[i] / (count[i] - 1)).sqrt())
+    return out
 
-        PPO and GRPO refuse them unless ``--allow-truncated-sampling``: samples would come from
-        the truncated, renormalised distribution while old, reference and new log-probs all
-        score the full softmax (issue 13 measured 10.75 nats per 16-token response at top-k 5).
-        TRL's GRPOTrainer samples with top_k/top_p and scores the full softmax (trl#6789), and
-        vLLM's RFC #42259 lists the same mismatch in verl and SkyRL, so a TRL or OpenRLHF user
-        expects the flags to work; we keep them, but make the off-policy choice explicit and
-        logged, and the full softmax the default (the first update's ratio is then exactly 1).
-        """
-        return " and ".join(f for f, on in (("--top-k", self.top_k > 0), ("--top-p", self.top_p < 1.0)) if on)
 
-    def warn_truncated_sampling(self, logger, step: int) -> None:
-        """One line in the log when truncated sampling was allowed."""
-        if self.truncated_sampling():
-            logger.event(step, f"warning: {self.truncated_sampling()}: sampling is truncated while log-probs score "
-                               "the full softmax, so the updates are off-policy (--allow-truncated-sampling)")
+def sampling_params(cfg: RLConfig, num_samples: int = 1) -> SamplingParams:
+    """The rollout's sampling settings from the run's options."""
+    return SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, num_samples)
 
-    def sampling(self, num_samples: int = 1) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, num_samples)
 
-    def scorer(self, tokenizer, device) -> "Scorer":
-        """The frozen reward model(s) (if any) and reward functions, as one :class:`Scorer`."""
-        reward_models, aggregation = None, self.reward_aggregation or "mean"
-        if self.reward_model:
-            try:
-                if load_tokenizer(self.reward_model).get_vocab() != tokenizer.get_vocab():
-                    raise UserError(f"--reward-model {self.reward_model}: its tokenizer differs from the policy's; "
-                                    "the reward model must share the policy's tokenizer")
-                if is_ensemble(self.reward_model) and self.reward_aggregation is None:
-                    aggregation = read_ensemble(self.reward_model).get("aggregation", "mean")
-                reward_models = load_reward_models(self.reward_model, attn_implementation=self.attn_implementation)
-            except ModelLoadError as e:
-                raise UserError(f"--reward-model {e}") from None
-            reward_models = [freeze(m).to(device) for m in reward_models]
-        return Scorer(reward_models, load_reward_fns(self.reward_fn), self.normalize_reward, self.score_clip,
-                      self.missing_eos_penalty, aggregation, self.reward_uncertainty_coef)
+def make_scorer(cfg: RLConfig, tokenizer, device) -> Scorer:
+    """The frozen reward model(s) (if any) and reward functions, as one :class:`Scorer`."""
+    reward_models, aggregation = None, cfg.reward_aggregation or "mean"
+    if cfg.reward_model:
+        try:
+            if load_tokenizer(cfg.reward_model).get_vocab() != tokenizer.get_vocab():
+                raise UserError(f"--reward-model {cfg.reward_model}: its tokenizer differs from the policy's; "
+                                "the reward model must share the policy's tokenizer")
+            if is_ensemble(cfg.reward_model) and cfg.reward_aggregation is None:
+                aggregation = read_ensemble(cfg.reward_model).get("aggregation", "mean")
+            reward_models = load_reward_models(cfg.reward_model, attn_implementation=cfg.attn_implementation)
+        except ModelLoadError as e:
+            raise UserError(f"--reward-model {e}") from None
+        reward_models = [freeze(m).to(device) for m in reward_models]
+    return Scorer(reward_models, load_reward_fns(cfg.reward_fn), cfg.normalize_reward, cfg.score_clip,
+                  cfg.missing_eos_penalty, aggregation, cfg.reward_uncertainty_coef)
 
 
 def check_prompt_positions(cfg: RLConfig, policy, prompts) -> None:
@@ -353,7 +268,7 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     if not dynamic_rounds:
         return batch, completions, scores, score_metrics, examples, scorer.last_member_scores
     want = len(examples)
-    rounds = [(batch, completions, scores, examples, scorer.last_member_scores)]
+    rounds = [(batch, completions, scores, examples, scorer.last_member_scores, scorer.last_fn_scores)]
     untied = ~tied_groups(scores, G).cpu()
     extra = torch.Generator().manual_seed(seed)
     while len(rounds) < dynamic_rounds:
@@ -362,7 +277,7 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
         drawn = torch.randint(len(prompts.examples), (len(indices),), generator=extra).tolist()
         more = [prompts.examples[i] for i in shard(drawn, rank, world)]
         b, c, sc, _ = generate_and_score(rollout, more, sampling, tokenizer, scorer, accelerator.device, timer)
-        rounds.append((b, c, sc, more, scorer.last_member_scores))
+        rounds.append((b, c, sc, more, scorer.last_member_scores, scorer.last_fn_scores))
         untied = torch.cat([untied, ~tied_groups(sc, G).cpu()])
     n_keep = min(want, int(untied.sum()))
     if world > 1:
@@ -382,6 +297,8 @@ def sample_groups(accelerator, rollout, prompts, indices: list[int], sampling: S
     scores = torch.cat([r[2] for r in rounds])[rows.to(scores.device)]
     all_examples = [e for r in rounds for e in r[3]]
     members = None if rounds[0][4] is None else torch.cat([r[4] for r in rounds])[rows.to(rounds[0][4].device)]
+    scorer.last_fn_scores = {name: torch.cat([r[5][name] for r in rounds])[rows.to(scores.device)]
+                             for name in rounds[0][5]}  # the kept rows' (reward_fn_metrics)
     counts = reduce_sum(accelerator, torch.tensor([float(len(untied) - int(untied.sum())), float(n_untied),
                                                    float(n_keep - n_untied), float(want - n_untied)]))
     score_metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/tied_groups": float(counts[0]),

@@ -8,32 +8,20 @@ or under ``accelerate launch`` for DDP, FSDP or DeepSpeed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from rlhf.recipes.configs.sft import Config
 from rlhf.algos import head_token_stats, sft_loss
 from rlhf.data import collate_packed, collate_sft
 from rlhf.models import packed_logits
-from rlhf.training.config import TrainConfig
 from rlhf.training.loop import StepPlan, fit, pass_batches, to_device
 from rlhf.training.setup import load_data, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import choose_layout
 from rlhf.training.saving import save_final
 
 
-@dataclass
-class Config(TrainConfig):
-    """SFT options."""
-
-    lr: float = 2e-5
-    """Peak learning rate of AdamW."""
-    packing: bool = False
-    """Pack each micro-batch into one padding-free row (positions restart per example; off where a probe
-    finds the model's result differs from the padded one)."""
-    completion_only_loss: bool = True
-    """Loss on the response tokens only (every assistant turn of a conversation); off: on the prompt tokens too."""
 
 
 def count_tokens(batch: dict) -> int:

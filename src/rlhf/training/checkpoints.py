@@ -179,6 +179,7 @@ NOT_RUN_DEFINING = frozenset({
     "trust_remote_code", "bf16", "gradient_checkpointing", "prompts", "ddp_timeout",
     "monitor", "monitor_distinct_drop", "monitor_length_growth", "monitor_reward_length_corr", "monitor_kl_fraction",
     "monitor_disagreement_growth", "monitor_pref_accuracy_drop", "stop_on_overoptimisation", "log_samples",
+    "sample_max_new_tokens",
 })
 PATH_FIELDS = frozenset({"model", "data", "reward_model", "critic_model"})
 # What a finished or interrupted run leaves: another run may not write here unless asked to.

@@ -163,7 +163,7 @@ def reduce_sum(accelerator, value: torch.Tensor) -> torch.Tensor:
 
 def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Each metric's mean over the processes: the whole batch's value of a per-process mean over equally many
-    rows (a reward function's mean score), so 2 processes log what 1 would."""
+    rows (the reward model's mean score), so 2 processes log what 1 would."""
     if accelerator.num_processes == 1 or not metrics:
         return metrics
     keys = sorted(metrics)

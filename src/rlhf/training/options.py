@@ -17,87 +17,12 @@ import types
 import typing
 
 from rlhf.errors import UserError
+from rlhf.training.trl_names import TRL_ALIASES, TRL_UNSUPPORTED, asks_nothing
 
 
 class ConfigError(UserError):
     """A bad config value or file; the message is one line naming where."""
 
-
-# ---- TRL's names ----------------------------------------------------------------------------
-# Flags and YAML keys of TRL's *Config classes and transformers' TrainingArguments that mean
-# what one of our fields means. Every field also answers to its own name with underscores
-# (--max_new_tokens, max_new_tokens:), so names TRL shares with us (--max_length, --beta,
-# --seed, --warmup_ratio, --lora_r, ...) need no entry. An alias counts only in a recipe that
-# has its field (--max_completion_length is PPO's and GRPO's --max-new-tokens).
-TRL_ALIASES: dict[str, str] = {
-    "model_name_or_path": "model",            # TRL ModelConfig
-    "sft_model_path": "model",                # TRL PPOConfig
-    "reward_model_path": "reward_model",      # TRL PPOConfig
-    "dataset_name": "data",                   # TRL ScriptArguments; a hub name becomes hf:NAME
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "batch_size",  # times the number of processes: ours is global
-    "gradient_accumulation_steps": "grad_accum",
-    "num_train_epochs": "epochs",
-    "lr_scheduler_type": "lr_scheduler",
-    "logging_steps": "log_every",
-    "save_steps": "save_every",
-    "eval_steps": "eval_every",
-    "resume_from_checkpoint": "resume",
-    "use_peft": "lora",
-    "max_seq_length": "max_length",           # TRL SFTConfig before 0.20
-    "max_completion_length": "max_new_tokens",
-    "response_length": "max_new_tokens",      # TRL PPOConfig
-    "precompute_ref_log_probs": "precompute_ref",
-    "num_ppo_epochs": "ppo_epochs",
-    "num_iterations": "ppo_epochs",           # TRL GRPOConfig (mu)
-    "cliprange": "clip_eps",
-    "cliprange_value": "clip_eps_value",
-    "epsilon": "clip_eps",                    # TRL GRPOConfig
-    "epsilon_high": "clip_eps_high",
-    "teacher_model_name_or_path": "teacher",  # TRL GKDConfig / DistillationConfig
-    "reward_funcs": "reward_fn",              # TRL's GRPO scripts: a list of dotted paths
-}
-# TRL / transformers settings with no meaning here: refused with one line (and a hint).
-TRL_UNSUPPORTED: dict[str, str] = {
-    **dict.fromkeys(["push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo"],
-                    "upload the final model yourself (it is an HF-format directory)"),
-    "per_device_eval_batch_size": "evaluation batches use --batch-size",
-    "warmup_steps": "use --warmup-ratio",
-    "fp16": "mixed precision is bf16 only (--bf16)",
-    **dict.fromkeys(["torch_dtype", "dtype", "tf32", "load_in_4bit", "load_in_8bit", "use_bnb_nested_quant",
-                     "bnb_4bit_quant_type", "torch_compile", "use_liger_kernel", "optim", "run_name",
-                     "dataloader_num_workers", "dataset_num_proc", "dataset_text_field", "lora_task_type",
-                     "gradient_checkpointing_kwargs", "do_train", "do_eval", "eval_on_start",
-                     "label_names", "remove_unused_columns"], ""),
-    "loss_type": "it is grpo's and dpo's; ppo's per-token losses are averaged by --loss-agg",
-    **dict.fromkeys(["deepspeed", "fsdp", "fsdp_config"], "use accelerate launch --config_file (configs/accelerate/)"),
-    "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard",
-    **dict.fromkeys(["eval_strategy", "evaluation_strategy"], "use --eval-every"),
-    "save_strategy": "use --save-every",
-    "logging_strategy": "use --log-every",
-    "dataset_train_split": "use --data hf:NAME:SPLIT",
-    "dataset_test_split": "use --eval-data hf:NAME:SPLIT",
-    "dataset_config": "use --data hf:NAME:SPLIT",
-    **dict.fromkeys(["use_vllm", "vllm_mode"], "use --rollout-engine"),
-    "padding_free": "use --packing (sft) or --share-prompt (dpo, grpo)",
-    "log_completions": "",
-}
-# TRL / transformers settings whose value asks for nothing we lack (off, none, the default): accepted and
-# named once on stderr. Any other value of them is refused as TRL_UNSUPPORTED says.
-_OFF = (False, None, "false", "none", "no", "")
-TRL_NO_OPS: dict[str, tuple] = {
-    **dict.fromkeys(["push_to_hub", "use_vllm", "fp16", "tf32", "load_in_4bit", "load_in_8bit", "torch_compile",
-                     "use_liger_kernel", "do_eval", "eval_on_start", "use_bnb_nested_quant", "hub_private_repo"], _OFF),
-    **dict.fromkeys(["hub_model_id", "hub_token", "gradient_checkpointing_kwargs", "run_name"], _OFF),
-    "do_train": (True, "true"),
-    "model_revision": ("main",),
-    **dict.fromkeys(["torch_dtype", "dtype"], (None, "auto", "float32", "none")),
-    "save_strategy": ("steps", "no"),   # with save_steps (or none): what --save-every does
-    **dict.fromkeys(["eval_strategy", "evaluation_strategy"], ("steps", "no")),
-    "logging_strategy": ("steps",),
-    "remove_unused_columns": (False, True, "false", "true"),  # our readers keep every column for reward functions
-    "log_completions": (False, True, "false", "true"),  # samples.jsonl is always written (--log-samples)
-}
 
 # Our own flags that were renamed: the old name is refused with the new one.
 RENAMED: dict[str, str] = {
@@ -125,9 +50,8 @@ def unknown_name(cls: type, name: str, recipe: str, dash: str = "--") -> str:
     shown = dash + name.lstrip("-").split("=", 1)[0] if dash else repr(key)
     if key in RENAMED:
         return f"{shown} is not a setting of rlhf {recipe}: {RENAMED[key]}"
-    if key in TRL_UNSUPPORTED:
-        hint = TRL_UNSUPPORTED[key]
-        return f"{shown} (TRL/transformers) is not supported by rlhf {recipe}" + (f"; {hint}" if hint else "")
+    if key in TRL_UNSUPPORTED:  # TRL's setting with no meaning here, and why
+        return f"{shown} (TRL/transformers) is not supported by rlhf {recipe}: {TRL_UNSUPPORTED[key]}"
     if key in TRL_ALIASES:
         return f"{shown} (TRL's name for {flag(TRL_ALIASES[key])}) has no meaning in rlhf {recipe}"
     known = spellings(cls)
@@ -307,9 +231,8 @@ def build_config(cls: type, yaml_path: str | None, flags: dict):
         refused, ignored = [], []
         for key, value in loaded.items():
             if key not in known:
-                ok = TRL_NO_OPS.get(key, ())
-                if any(value == v or (isinstance(v, str) and str(value).lower() == v) for v in ok):
-                    ignored.append(f"{key}={value}")
+                if key in TRL_UNSUPPORTED and asks_nothing(key, value, loaded, recipe):
+                    ignored.append(key if "token" in key else f"{key}={value}")  # no secret on stderr
                     continue
                 refused.append(unknown_name(cls, key, recipe, dash=""))
                 continue

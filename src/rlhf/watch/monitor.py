@@ -12,6 +12,10 @@ whitened by its own statistics, the scores the aggregation sees). Normalised, be
 Bradley-Terry loss fixes neither a member's offset nor its scale: raw scores of members trained
 with other seeds differ by a constant that is no disagreement about any sample.
 
+A signal is logged only at the steps where it is defined: ``monitor/reward_length_corr`` needs lengths
+that vary and scores that vary, over at least 3 responses. The first step without it says so in one
+line (not a warning), once a run.
+
 The signals are this process's rows (the main process logs them), not a gather over processes.
 """
 
@@ -40,6 +44,8 @@ class Monitor:
 
     def __init__(self, cfg, extra: dict):
         self.state = extra.setdefault("monitor", {"baseline": {}, "baseline_step": None, "warned": {}})
+        self.state.setdefault("unmeasured", {})  # signal -> the first step it was undefined (said once)
+        self.why_unmeasured: dict[str, str] = {}  # this step's undefined signals -> why
         # metric -> (flag, threshold, crossed(value, threshold), what it means)
         self.rules = [
             ("monitor/distinct2_across_vs_start", "--monitor-distinct-drop", cfg.monitor_distinct_drop,
@@ -71,7 +77,12 @@ class Monitor:
         corr, mean_length = reward_length(scores, response_mask)
         signals = {"monitor/distinct2_within": float(within), "monitor/distinct2_across": float(across),
                    "monitor/repeat3_fraction": float(repetition_fraction(response_ids, response_mask, n=3)),
-                   "monitor/length_mean": float(mean_length), "monitor/reward_length_corr": float(corr)}
+                   "monitor/length_mean": float(mean_length)}
+        self.why_unmeasured = {}
+        if torch.isfinite(corr):
+            signals["monitor/reward_length_corr"] = float(corr)
+        else:
+            self.why_unmeasured["monitor/reward_length_corr"] = _no_correlation(scores, response_mask)
         if kl is not None:
             fraction, penalty = kl_reward_fraction(scores, kl.cpu(), response_mask, kl_coef)
             signals.update({"monitor/kl_penalty": float(penalty), "monitor/kl_reward_fraction": float(fraction)})
@@ -89,7 +100,13 @@ class Monitor:
         return signals
 
     def warn(self, step: int, signals: dict[str, float], logger) -> None:
-        """One line for each signal that crosses its threshold for the first time in the run."""
+        """One line for each signal that crosses its threshold for the first time in the run, and one (not a
+        warning) for each signal that could not be measured at this step, the first time in the run."""
+        for name, why in self.why_unmeasured.items():
+            if name not in self.state["unmeasured"]:
+                self.state["unmeasured"][name] = step
+                logger.event(step, f"over-optimisation monitor: {name} is not measured at step {step}: {why}; it is "
+                                   "logged at the steps where the lengths and the scores both vary")
         for name, flag, threshold, crossed, meaning in self.rules:
             if threshold is None or name not in signals or name in self.state["warned"]:
                 continue
@@ -115,3 +132,13 @@ class Monitor:
         """One more signal for :meth:`warn`, read like the built-in ones: a signal a recipe measures
         itself, such as the implicit preference accuracy on --eval-data (:mod:`rlhf.watch.stopping`)."""
         self.rules.append((name, flag, threshold, crossed, meaning))
+
+
+def _no_correlation(scores: torch.Tensor, response_mask: torch.Tensor) -> str:
+    """Why the score-length correlation of a batch is undefined (:func:`rlhf.algos.reward_length`)."""
+    lengths = response_mask.sum(1)
+    if len(lengths) < 3:
+        return f"{len(lengths)} responses, fewer than 3"
+    if bool((lengths == lengths[0]).all()):
+        return f"every response has {int(lengths[0])} tokens"
+    return f"every response has the score {float(scores[0]):.4g}"

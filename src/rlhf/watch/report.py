@@ -2,8 +2,8 @@
 
 It reads what the run left in its directory: ``metrics.jsonl`` (metrics and events), the config
 (the model card ``README.md`` of a finished run, else the newest checkpoint's ``rlhf_run.json``) and,
-for PPO and GRPO, ``samples.jsonl``. The page shows what the run was, the reward, KL and loss over
-the steps, one small plot per over-optimisation signal (``monitor/...``) with its threshold and the
+for PPO, GRPO, DPO and distill, ``samples.jsonl``. The page shows what the run was, the reward, KL and loss
+over the steps, each reward function's mean and std (PPO, GRPO), one small plot per over-optimisation signal (``monitor/...``) with its threshold and the
 step of its warning, the table of the monitor's warnings, and sample responses at chosen steps side
 by side. The plots are inline SVG drawn here (no image files, no plotting library), and the same run
 directory always gives the same bytes. Run: ``rlhf report runs/ppo [--output report.html] [--steps 1,50,100]``.
@@ -45,6 +45,15 @@ def _plots(run: Run, keys: list[str], thresholds: dict[str, list[float]], marks_
         if steps:
             figures.append(svg_plot(key, steps, values, thresholds.get(key, []), marks_for(key)))
     return '<div class="plots">' + "\n".join(figures) + "</div>"
+
+
+def reward_fn_keys(run: Run) -> list[str]:
+    """The per-reward-function curves of a PPO or GRPO run: ``rewards/NAME/mean`` and ``rewards/NAME/std``, or
+    ``rewards/NAME`` where a run logged only that (before rlhf logged the std)."""
+    if run.recipe not in ("ppo", "grpo"):
+        return []
+    keys = [k for k in run.metric_keys() if k.startswith("rewards/")]
+    return [k for k in keys if k.endswith(("/mean", "/std")) or f"{k}/mean" not in keys]
 
 
 def _warning_marks(run: Run, key: str | None = None) -> list[tuple[int, str]]:
@@ -140,9 +149,10 @@ def samples_section(run: Run, steps: list[int]) -> str:
     """Sample responses at ``steps``, one column a step: prompt, completion, score and length (all escaped)."""
     esc = html.escape
     if not run.samples:
-        if run.recipe in ("ppo", "grpo"):
+        if run.recipe in ("ppo", "grpo", "dpo"):
             return (f"<h2>Sample responses</h2><p>No {SAMPLES_FILE} in this run directory (PPO and GRPO write it "
-                    "at step 1 and each logged step; --log-samples 0 turns it off).</p>")
+                    "at step 1 and each logged step, DPO at step 0, each --eval-every step and the end; "
+                    "--log-samples 0 turns it off).</p>")
         return ""
     by_step: dict[int, list[dict]] = {s: [] for s in steps}
     for s in run.samples:
@@ -159,12 +169,15 @@ def samples_section(run: Run, steps: list[int]) -> str:
                 continue
             x = by_step[s][i]
             score = fmt(x["score"]) if is_number(x.get("score")) else esc(str(x.get("score")))
+            score = f"score {score} · " if "score" in x else ""  # DPO's samples have none
             cells.append(f'<td><div class="p">{esc(_prompt_text(x.get("prompt", "")))}</div>'
                          f'<pre>{esc(str(x.get("completion", "")))}</pre>'
-                         f'<div class="m">score {score} · {esc(str(x.get("length", "?")))} tokens</div></td>')
+                         f'<div class="m">{score}{esc(str(x.get("length", "?")))} tokens</div></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<h2>Sample responses</h2><p>The first prompts of the rollout batch at each step shown (score before "
-            f"any KL penalty; length in tokens). Steps with samples: choose with <code>--steps</code>.</p>"
+    what = ("The policy's greedy completions of the first prompts of --eval-data (else --data): step 0 is before "
+            "any update (length in tokens)." if run.recipe == "dpo" else
+            "The first prompts of the rollout batch at each step shown (score before any KL penalty; length in tokens).")
+    return (f"<h2>Sample responses</h2><p>{what} Steps with samples: choose with <code>--steps</code>.</p>"
             f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>')
 
 
@@ -181,13 +194,18 @@ def render(run: Run, steps: list[int] | None = None) -> str:
     chosen = sample_steps(run, steps)
     keys = run.metric_keys()
     headline = [k for k in HEADLINE if k in keys]
-    others = [k for k in keys if k not in headline and not k.startswith("monitor/")]
+    per_fn = reward_fn_keys(run)
+    others = [k for k in keys if k not in headline and not k.startswith("monitor/")
+              and not (per_fn and k.startswith("rewards/"))]
     title = f"rlhf {COMMANDS.get(run.recipe, run.recipe or 'run')}: {run.directory}"
     curves = ""
     if headline:
         curves = ("<h2>Reward, KL and loss</h2><p>Orange: a step where the over-optimisation monitor warned.</p>"
                   if run.warnings else "<h2>Reward, KL and loss</h2>")
         curves += _plots(run, headline, {}, lambda k: _warning_marks(run))
+    if per_fn:  # shown, not folded away with the other metrics
+        curves += ("<h2>Reward functions</h2><p>Each reward function's mean and std over the step's completions "
+                   "(a None, does not apply, left out).</p>" + _plots(run, per_fn, {}, lambda k: []))
     rest = ""
     if others:
         rest = (f"<details><summary>Every other metric ({len(others)})</summary>"

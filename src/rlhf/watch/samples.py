@@ -1,4 +1,4 @@
-"""Sample responses of the online recipes (PPO, GRPO) to ``samples.jsonl``, for ``rlhf report``.
+"""Sample responses of the online recipes (PPO, GRPO, distill) and of DPO to ``samples.jsonl``, for ``rlhf report``.
 
 At step 1 (the SFT model's own samples, before any update) and at every step that is logged
 (``--log-every``, and the last step), the main process appends one line per sample for the
@@ -7,7 +7,8 @@ first ``--log-samples`` prompts of its rollout batch::
     {"step": 3, "index": 0, "prompt": "...", "completion": "...", "score": 0.41, "length": 17}
 
 ``prompt`` is as in the dataset (text, or a list of chat messages); ``score`` is the scorer's
-output before any KL penalty; ``length`` is the response's tokens. On ``--resume`` the file
+output before any KL penalty (DPO's samples, greedy completions of a few prompts at step 0, each
+``--eval-every`` step and the end, have none); ``length`` is the response's tokens. On ``--resume`` the file
 loses the lines written after the checkpoint, as ``metrics.jsonl`` does, so it reads as one run.
 """
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf.training.logs import truncate_metrics
+
+if TYPE_CHECKING:  # rlhf report reads samples.jsonl without torch
+    import torch
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -47,7 +50,7 @@ class SampleLog:
         """Whether ``step`` writes samples: step 1, every ``log_every``-th step and the last one."""
         return step == 1 or step % self.log_every == 0 or step == self.total_steps
 
-    def write(self, step: int, prompts: list, completions: list[str], scores: torch.Tensor,
+    def write(self, step: int, prompts: list, completions: list[str], scores: torch.Tensor | None,
               response_mask: torch.Tensor, group_size: int = 1) -> None:
         """Append the first ``n_samples`` prompts of the batch, with one completion each, if ``step`` is due.
 
@@ -55,16 +58,17 @@ class SampleLog:
         of each group is written.
 
         Shape:
-            scores: (B * G,); response_mask: (B * G, T); ``prompts``: B; ``completions``: B * G.
+            scores: (B * G,) or None (no score); response_mask: (B * G, T); ``prompts``: B; ``completions``: B * G.
         """
         if not (self.is_main and self.n_samples > 0 and self.due(step)):
             return
         lengths = response_mask.sum(1).tolist()
-        scores_list = scores.float().tolist()
+        scores_list = scores.float().tolist() if scores is not None else None
         rows = []
         for i, prompt in enumerate(prompts[: self.n_samples]):
             j = i * group_size
-            rows.append({"step": step, "index": i, "prompt": prompt, "completion": completions[j],
-                         "score": scores_list[j], "length": int(lengths[j])})
+            score = {"score": scores_list[j]} if scores_list is not None else {}
+            rows.append({"step": step, "index": i, "prompt": prompt, "completion": completions[j], **score,
+                         "length": int(lengths[j])})
         with open(self.path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
