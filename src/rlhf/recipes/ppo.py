@@ -24,6 +24,7 @@ from rlhf.algos import (
 )
 from rlhf.models import (
     Critic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier, save_pretrained,
+    unwrap,
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
@@ -222,7 +223,7 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
         cfg = dataclasses.replace(cfg, output_dir=directory)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
                checkpointer, announce=False)
-    critic_model = accelerator.unwrap_model(critic).model if critic is not None else None
+    critic_model = unwrap(critic).model if critic is not None else None
     # Sharded, every process takes part in gathering the value head or the critic; the main one writes.
     gathered = full_state_dict(accelerator, unwrapped.value_head if critic is None else critic_model)
     if accelerator.is_main_process:
@@ -276,7 +277,7 @@ def run(cfg: Config) -> dict[str, float]:
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     # Sharded (FSDP, DeepSpeed), the shared model is sampled and scored through its root, which gathers the weights.
     sampled_policy = unwrapped.policy if critic is None and not is_sharded(accelerator) else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
