@@ -289,6 +289,7 @@ def test_linear_head_fused_backward_equals_checkpointed_chunks(monkeypatch, bias
     from rlhf.algos.tokens import head_token_stats
 
     monkeypatch.setattr(tok, "_CHUNK_ELEMENTS", 4 * 13)  # 4 rows a chunk: 3 chunks for 10 rows
+    monkeypatch.setattr(tok, "_FUSED_CHUNKS", 1)  # the same chunks, so the same matmuls (larger: below)
     g = torch.Generator().manual_seed(7)
     head = torch.nn.Linear(6, 13, bias=bias)
     hidden = torch.randn(10, 6, generator=g, requires_grad=True)
@@ -303,6 +304,27 @@ def test_linear_head_fused_backward_equals_checkpointed_chunks(monkeypatch, bias
     assert torch.equal(out["logprobs"], lp) and torch.equal(out["entropy"], ent) and torch.equal(out["correct"], correct)
     assert torch.equal(got[0], want[0])  # the hidden states' gradient: the same operations
     for a, b in zip(got[1:], want[1:]):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_linear_head_fused_over_larger_chunks_within_rounding(monkeypatch):
+    """The fused path's chunks are ``_FUSED_CHUNKS`` times larger than the checkpointed ones: the same
+    numbers within float32 rounding (matmuls of another shape), 1e-6 of each tensor's largest entry."""
+    import rlhf.algos.tokens as tok
+    from rlhf.algos.tokens import head_token_stats
+
+    monkeypatch.setattr(tok, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk; fused: 12 rows, 5 chunks for 50 rows
+    g = torch.Generator().manual_seed(9)
+    head = torch.nn.Linear(16, 97, bias=True)
+    hidden = torch.randn(50, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 97, (50,), generator=g)
+    w = torch.randn(50, generator=g)
+    out = head_token_stats(hidden, head, tokens, 0.7, entropy=True, entropy_grad=False)
+    params = [hidden, *head.parameters()]
+    got = torch.autograd.grad((out["logprobs"] * w).sum(), params)
+    lp, ent, _ = _checkpointed_head_stats(hidden, head, tokens, 0.7, 3)
+    want = torch.autograd.grad((lp * w).sum(), params)
+    for a, b in zip((out["logprobs"], out["entropy"], *got), (lp, ent, *want)):
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
 
