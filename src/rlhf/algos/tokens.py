@@ -78,11 +78,11 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     without gradient.
 
     The forward keeps no logits, only each row's log-partition. The backward recomputes one chunk's
-    logits at a time and forms their gradient as autograd does for ``gather - logsumexp`` (the same
-    operations, so the hidden states' gradient is the same to the bit); it adds each chunk's weight
-    gradient into one ``(V, H)`` buffer in place, where activation checkpointing (the general path) lets
-    autograd write a new ``(V, H)`` gradient per chunk and add it to the last: at a vocabulary of
-    151,936 that was 545 MB written, read and added per chunk of about 110 rows.
+    logits at a time and forms their gradient with the operations autograd uses for
+    ``gather - logsumexp`` (over the same chunks, the hidden states' gradient is the same to the bit);
+    it adds each chunk's weight gradient into one ``(V, H)`` buffer in place, where activation
+    checkpointing (the general path) lets autograd write a new ``(V, H)`` gradient per chunk and add
+    it to the last: at a vocabulary of 151,936, 545 MB written, read and added per chunk of 110 rows.
     """
 
     @staticmethod
@@ -155,10 +155,10 @@ def head_token_stats(hidden: torch.Tensor, head, tokens: torch.Tensor, temperatu
     rows are recomputed a chunk at a time in the backward pass: for a float32 ``nn.Linear`` head by
     :class:`_LinearHeadLogprobs`, over chunks ``_FUSED_CHUNKS`` times larger (the weight's gradient
     summed in place; matmuls of another shape round differently, so the numbers equal the
-    checkpointed chunks' within float32 rounding: 1e-6 in the tests), else by activation checkpointing. A recomputed chunk whose tensors the
-    backward never reads would stay alive until the graph is freed, hence the entropy without
-    gradient above (about 2.4 GB for GRPO's 2,048 response tokens at a vocabulary of 151,936,
-    measured with ``benchmarks/compare.py``).
+    checkpointed chunks' within float32 rounding, 1e-6 in the tests), else by activation
+    checkpointing. A recomputed chunk whose tensors the backward never reads would stay alive until
+    the graph is freed, hence the entropy without gradient above (about 2.4 GB for GRPO's 2,048
+    response tokens at a vocabulary of 151,936, measured with ``benchmarks/compare.py``).
 
     Shape:
         hidden: (N, H), tokens: (N,) -> each (N,), float32 (``correct``: bool).
