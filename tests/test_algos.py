@@ -259,6 +259,99 @@ def test_head_logprobs_over_chunks_and_entropy_as_a_metric(monkeypatch):
     torch.testing.assert_close(got, torch.autograd.grad((whole_lp * w).sum(), (hidden, head.weight)))
 
 
+def _checkpointed_head_stats(hidden, head, tokens, temperature, step):
+    """The chunked LM head as it was before the fused backward (d907d81): every chunk through
+    activation checkpointing, each chunk's weight gradient a tensor of its own, added by autograd."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h, t):
+        z = head(h) / temperature
+        with torch.no_grad():
+            return logprobs_from_logits(z, t), entropy_from_logits(z), z.argmax(-1) == t
+
+    def lp_only(h, t):
+        return logprobs_from_logits(head(h) / temperature, t)
+
+    lp = torch.cat([checkpoint(lp_only, hidden[i : i + step], tokens[i : i + step], use_reentrant=False)
+                    for i in range(0, len(hidden), step)])
+    _, ent, correct = (torch.cat(x) for x in zip(*(chunk(hidden[i : i + step], tokens[i : i + step])
+                                                 for i in range(0, len(hidden), step))))
+    return lp, ent, correct
+
+
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.7)])
+def test_linear_head_fused_backward_equals_checkpointed_chunks(monkeypatch, bias, temperature):
+    """The LM head's fused path (an ``nn.Linear`` head over several chunks, the entropy a metric: GRPO's
+    update, DPO's reply log-probs) gives the log-probs, entropy, argmax hits and the hidden states'
+    gradient of the checkpointed chunks bit for bit, and the weight's (and bias's) gradient, summed over
+    the chunks in place, within 1e-6 of its largest entry."""
+    import rlhf.algos.tokens as tok
+    from rlhf.algos.tokens import head_token_stats
+
+    monkeypatch.setattr(tok, "_CHUNK_ELEMENTS", 4 * 13)  # 4 rows a chunk: 3 chunks for 10 rows
+    monkeypatch.setattr(tok, "_FUSED_CHUNKS", 1)  # the same chunks, so the same matmuls (larger: below)
+    g = torch.Generator().manual_seed(7)
+    head = torch.nn.Linear(6, 13, bias=bias)
+    hidden = torch.randn(10, 6, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 13, (10,), generator=g)
+    w = torch.randn(10, generator=g)
+    out = head_token_stats(hidden, head, tokens, temperature, entropy=True, entropy_grad=False, correct=True)
+    assert out["logprobs"].grad_fn is not None and "LinearHead" in type(out["logprobs"].grad_fn).__name__
+    params = [hidden, *head.parameters()]
+    got = torch.autograd.grad((out["logprobs"] * w).sum(), params)
+    lp, ent, correct = _checkpointed_head_stats(hidden, head, tokens, temperature, 4)
+    want = torch.autograd.grad((lp * w).sum(), params)
+    assert torch.equal(out["logprobs"], lp) and torch.equal(out["entropy"], ent) and torch.equal(out["correct"], correct)
+    assert torch.equal(got[0], want[0])  # the hidden states' gradient: the same operations
+    for a, b in zip(got[1:], want[1:]):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_linear_head_fused_over_larger_chunks_within_rounding(monkeypatch):
+    """The fused path's chunks are ``_FUSED_CHUNKS`` times larger than the checkpointed ones: the same
+    numbers within float32 rounding (matmuls of another shape), 1e-6 of each tensor's largest entry."""
+    import rlhf.algos.tokens as tok
+    from rlhf.algos.tokens import head_token_stats
+
+    monkeypatch.setattr(tok, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk; fused: 12 rows, 5 chunks for 50 rows
+    g = torch.Generator().manual_seed(9)
+    head = torch.nn.Linear(16, 97, bias=True)
+    hidden = torch.randn(50, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 97, (50,), generator=g)
+    w = torch.randn(50, generator=g)
+    out = head_token_stats(hidden, head, tokens, 0.7, entropy=True, entropy_grad=False)
+    params = [hidden, *head.parameters()]
+    got = torch.autograd.grad((out["logprobs"] * w).sum(), params)
+    lp, ent, _ = _checkpointed_head_stats(hidden, head, tokens, 0.7, 3)
+    want = torch.autograd.grad((lp * w).sum(), params)
+    for a, b in zip((out["logprobs"], out["entropy"], *got), (lp, ent, *want)):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_one_chunk_of_the_head_is_kept_not_recomputed(monkeypatch):
+    """Rows that fit one chunk (every small vocabulary) are not checkpointed: the backward pass runs
+    no second forward of the head, and the numbers are those of the checkpointed chunk to the bit."""
+    from rlhf.algos.tokens import head_token_stats
+
+    g = torch.Generator().manual_seed(8)
+    calls = []
+    linear = torch.nn.Linear(6, 13, bias=False)
+
+    def head(h):  # a callable head (softcapping models), so the general path
+        calls.append(h.shape[0])
+        return linear(h)
+
+    hidden = torch.randn(10, 6, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 13, (10,), generator=g)
+    out = head_token_stats(hidden, head, tokens, 0.7, entropy=True, entropy_grad=False)
+    got = torch.autograd.grad(out["logprobs"].sum(), (hidden, linear.weight))
+    assert calls == [0, 10]  # the vocabulary probe, then one forward: nothing recomputed
+    lp, ent, _ = _checkpointed_head_stats(hidden, linear, tokens, 0.7, 10)
+    want = torch.autograd.grad(lp.sum(), (hidden, linear.weight))
+    assert torch.equal(out["logprobs"], lp) and torch.equal(out["entropy"], ent)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_entropy_of_uniform_is_log_v():
     assert entropy_from_logits(torch.zeros(1, 1, 8)).item() == pytest.approx(math.log(8))
 

@@ -51,6 +51,30 @@ def test_first_step_ratio_is_exactly_one(tiny_dir, prompts_file, tmp_path):
 
 
 @pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_one_pass_update_equals_a_rollout_forward_then_the_update(critic, tiny_dir, prompts_file, tmp_path,
+                                                                 monkeypatch):
+    """One epoch of one minibatch in one micro-batch: the update's forward also gives the old log-probs and
+    values (one forward fewer a step, ``ppo.single_pass``). Every logged number and the saved weights equal
+    those of the rollout's own forward without gradient followed by the update, to the bit."""
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=2, ppo_epochs=1, mini_batch_size=16, batch_size=16, critic=critic)
+    calls = []
+    monkeypatch.setattr(ppo, "single_pass", lambda *a, real=ppo.single_pass: calls.append(real(*a)) or calls[-1])
+    ppo.run(config(tiny_dir, prompts_file, tmp_path / "one", **kw))
+    assert calls == [True] * 2
+    monkeypatch.setattr(ppo, "single_pass", lambda *a: False)  # as before: step 4's forward, then the update
+    ppo.run(config(tiny_dir, prompts_file, tmp_path / "two", **kw))
+    one, two = (metrics_rows(tmp_path / d / "o" / "metrics.jsonl") for d in ("one", "two"))
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if not k.startswith(("time/", "speed/"))} == \
+               {k: v for k, v in b.items() if not k.startswith(("time/", "speed/"))}
+    assert one[0]["policy/ratio_mean"] == 1.0 and one[0]["policy/clipfrac"] == 0.0
+    w1, w2 = (load_file(str(tmp_path / d / "o" / "model.safetensors")) for d in ("one", "two"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w2)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
 def test_both_critics_train(critic, tiny_dir, prompts_file, tmp_path):
     ppo.run(config(tiny_dir, prompts_file, tmp_path, critic=critic, max_steps=12, critic_lr=1e-2))
     rows = metrics_rows(tmp_path / "o" / "metrics.jsonl")

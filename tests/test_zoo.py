@@ -144,8 +144,9 @@ def test_layout_mask_equals_create_causal_masks(arch, kernel, tokenizer):
 def test_lm_head_over_chunks_equals_whole_logits(arch, kernel, tokenizer, monkeypatch):
     """Response log-probs, entropy and their gradients, and DPO's reply log-probs, with the LM head
     run over chunks of positions (recomputed in the backward pass) equal those read off the whole
-    logits, to 1e-6 of each tensor's largest entry (the gradient: in L2 norm). Matmuls of another
-    shape round differently in float32, so exact equality is not to be had."""
+    logits, to 1e-6 of each tensor's largest entry (the gradient: in L2 norm); also with the entropy
+    as a metric (GRPO's update, the fused backward of a linear head). Matmuls of another shape round
+    differently in float32, so exact equality is not to be had."""
     import rlhf.algos.tokens as tokens
     from rlhf.models import causal_hidden
     from rlhf.recipes.logprobs import pair_logps, response_logprobs, sequence_logps
@@ -179,6 +180,16 @@ def test_lm_head_over_chunks_equals_whole_logits(arch, kernel, tokenizer, monkey
     # The gradient, all parameters as one vector: relative L2 error (some entries are 0 in exact
     # arithmetic, OPT's key biases, and float32 noise in both).
     a, b = (torch.cat([g.flatten() for g in gs if g is not None]) for gs in (g1, g2))
+    assert torch.linalg.vector_norm(a - b) <= 1e-6 * torch.linalg.vector_norm(b), float((a - b).norm() / b.norm())
+    # GRPO's update: the entropy a metric without gradient (an nn.Linear head: the fused backward that sums
+    # the weight's gradient over the chunks in place), against the whole logits' log-probs and gradient.
+    lp3, ent3 = model_response_logprobs(model, ids, mask, P, 0.7, with_entropy=True, entropy_grad=False)
+    g3 = torch.autograd.grad((lp3 * weights).sum(), params, allow_unused=True)
+    lp4, _ = response_logprobs(causal_logits(model, ids, mask, ids.shape[1] - P + 1), ids, P, 0.7)
+    g4 = torch.autograd.grad((lp4 * weights).sum(), params, allow_unused=True)
+    close(lp3.detach(), lp2, "logprobs, entropy as a metric")
+    close(ent3, ent2, "entropy as a metric")
+    a, b = (torch.cat([g.flatten() for g in gs if g is not None]) for gs in (g3, g4))
     assert torch.linalg.vector_norm(a - b) <= 1e-6 * torch.linalg.vector_norm(b), float((a - b).norm() / b.norm())
     pairs = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r[::-1]} for p, r in seqs]
     batch = collate_preference(pairs, 0)

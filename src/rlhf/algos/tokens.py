@@ -9,6 +9,10 @@ from rlhf.algos.stats import masked_mean
 # Rows of (B*T, V) processed at once: bounds the temporary of logsumexp/softmax to
 # _CHUNK_ELEMENTS floats instead of a second full (B, T, V) copy.
 _CHUNK_ELEMENTS = 1 << 24
+# The fused backward of a linear head (_LinearHeadLogprobs) takes this many chunks' rows at once: it holds
+# no (V, H) weight gradient per chunk (545 MB at a vocabulary of 151,936), so its chunks may be larger, and
+# its matmuls are then less starved of rows (about 110 rows a chunk at that vocabulary, 440 fused).
+_FUSED_CHUNKS = 4
 
 
 def _row_chunks(n_rows: int, vocab: int) -> tuple[range, int]:
@@ -52,20 +56,109 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).view(logits.shape[:-1])
 
 
+def _logprobs_and_lse(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logprobs_from_logits` of rows that fit one chunk, and their log-partition: the same operations.
+
+    Shape:
+        z: (n, V), t: (n,) -> (n,) and (n,), float32.
+    """
+    lse = torch.logsumexp(z.float(), dim=-1)
+    return z.gather(-1, t[:, None]).squeeze(-1).float() - lse, lse
+
+
+def _entropy_given_lse(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """:func:`entropy_from_logits` of rows that fit one chunk, their logsumexp already taken: the same numbers."""
+    z = z.float()
+    return lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """Log-probs of ``tokens`` under ``linear(hidden, weight, bias) / temperature`` over chunks of rows, for a
+    float32 ``nn.Linear`` head, with the metrics of :func:`head_token_stats` (entropy, argmax hit) as outputs
+    without gradient.
+
+    The forward keeps no logits, only each row's log-partition. The backward recomputes one chunk's
+    logits at a time and forms their gradient with the operations autograd uses for
+    ``gather - logsumexp`` (over the same chunks, the hidden states' gradient is the same to the bit);
+    it adds each chunk's weight gradient into one ``(V, H)`` buffer in place, where activation
+    checkpointing (the general path) lets autograd write a new ``(V, H)`` gradient per chunk and add
+    it to the last: at a vocabulary of 151,936, 545 MB written, read and added per chunk of 110 rows.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature: float, step: int, entropy: bool, correct: bool):
+        outs: dict[str, list[torch.Tensor]] = {"logprobs": [], "lse": [], "entropy": [], "correct": []}
+        for i in range(0, hidden.shape[0], step):
+            z = torch.nn.functional.linear(hidden[i : i + step], weight, bias)
+            if temperature > 0 and temperature != 1.0:
+                z = z / temperature
+            t = tokens[i : i + step]
+            lp, lse = _logprobs_and_lse(z, t)
+            outs["logprobs"].append(lp)
+            outs["lse"].append(lse)
+            if entropy:
+                outs["entropy"].append(_entropy_given_lse(z, lse))
+            if correct:
+                outs["correct"].append(z.argmax(-1) == t)
+        lse = torch.cat(outs["lse"])
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.step = temperature, step
+        extra = [torch.cat(outs[k]) for k in ("entropy", "correct") if outs[k]]
+        ctx.mark_non_differentiable(*extra)
+        return (torch.cat(outs["logprobs"]), *extra)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, *_):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        temperature, step = ctx.temperature, ctx.step
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = grad_b = None
+        for i in range(0, hidden.shape[0], step):
+            h, t, g = hidden[i : i + step], tokens[i : i + step], grad_logprobs[i : i + step]
+            z = torch.nn.functional.linear(h, weight, bias)
+            if temperature > 0 and temperature != 1.0:
+                z = z / temperature
+            # d(gather(z, t) - logsumexp(z)) / dz, as autograd forms it: -g * exp(z - lse), plus g at the token.
+            gz = (z - lse[i : i + step, None]).exp_().mul_(-g[:, None]).scatter_add_(-1, t[:, None], g[:, None])
+            if temperature > 0 and temperature != 1.0:
+                gz = gz / temperature
+            if need_h:
+                torch.mm(gz, weight, out=grad_h[i : i + step])
+            if need_w:
+                grad_w = gz.t().mm(h) if grad_w is None else grad_w.addmm_(gz.t(), h)  # (V, H), in place
+            if need_b:
+                grad_b = gz.sum(0) if grad_b is None else grad_b.add_(gz.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _linear_fast_path(hidden: torch.Tensor, head, entropy_with_grad: bool) -> bool:
+    """Whether :class:`_LinearHeadLogprobs` computes what the general path does: a plain float32
+    ``nn.Linear`` head, no autocast, and no gradient wanted through the entropy."""
+    return (type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and hidden.dtype == torch.float32
+            and not entropy_with_grad and not torch.is_autocast_enabled(hidden.device.type))
+
+
 def head_token_stats(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float = 1.0,
                      entropy: bool = False, entropy_grad: bool = True, correct: bool = False) -> dict[str, torch.Tensor]:
     """Per-row statistics of ``head(hidden) / temperature`` without the whole ``(N, V)`` logits:
-    the LM head runs over chunks of rows, and under autograd each chunk is recomputed in the
-    backward pass (activation checkpointing), so one chunk's logits are alive at a time, in either
-    pass (the idea of chunked and fused LM-head losses).
+    the LM head runs over chunks of rows, so one chunk's logits are alive at a time, in either pass
+    (the idea of chunked and fused LM-head losses).
 
     Always ``"logprobs"`` (:func:`logprobs_from_logits` of ``tokens``); ``entropy=True`` adds
     ``"entropy"`` (:func:`entropy_from_logits`), ``correct=True`` adds ``"correct"`` (whether the
     argmax is the token, a metric). ``head`` maps hidden states to logits (the LM head, with any
-    softcapping). With ``entropy_grad=False`` the entropy is a metric without gradient: computed
-    under ``no_grad``, so the backward pass recomputes none of it (a recomputed chunk whose
-    tensors the backward never reads stays alive until the graph is freed: about 2.4 GB for GRPO's
-    2,048 response tokens at a vocabulary of 151,936, measured with ``benchmarks/compare.py``).
+    softcapping). With ``entropy_grad=False`` the entropy is a metric without gradient, computed from
+    the log-partition the log-probs took (the same numbers), so the backward pass recomputes none of it.
+
+    Under autograd, rows that fit one chunk are computed once and kept for the backward pass; more
+    rows are recomputed a chunk at a time in the backward pass: for a float32 ``nn.Linear`` head by
+    :class:`_LinearHeadLogprobs`, over chunks ``_FUSED_CHUNKS`` times larger (the weight's gradient
+    summed in place; matmuls of another shape round differently, so the numbers equal the
+    checkpointed chunks' within float32 rounding, 1e-6 in the tests), else by activation
+    checkpointing. A recomputed chunk whose tensors the backward never reads would stay alive until
+    the graph is freed, hence the entropy without gradient above (about 2.4 GB for GRPO's 2,048
+    response tokens at a vocabulary of 151,936, measured with ``benchmarks/compare.py``).
 
     Shape:
         hidden: (N, H), tokens: (N,) -> each (N,), float32 (``correct``: bool).
@@ -76,9 +169,13 @@ def head_token_stats(hidden: torch.Tensor, head, tokens: torch.Tensor, temperatu
         z = head(h)
         if temperature > 0 and temperature != 1.0:
             z = z / temperature
-        out = [logprobs_from_logits(z, t)]
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            out += [entropy_from_logits(z)] if entropy else []
+        lp, lse = _logprobs_and_lse(z, t)
+        out = [lp]
+        if entropy and entropy_grad and torch.is_grad_enabled():
+            out.append(entropy_from_logits(z))
+        elif entropy:
+            with torch.no_grad():
+                out.append(_entropy_given_lse(z, lse))
         with torch.no_grad():
             out += [z.argmax(-1) == t] if correct else []
         return tuple(out)
@@ -87,11 +184,17 @@ def head_token_stats(hidden: torch.Tensor, head, tokens: torch.Tensor, temperatu
     with torch.no_grad():
         vocab = head(hidden[:0]).shape[-1]
     starts, step = _row_chunks(hidden.shape[0], vocab)
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    parts = [checkpoint(chunk, hidden[i : i + step], tokens[i : i + step], use_reentrant=False) if grad
-             else chunk(hidden[i : i + step], tokens[i : i + step]) for i in starts]
-    if not parts:
+    if not starts:
         return {k: hidden.new_zeros(0, dtype=torch.bool if k == "correct" else torch.float32) for k in names}
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    if grad and len(starts) > 1 and _linear_fast_path(hidden, head, entropy and entropy_grad):
+        parts = _LinearHeadLogprobs.apply(hidden, head.weight, head.bias, tokens, temperature, step * _FUSED_CHUNKS,
+                                          entropy, correct)
+        return dict(zip(names, parts))
+    if len(starts) == 1 or not grad:  # one chunk is kept whole for the backward pass: nothing to recompute
+        parts = [chunk(hidden[i : i + step], tokens[i : i + step]) for i in starts]
+    else:
+        parts = [checkpoint(chunk, hidden[i : i + step], tokens[i : i + step], use_reentrant=False) for i in starts]
     return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(names)}
 
 

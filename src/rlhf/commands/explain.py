@@ -24,7 +24,7 @@ from rlhf.models import (
 from rlhf.models.heads import VALUE_HEAD_FILE
 from rlhf.errors import UserError
 from rlhf.recipes.logprobs import model_response_logprobs
-from rlhf.recipes.ppo import policy_forward
+from rlhf.recipes.logprobs import policy_forward
 from rlhf.recipes.rewards import in_prompt_form, load_reward_fns
 from rlhf.recipes.scoring import Scorer
 from rlhf.rollout import HFRollout, SamplingParams

@@ -15,6 +15,7 @@ from rlhf.models.lora import (
 from rlhf.models.packing import check_packing, default_tolerance, packed_logits, packing_support, shared_prefix_mask
 from rlhf.models.saving import save_pretrained
 from rlhf.models.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_config, train_tokenizer
+from rlhf.models.wrappers import unwrap
 
 __all__ = [
     "CHAT_TEMPLATE", "Critic", "ENSEMBLE_FILE", "ModelLoadError", "PolicyAndCritic", "PolicyWithValueHead", "Reference",
@@ -24,5 +25,5 @@ __all__ = [
     "load_causal_lm", "load_reward_models", "load_sequence_classifier", "load_tokenizer", "member_scores",
     "merge_lora", "packed_logits", "packing_support", "position_ids_from_mask", "read_ensemble", "resolve_dtype",
     "save_pretrained", "score_index", "sequence_scores", "set_gradient_checkpointing", "set_score_stats",
-    "shared_prefix_mask", "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer",
+    "shared_prefix_mask", "tiny_causal_lm", "tiny_config", "token_scores", "train_tokenizer", "unwrap",
 ]

@@ -35,13 +35,12 @@ import torch
 from torch import nn
 
 from rlhf.models.lora import Reference, causal_logits, eval_mode
+from rlhf.models.wrappers import unwrap
 
 
 def _inner(model) -> nn.Module:
     """The transformers model behind a :class:`Reference`, a DDP/FSDP or a peft wrapper."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model) if not isinstance(model, Reference) else model
+    model = unwrap(model) if not isinstance(model, Reference) else model
     if isinstance(model, Reference):
         model = model.model if model.model is not None else model.policy
     return model.get_base_model() if hasattr(model, "get_base_model") else model

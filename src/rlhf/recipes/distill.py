@@ -19,7 +19,7 @@ import torch
 
 from rlhf.recipes.configs.distill import Config
 from rlhf.errors import UserError
-from rlhf.models import disable_dropout, eval_mode
+from rlhf.models import disable_dropout, eval_mode, unwrap
 from rlhf.recipes.logprobs import response_divergence
 from rlhf.recipes.scoring import build_rollout, check_prompt_positions
 from rlhf.rollout import RolloutBatch, SamplingParams, merged_named_weights, response_mask_from_ids
@@ -172,11 +172,11 @@ def run(cfg: Config) -> dict[str, float]:
     optimizer, scheduler = make_optimizer(cfg, student.parameters(), total)
     model, optimizer, state, checkpointer, logger = start(cfg, accelerator, student, optimizer, scheduler, total,
                                                           {"distill/loss": "loss", "distill/reverse_kl": "reverse_kl"})
-    rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
+    rollout = build_rollout(cfg, unwrap(model), tokenizer, accelerator)
     teacher_reward: list[float] = []
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
     params = SamplingParams(cfg.temperature, 1.0, 0, cfg.max_new_tokens, 1)
-    run_eval = (lambda: evaluate(cfg, accelerator, accelerator.unwrap_model(model), teachers, rollout, tokenizer,
+    run_eval = (lambda: evaluate(cfg, accelerator, unwrap(model), teachers, rollout, tokenizer,
                                  held_out, scorer, teacher_reward))
     if held_out is not None and state.step == 0:
         logger.log(0, run_eval())
@@ -207,7 +207,7 @@ def run(cfg: Config) -> dict[str, float]:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         timer.lap("time/train")
-        rollout.load_weights(merged_named_weights(accelerator.unwrap_model(model)))  # the sampler follows the student
+        rollout.load_weights(merged_named_weights(unwrap(model)))  # the sampler follows the student
         state.step += 1
         logger.advance()
         count_skip(cfg, state, not finite, checkpointer)

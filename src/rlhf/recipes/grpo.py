@@ -20,7 +20,7 @@ import torch
 from rlhf.recipes.configs.grpo import Config
 from rlhf.algos import (LOSS_TYPES, compute_advantages, importance_log_ratio, kl_estimate, kl_penalized_rewards,
                         masked_mean, normalise_policy_loss, overlong_penalty, policy_loss_terms, tied_groups)
-from rlhf.models import disable_dropout, eval_mode
+from rlhf.models import disable_dropout, eval_mode, unwrap
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepPlan, StepTimer, check_trained, clip_grad_norm, count_skip, mean_over_processes,
                                 micro_batch, reduce_sum)
@@ -155,7 +155,7 @@ def run(cfg: Config) -> dict[str, float]:
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
-    rollout = build_rollout(cfg, accelerator.unwrap_model(model), tokenizer, accelerator)
+    rollout = build_rollout(cfg, unwrap(model), tokenizer, accelerator)
     G = cfg.num_generations
     sampling = sampling_params(cfg, num_samples=G)
     reuse_old = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= n_completions
@@ -164,7 +164,7 @@ def run(cfg: Config) -> dict[str, float]:
     metrics: dict[str, float] = {}
     # Held-out preference pairs (implicit preference accuracy, step 0 first; without a reference, --beta 0,
     # the step-0 policy's log-probs are the reference) and --stop-on-overoptimisation.
-    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, accelerator.unwrap_model(model), ref, state.extra,
+    pref_eval = (PreferenceEval(cfg, accelerator, tokenizer, unwrap(model), ref, state.extra,
                                 state.step, all_pair_logps) if cfg.eval_data else None)
     if pref_eval is not None and monitor is not None:
         pref_eval.add_rule(monitor)
@@ -238,7 +238,7 @@ def run(cfg: Config) -> dict[str, float]:
             buf["kl_tokens"] = torch.zeros(mask.shape, device=mask.device)  # filled by the update's single pass
         train_metrics = grpo_update(cfg, accelerator, model, optimizer, scheduler, buf, logprobs_fn)
         timer.lap("time/train")
-        rollout.load_weights(merged_named_weights(accelerator.unwrap_model(model)))  # the sampler follows the policy
+        rollout.load_weights(merged_named_weights(unwrap(model)))  # the sampler follows the policy
         timer.lap("time/weight_sync")
         state.step += 1
         logger.advance()

@@ -3,7 +3,7 @@ each reply of a preference pair (DPO, and the monitor's implicit preference accu
 
 ``response_logprobs`` reads them off logits; ``model_response_logprobs`` runs a model on a
 prompt + response batch; ``packed_response_logprobs`` does the same on a padding-free layout
-(:mod:`rlhf.models.packing`), and ``choose_layout`` decides, once per run, whether a recipe
+(:mod:`rlhf.models.packing`); ``policy_forward`` gives PPO's log-probs and values; ``choose_layout`` decides, once per run, whether a recipe
 may use one on the model at hand. ``pair_logps`` and ``all_pair_logps`` sum a reply's log-probs.
 """
 
@@ -126,6 +126,23 @@ def packed_response_logprobs(model, input_ids: torch.Tensor, attention_mask: tor
     logprobs = unpack(logprobs_from_logits(logits, targets))
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         return logprobs, unpack(entropy_from_logits(logits)) if with_entropy else None
+
+
+def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, temperature: float,
+                   with_entropy: bool = False):
+    """Log-probs, values and entropy of the response tokens under PPO's policy (a
+    ``PolicyWithValueHead``, or a causal LM and its separate ``critic``). The *same* function serves
+    the rollout's forward (no grad) and the update's, so the first ratio is exactly 1.
+
+    Shape:
+        input_ids, attention_mask: (B, P + R) -> logprobs, values, entropy: (B, R).
+    """
+    if critic is None:
+        logits, values = model(input_ids, attention_mask)  # one pass: actor and critic heads
+    else:
+        logits, values = causal_logits(model, input_ids, attention_mask), critic(input_ids, attention_mask)
+    logprobs, entropy = response_logprobs(logits, input_ids, prompt_len, temperature, with_entropy)
+    return logprobs, values[:, prompt_len - 1 : -1].float(), entropy
 
 
 def choose_layout(model, wanted: bool, kind: str, log=print, mixed_precision: bool = False) -> str | None:

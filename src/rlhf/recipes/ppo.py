@@ -3,7 +3,10 @@
 Each step: 1. sample prompts; 2. generate; 3. score the responses; 4. old and reference
 log-probs and values, one forward each without gradients; 5. per-token reward = score - beta KL; 6. GAE,
 then whitening; 7. ``ppo_epochs`` passes over shuffled minibatches of the buffer with
-``-L^CLIP + c1 L^VF - c2 S``; 8. adapt beta; 9. log and checkpoint. Implementation details
+``-L^CLIP + c1 L^VF - c2 S``; 8. adapt beta; 9. log and checkpoint. Where the update is one forward and
+backward over the whole rollout (one epoch, one minibatch, one micro-batch), the policy's forward of step 4
+is that of the update itself, and steps 5-6 run on its detached outputs: the same numbers (the ratio is
+then exactly 1, as TRL's GRPO skips its old log-probs), one forward fewer. Implementation details
 follow Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO") and OpenAI's
 lm-human-preferences. Run: ``rlhf ppo --model SFT_DIR --reward-model RM_DIR --data prompts.jsonl``.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 
 import torch
 
@@ -21,14 +25,14 @@ from rlhf.algos import (
     AdaptiveKLController, FixedKLController, agg_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_loss, ppo_policy_loss, value_loss,
 )
 from rlhf.models import (
-    Critic, PolicyAndCritic, PolicyWithValueHead, causal_logits, disable_dropout, eval_mode, load_sequence_classifier,
-    save_pretrained,
+    Critic, PolicyAndCritic, PolicyWithValueHead, disable_dropout, eval_mode, load_sequence_classifier,
+    save_pretrained, unwrap,
 )
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
                                 micro_batch, reduce_sum, shard)
 from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
-from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, response_logprobs
+from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, policy_forward
 from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
 from rlhf.watch.samples import SampleLog
@@ -44,25 +48,10 @@ from rlhf.rollout import RolloutBatch, merged_named_weights
 
 # ---- forwards ---------------------------------------------------------------------------------
 
-def policy_forward(model, critic, input_ids, attention_mask, prompt_len: int, temperature: float,
-                   with_entropy: bool = False):
-    """Log-probs, values and entropy of the response tokens. The *same* function serves the
-    rollout (no grad) and the update, so the first ratio is exactly 1.
-
-    Shape:
-        input_ids, attention_mask: (B, P + R) -> logprobs, values, entropy: (B, R).
-    """
-    if critic is None:
-        logits, values = model(input_ids, attention_mask)  # one pass: actor and critic heads
-    else:
-        logits, values = causal_logits(model, input_ids, attention_mask), critic(input_ids, attention_mask)
-    logprobs, entropy = response_logprobs(logits, input_ids, prompt_len, temperature, with_entropy)
-    return logprobs, values[:, prompt_len - 1 : -1].float(), entropy
-
-
 @torch.no_grad()
-def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
-    """Step 4: old log-probs and values from the policy, log-probs from the reference.
+def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int, policy: bool = True):
+    """Step 4: old log-probs and values from the policy (unless not ``policy``: then None), log-probs
+    from the reference.
 
     Returns ``(old_logprobs, values, ref_logprobs, seconds)``, ``seconds`` those of the reference's passes.
     """
@@ -72,20 +61,50 @@ def rollout_forwards(cfg, model, critic, ref, batch: RolloutBatch, chunk: int):
     seconds = 0.0
     with eval_mode(*(m for m in (model, critic) if m is not None)):
         for i in range(0, ids.shape[0], chunk):
-            lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
+            if policy:
+                lp, v, _ = policy_forward(model, critic, ids[i : i + chunk], mask[i : i + chunk], prompt_len,
+                                          cfg.temperature)
+                old.append(lp)
+                values.append(v)
             t1 = time.perf_counter()
             ref_lp, _ = model_response_logprobs(ref, ids[i : i + chunk], mask[i : i + chunk], prompt_len, cfg.temperature)
             seconds += time.perf_counter() - t1
-            old.append(lp)
-            values.append(v)
             refs.append(ref_lp)
-    return torch.cat(old), torch.cat(values), torch.cat(refs), seconds
+    return (torch.cat(old) if policy else None), (torch.cat(values) if policy else None), torch.cat(refs), seconds
+
+
+def rewards_and_advantages(cfg, accelerator, kl_coef: float, scores, ref_logprobs, mask, old_logprobs, old_values
+                           ) -> dict[str, torch.Tensor]:
+    """Steps 5-6: per-token rewards (the score at the last token minus beta KL at every token), GAE (gamma,
+    lambda) advantages and value targets, the advantages whitened with the global batch's statistics.
+
+    Shape:
+        scores: (B,); the rest (B, R) -> ``old_logprobs``, ``old_values``, ``rewards``, ``kl``, ``advantages``,
+        ``returns``, each (B, R).
+    """
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, reduce_sum=lambda t: reduce_sum(accelerator, t))
+    return {"old_logprobs": old_logprobs, "old_values": old_values, "rewards": rewards, "kl": kl,
+            "advantages": advantages, "returns": returns}
+
+
+def single_pass(cfg, n_rows: int, world: int) -> bool:
+    """Whether the update is one forward and backward over the whole rollout of ``n_rows`` (this process's):
+    then that forward also serves as step 4's (:func:`ppo_update`)."""
+    return cfg.ppo_epochs == 1 and n_rows <= min(max(1, cfg.mini_batch_size // world), cfg.batch_size)
 
 
 # ---- the inner loop -------------------------------------------------------------------------
 
 def ppo_update(cfg: Config, accelerator, model, critic, optimizers: list, schedulers: list, buffer: dict) -> dict:
-    """Step 7: ``ppo_epochs`` passes over shuffled minibatches; returns mean metrics."""
+    """Step 7: ``ppo_epochs`` passes over shuffled minibatches; returns mean metrics.
+
+    A buffer with ``"advantages_of"`` (:func:`single_pass`) holds no old log-probs and values yet: the one
+    forward gives them, detached, in the rollout's row order, to ``advantages_of`` (steps 5-6), whose results
+    join the buffer; they are bit for bit those of a forward without gradient (dropout is off).
+    """
     world = accelerator.num_processes
     n = buffer["input_ids"].shape[0]
     mb = max(1, cfg.mini_batch_size // world)
@@ -102,12 +121,15 @@ def ppo_update(cfg: Config, accelerator, model, critic, optimizers: list, schedu
             agg = {"global_tokens": tokens, "global_seqs": seqs}
             micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
             for k, mi in enumerate(micro):
-                b = {key: buffer[key][mi] for key in ("input_ids", "attention_mask", "response_mask", "old_logprobs",
-                                                       "old_values", "advantages", "returns")}
+                b = {key: buffer[key][mi] for key in ("input_ids", "attention_mask", "response_mask")}
                 mask = b["response_mask"]
                 with micro_batch(accelerator, model, critic, last=k == len(micro) - 1):
                     logprobs, values, entropy = policy_forward(model, critic, b["input_ids"], b["attention_mask"],
                                                                prompt_len, cfg.temperature, with_entropy=True)
+                    if "advantages_of" in buffer:  # the rollout's forward is this one: steps 5-6 on its outputs
+                        back = torch.argsort(mi)  # to the rollout's row order
+                        buffer.update(buffer.pop("advantages_of")(logprobs.detach()[back], values.detach()[back]))
+                    b.update({key: buffer[key][mi] for key in ("old_logprobs", "old_values", "advantages", "returns")})
                     pg_loss, pg_m = ppo_policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask,
                                                     clip_eps=cfg.clip_eps, agg=cfg.loss_agg, **agg)
                     vf_loss, vf_m = value_loss(values, b["old_values"], b["returns"], mask,
@@ -180,7 +202,7 @@ def save_models(accelerator, unwrapped, critic, tokenizer, cfg: Config, metrics:
         cfg = dataclasses.replace(cfg, output_dir=directory)
     save_final(accelerator, unwrapped.policy if critic is None else unwrapped, tokenizer, cfg, "PPO policy", metrics,
                checkpointer, announce=False)
-    part = value_part(unwrapped, accelerator.unwrap_model(critic) if critic is not None else None)
+    part = value_part(unwrapped, unwrap(critic) if critic is not None else None)
     critic_model = part.model if isinstance(part, Critic) else None
     # Sharded, every process takes part in gathering the value head or the critic; the main one writes.
     gathered = full_state_dict(accelerator, part if critic_model is None else critic_model)
@@ -238,7 +260,7 @@ def run(cfg: Config) -> dict[str, float]:
     cfg.warn_truncated_sampling(logger, state.step)
     monitor = Monitor(cfg, state.extra) if cfg.monitor else None
     samples = SampleLog(cfg.output_dir, cfg.log_samples, cfg.log_every, total, state.step, accelerator.is_main_process)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     # Sharded (FSDP, DeepSpeed), the shared model is sampled and scored through its root, which gathers the weights.
     sampled_policy = unwrapped.policy if critic is None and not is_sharded(accelerator) else unwrapped
     rollout = build_rollout(cfg, sampled_policy, tokenizer, accelerator)
@@ -276,24 +298,22 @@ def run(cfg: Config) -> dict[str, float]:
         if best is not None:  # the policy that sampled this rollout may be the best so far: keep it before it moves
             best.offer(state.step + 1, float(reduce_sum(accelerator, scores.sum()) / (len(examples) * world)))
             timer.lap("time/score")
-        # 4. Old log-probs, values and reference log-probs, without gradients, dropout off.
+        # 4. Old log-probs, values and reference log-probs, without gradients, dropout off (the policy's from
+        #    the update's own forward where that is one pass over the whole rollout).
+        one_pass = single_pass(cfg, batch.input_ids.shape[0], world)
         old_logprobs, old_values, ref_logprobs, ref_seconds = rollout_forwards(cfg, model, critic, ref, batch,
-                                                                               cfg.batch_size)
+                                                                               cfg.batch_size, policy=not one_pass)
         timer.lap("time/policy_value_pass", time_reference_pass=ref_seconds)
         mask = batch.loss_mask  # the model's tokens: GAE's time steps (an episode's observations are holes)
-        # 5. Per-token rewards: the score at the last token minus beta KL at every token.
+        # 5-6. Per-token rewards (score - beta KL), GAE advantages and value targets, whitened over all processes.
         kl_coef = kl_ctl.value
-        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-        # 6. GAE (gamma, lambda) gives advantages and value targets; then whiten the advantages
-        #    with the statistics of the global batch (all processes).
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, reduce_sum=lambda t: reduce_sum(accelerator, t))
+        advantages_of = partial(rewards_and_advantages, cfg, accelerator, kl_coef, scores, ref_logprobs, mask)
         # 7. The experience buffer, and ppo_epochs over it.
         buffer = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
-                  "old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
-                  "returns": returns, "prompt_len": batch.prompt_ids.shape[1]}
+                  "prompt_len": batch.prompt_ids.shape[1]}
+        buffer.update({"advantages_of": advantages_of} if one_pass else advantages_of(old_logprobs, old_values))
         train_metrics = ppo_update(cfg, accelerator, model, critic, optimizers, schedulers, buffer)
+        rewards, kl, old_values = buffer["rewards"], buffer["kl"], buffer["old_values"]
         timer.lap("time/train")
         rollout.load_weights(merged_named_weights(sampled_policy))  # the sampler follows the policy
         timer.lap("time/weight_sync")

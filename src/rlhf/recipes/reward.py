@@ -25,7 +25,7 @@ from rlhf.algos import bradley_terry_loss, ensemble_std
 from rlhf.data import collate_preference
 from rlhf.models import (
     ENSEMBLE_FILE, Critic, gather_at, get_score_stats, is_ensemble, load_sequence_classifier, load_tokenizer,
-    read_ensemble, score_index, set_score_stats,
+    read_ensemble, score_index, set_score_stats, unwrap,
 )
 from rlhf.models.lora import set_gradient_checkpointing
 from rlhf.errors import UserError
@@ -146,7 +146,7 @@ def train_one(cfg: Config, bootstrap_seed: int | None = None) -> dict[str, float
     metrics.update({"train/reward_mean": float(both.mean()), "train/reward_std": float(both.std())})
     logger.log(state.step, {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/reward_"))})
     logger.close()
-    model = accelerator.unwrap_model(scorer).model
+    model = unwrap(scorer).model
     if cfg.normalize_scores:
         set_score_stats(model.get_base_model() if hasattr(model, "get_base_model") else model,
                         metrics["train/reward_mean"], metrics["train/reward_std"])

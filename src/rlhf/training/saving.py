@@ -96,10 +96,10 @@ def save_final(accelerator, model, tokenizer, cfg, title: str, metrics: dict[str
     checkpoint. ``announce``: the run's model is complete (:func:`announce_saved`); off for a save
     that more files follow (PPO's value head) or that is not the run's (``OUTPUT/best``).
     """
-    from rlhf.models import save_pretrained
+    from rlhf.models import save_pretrained, unwrap
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     gathered = full_state_dict(accelerator, unwrapped)  # every process takes part where the weights are sharded
     if accelerator.is_main_process:
         try:
