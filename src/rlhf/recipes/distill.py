@@ -180,7 +180,7 @@ def run(cfg: Config) -> dict[str, float]:
                                  held_out, scorer, teacher_reward))
     if held_out is not None and state.step == 0:
         logger.log(0, run_eval())
-    params_list = [p for p in model.parameters() if p.requires_grad]
+    params_list = [p for g in optimizer.param_groups for p in g["params"]]  # as prepare left them (not stand-ins)
     metrics: dict[str, float] = {}
     while state.step < total:
         timer = StepTimer()

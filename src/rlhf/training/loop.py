@@ -185,7 +185,9 @@ def fit(*, cfg: TrainConfig, accelerator, model, optimizer, scheduler, examples:
     Python API that returns True (``logger.stop_requested``) ends the loop after its step.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's parameters: after a no-grad forward (samples, evaluation) FSDP2 leaves the root's parameters
+    # unsharded, and model.parameters() would list those stand-ins, whose gradients are never set.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     t0, tokens_seen = time.perf_counter(), 0
     while state.step < total_steps:
         global_micro = plan.step_indices(state.step)
