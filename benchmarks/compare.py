@@ -15,6 +15,7 @@ PPO with LoRA (actor, reference and critic on one base) over that of SFT on the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -98,7 +99,8 @@ def job_dpo_ours(a, p):
 
     t = time.perf_counter()
     dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=fresh(a, "dpo-ours"), max_steps=a.steps,
-                       batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0))
+                       batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0,
+                       log_samples=0))  # TRL's DPOTrainer samples nothing (generate_during_eval=False); ours: 4 prompts twice
     return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size, "tokens": pair_tokens(p),
             "peak_rss_mb": rss_mb()}
 
@@ -324,6 +326,12 @@ def main() -> None:
         # accelerate, datasets, peft and transformers' Trainer utilities, so load them here for
         # every job rather than let our lazy imports land inside our clock only.
         import accelerate, datasets, peft, torch, transformers.optimization  # noqa: F401, E401
+
+        # DeepSpeed too, where installed (the `deepspeed` extra): transformers' save_pretrained imports
+        # it through accelerate's unwrap check the first time a model is saved (0.3 s on 2 CPU cores),
+        # in both libraries' jobs, and TRL's GRPO on its first generation.
+        if importlib.util.find_spec("deepspeed") is not None:
+            import deepspeed  # noqa: F401
 
         torch.manual_seed(0)
         name = a.worker

@@ -1,5 +1,7 @@
 """Tier 2: models on tiny in-process architectures (no hub)."""
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -192,3 +194,27 @@ def test_unwrap_is_accelerates_unwrap_and_imports_no_deepspeed(tokenizer, tmp_pa
             "assert unwrap(m) is m; print('deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_unwrap_asks_accelerate_only_for_a_wrapper_once_deepspeed_is_loaded(tokenizer, monkeypatch):
+    """Once ``deepspeed`` is imported (transformers' save_pretrained imports it wherever it is installed),
+    a plain model is still returned without accelerate's lookup (2 ms of package metadata a call: 0.18 s
+    of an 8-step GRPO job); a DeepSpeed engine goes to accelerate. A stand-in module plays DeepSpeed."""
+    import types
+
+    import accelerate.utils
+
+    from rlhf.models import unwrap
+
+    class DeepSpeedEngine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(DeepSpeedEngine=DeepSpeedEngine))
+    asked = []
+    monkeypatch.setattr(accelerate.utils, "extract_model_from_parallel", lambda m: asked.append(m) or m.module)
+    model = tiny_causal_lm(tokenizer, "llama", hidden_size=32)
+    assert unwrap(model) is model and asked == []
+    engine = DeepSpeedEngine(model)
+    assert unwrap(engine) is model and asked == [engine]

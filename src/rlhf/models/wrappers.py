@@ -15,7 +15,9 @@ def unwrap(model):
     milliseconds), and the first one imports DeepSpeed where it is (half a second on CPU), to test for
     its engine; the recipes ask once or more a step, and on one process the answer is the model itself.
     A DeepSpeed engine exists only once ``deepspeed`` is imported, so without it only torch's wrappers
-    (DDP, DataParallel, FSDP1, and the same under ``torch.compile``) are looked for.
+    (DDP, DataParallel, FSDP1, and the same under ``torch.compile``) are looked for, and with it its
+    ``DeepSpeedEngine`` too (transformers' ``save_pretrained`` imports DeepSpeed wherever it is
+    installed, so asking accelerate whenever the module is loaded cost 2 ms a call from then on).
     """
     if _maybe_wrapped(model):
         from accelerate.utils import extract_model_from_parallel
@@ -25,9 +27,10 @@ def unwrap(model):
 
 
 def _maybe_wrapped(model) -> bool:
-    if "deepspeed" in sys.modules:  # its engine may wrap the model: let accelerate look
-        return True
     wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None:  # its engine may wrap the model (once imported; saving a model imports it)
+        wrappers += (deepspeed.DeepSpeedEngine,)
     fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
     if fsdp is not None:
         wrappers += (fsdp.FullyShardedDataParallel,)

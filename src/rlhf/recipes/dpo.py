@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from rlhf.recipes.configs.dpo import Config
 from rlhf.algos import dpo_loss
 from rlhf.data import collate_preference, collate_preference_shared
-from rlhf.models import Reference, disable_dropout, eval_mode
+from rlhf.models import Reference, disable_dropout, eval_mode, unwrap
 from rlhf.training.loop import StepPlan, fit
 from rlhf.training.setup import load_data, load_reference, load_policy, make_accelerator, make_optimizer, start
 from rlhf.recipes.logprobs import all_pair_logps, choose_layout, count_pairs, pair_lengths, pair_logps
@@ -85,7 +85,7 @@ def write_samples(cfg: Config, accelerator, model, tokenizer, examples: list[dic
     prompts = [e["prompt_ids"] for e in examples]
     room = cfg.max_length - max(len(p) for p in prompts)
     params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(cfg.sample_max_new_tokens, room)))
-    rollout = make_rollout("loop", accelerator.unwrap_model(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
+    rollout = make_rollout("loop", unwrap(model), tokenizer.pad_token_id, tokenizer.eos_token_id,
                            accelerator.device, sharded=is_sharded(accelerator))
     with eval_mode(model):
         batch = rollout.generate(prompts, params)
