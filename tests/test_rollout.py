@@ -68,3 +68,25 @@ def test_generate_ignores_the_models_own_generation_config(tiny_dir, tokenizer, 
     b = theirs.generate(PROMPTS * 3, params)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
     assert model.generation_config.to_dict() == saved  # the model's own config is left as it was
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}],
+                         ids=["default", "dynamic"])
+def test_sampling_leaves_a_model_that_trains(tokenizer, rope):
+    """Sampling runs under inference_mode; what comes out, and any buffer the forward rewrote while
+    sampling (dynamic RoPE recomputes ``inv_freq`` past the trained length), must still serve the
+    update: a training forward and backward that uses the samples, then an optimizer step."""
+    from rlhf.models import tiny_causal_lm
+
+    kwargs = {"max_positions": 8, "rope_parameters": rope} if rope else {}
+    model = tiny_causal_lm(tokenizer, "llama", hidden_size=32, **kwargs)
+    batch = HFRollout(model, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(
+        [[5, 6, 7, 8, 9, 10]], SamplingParams(temperature=1.0, max_new_tokens=12, num_samples=2))
+    assert not any(t.is_inference() for t in (batch.prompt_ids, batch.response_ids, batch.response_mask))
+    assert not any(b.is_inference() for b in model.buffers())
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    logits = model(input_ids=ids).logits[:, :-1]
+    loss = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).mean()
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
