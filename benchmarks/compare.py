@@ -4,8 +4,9 @@
 
 Same model and tokenizer (built here, no download), same SupportBot data, same batch size,
 lengths, generations and steps. Each job runs in its own subprocess so its peak RSS is its own;
-its clock starts once the libraries are imported (the same set for both).
-Prints pairs/s (DPO) and completions/s (GRPO), each the median of ``--repeat`` interleaved runs,
+its clock starts once the libraries are imported (the same set for both, DeepSpeed too where it
+is installed). Prints pairs/s (DPO) and completions/s (GRPO), each the median of ``--repeat`` (5)
+interleaved runs,
 with our/TRL ratios; for
 PPO (TRL no longer ships it) the split of our step time against a lower bound timed in the
 same run (the generate call and the forward/backward passes alone); and the peak memory of
@@ -314,7 +315,8 @@ def main() -> None:
     ap.add_argument("--vocab-new-tokens", type=int, default=128)
     ap.add_argument("--vocab-steps", type=int, default=1)
     ap.add_argument("--skip-vocab", action="store_true", help="No memory jobs at the real vocabulary.")
-    ap.add_argument("--repeat", type=int, default=3, help="Runs of each speed job; the median time is reported.")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="Runs of each speed job, interleaved; the median time is reported.")
     ap.add_argument("--json", help="Write figures and ratios here.")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
