@@ -28,6 +28,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# TRL's optimizer: transformers' TrainingArguments default (optim="adamw_torch_fused"); ours, where our job
+# stands beside TRL's, is set to the same (our default is adamw_torch, one tensor at a time).
+AS_TRL = {"optim": "adamw_torch_fused"}
 
 
 def fresh(a, name: str) -> str:
@@ -99,9 +102,9 @@ def job_dpo_ours(a, p):
     from rlhf.recipes import dpo
 
     t = time.perf_counter()
-    dpo.run(dpo.Config(model=p["model"], data=p["pairs"], output_dir=fresh(a, "dpo-ours"), max_steps=a.steps,
+    dpo.run(dpo.Config(**AS_TRL, model=p["model"], data=p["pairs"], output_dir=fresh(a, "dpo-ours"), max_steps=a.steps,
                        batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none", save_total_limit=0,
-                       log_samples=0))  # TRL's DPOTrainer samples nothing (generate_during_eval=False); ours: 4 prompts twice
+                       log_samples=0))  # as TRL's DPOTrainer (generate_during_eval=False); ours: 4 prompts twice
     return {"seconds": time.perf_counter() - t, "items": a.steps * a.batch_size, "tokens": pair_tokens(p),
             "peak_rss_mb": rss_mb()}
 
@@ -131,7 +134,7 @@ def job_grpo_ours(a, p):
     sys.modules.setdefault("bench_rewards", sys.modules[__name__])
     t = time.perf_counter()
     out = fresh(a, "grpo-ours")
-    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps,
+    grpo.run(grpo.Config(**AS_TRL, model=p["model"], data=p["rl"], output_dir=out, max_steps=a.steps,
                          rollout_batch_size=a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                          reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, use_bias_correction_kl=True,
@@ -168,7 +171,7 @@ def job_grpo4_ours(a, p):
 
     sys.modules.setdefault("bench_rewards", sys.modules[__name__])
     t = time.perf_counter()
-    grpo.run(grpo.Config(model=p["model"], data=p["rl"], output_dir=fresh(a, "grpo4-ours"), max_steps=a.steps,
+    grpo.run(grpo.Config(**AS_TRL, model=p["model"], data=p["rl"], output_dir=fresh(a, "grpo4-ours"), max_steps=a.steps,
                          rollout_batch_size=4 * a.batch_size // a.generations, num_generations=a.generations,
                          mini_batch_size=a.batch_size, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                          reward_fn="bench_rewards:vowel_fraction", lr=1e-4, beta=0.04, clip_eps_high=0.28,
@@ -214,7 +217,7 @@ def job_sft_ours(a, p):
     from rlhf.recipes import sft
 
     t = time.perf_counter()
-    sft.run(sft.Config(model=p["model"], data=p["sft"], output_dir=fresh(a, "sft-ours"), max_steps=a.steps,
+    sft.run(sft.Config(**AS_TRL, model=p["model"], data=p["sft"], output_dir=fresh(a, "sft-ours"), max_steps=a.steps,
                        batch_size=a.batch_size, lr=1e-4, max_length=a.max_length, report_to="none",
                        save_total_limit=0))
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": rss_mb()}

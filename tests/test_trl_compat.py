@@ -34,12 +34,13 @@ TRL_FLAGS = [
              "--save_steps", "10", "--save_total_limit", "1", "--eval_steps", "20", "--lr_scheduler_type", "cosine",
              "--warmup_ratio", "0.1", "--weight_decay", "0.01", "--max_grad_norm", "0.5", "--seed", "3",
              "--report_to", "none", "--gradient_checkpointing", "--bf16", "false", "--output_dir", "o",
-             "--resume_from_checkpoint", "--per_device_train_batch_size", "2", "--max_seq_length", "48"],
+             "--resume_from_checkpoint", "--per_device_train_batch_size", "2", "--max_seq_length", "48",
+             "--optim", "adamw_torch_fused"],
      {"model": "m", "data": "d.jsonl", "lr": 3e-4, "grad_accum": 4, "epochs": 3, "lora": True, "lora_r": 8,
       "lora_alpha": 16, "max_length": 48, "max_prompt_length": 32, "log_every": 5, "save_every": 10,
       "save_total_limit": 1, "eval_every": 20, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.01,
       "max_grad_norm": 0.5, "seed": 3, "report_to": "none", "gradient_checkpointing": True, "bf16": False,
-      "output_dir": "o", "resume": "auto", "batch_size": 2}),
+      "output_dir": "o", "resume": "auto", "batch_size": 2, "optim": "adamw_torch_fused"}),
     ("grpo", ["--model", "m", "--data", "p.jsonl", "--max_completion_length", "7", "--num_generations", "2",
               "--beta", "0.1", "--epsilon", "0.3", "--epsilon_high", "0.4", "--num_iterations", "2",
               "--max_new_tokens", "9"],  # ours with underscores, given last, wins
@@ -518,3 +519,36 @@ def test_grpo_reads_trls_per_device_batch_as_trl_does(capsys, monkeypatch):
     kw = options.from_keywords(grpo.Config, {"model": "m", "reward_fn": "x:y", "per_device_train_batch_size": 8,
                                              "num_generations": 2}, "grpo")
     assert (kw.batch_size, kw.mini_batch_size, kw.rollout_batch_size) == (16, 16, 8)
+
+
+def test_optim_is_adamw_either_way_and_other_optimizers_are_refused(tmp_path, tiny_dir, capsys):
+    """--optim (TRL's optim): torch's AdamW one tensor at a time (ours by default) or fused (transformers' and
+    TRL's default), in every optimizer a recipe makes, PPO's critic included; TRL's other optimizers are one
+    line naming the flag."""
+    import torch
+
+    import rlhf
+    from rlhf.recipes.configs.sft import Config
+    from rlhf.training.setup import make_optimizer
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    assert not make_optimizer(Config(model="m"), weights, 4)[0].defaults["fused"]
+    assert make_optimizer(Config(model="m", optim="adamw_torch_fused"), weights, 4)[0].defaults["fused"]
+    rc, _, err = cli(capsys, "sft", "--model", tiny_dir, "--data", "d.jsonl", "--optim", "sgd")
+    assert rc == 2 and len(err) == 1 and "--optim" in err[0] and "adamw_torch_fused" in err[0], err
+    made = []
+    original = torch.optim.AdamW.__init__
+
+    def record(self, params, *args, **kwargs):
+        made.append(kwargs.get("fused"))
+        original(self, params, *args, **kwargs)
+
+    import unittest.mock
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("a", "b", "c", "d")))
+    with unittest.mock.patch.object(torch.optim.AdamW, "__init__", record):
+        rlhf.ppo(model=tiny_dir, data=str(prompts), output_dir=str(tmp_path / "ppo"), critic="separate",
+                 critic_model=tiny_dir, reward_fn="rule_rewards:vowel_fraction", max_steps=1, rollout_batch_size=2,
+                 mini_batch_size=2, batch_size=2, max_new_tokens=4, optim="adamw_torch_fused", report_to="none")
+    assert made == [True, True]  # the policy's and the critic's

@@ -31,7 +31,7 @@ from rlhf.models import (
 from rlhf.errors import UserError
 from rlhf.training.loop import (StepTimer, StepPlan, check_trained, clip_grad_norm, count_skip, mean_over_processes,
                                 micro_batch, reduce_sum, shard)
-from rlhf.training.setup import load_data, load_policy, load_reference, make_accelerator, start
+from rlhf.training.setup import adamw, load_data, load_policy, load_reference, make_accelerator, start
 from rlhf.recipes.logprobs import all_pair_logps, model_response_logprobs, policy_forward
 from rlhf.training.logs import write_model_card
 from rlhf.watch.monitor import Monitor
@@ -242,12 +242,11 @@ def run(cfg: Config) -> dict[str, float]:
 
     n_updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
     groups = [{"params": actor_params, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr or cfg.lr}]
-    adamw = lambda g: torch.optim.AdamW(g, weight_decay=cfg.weight_decay)  # noqa: E731
     schedule = lambda o: get_scheduler(cfg.lr_scheduler, o, int(cfg.warmup_ratio * n_updates), n_updates)  # noqa: E731
     if critic is None:  # one model: one optimizer, a group for the policy and one for its value head
-        optimizers = [adamw(groups)]
+        optimizers = [adamw(cfg, groups)]
     else:  # two models, each prepared with its own optimizer (FSDP2 prepares a model together with it)
-        optimizers = [adamw(groups[:1]), adamw(groups[1:])]
+        optimizers = [adamw(cfg, groups[:1]), adamw(cfg, groups[1:])]
         critic, optimizers[1] = accelerator.prepare(critic, optimizers[1])
         accelerator.register_for_checkpointing(critic_scheduler := schedule(optimizers[1]))
     scheduler = schedule(optimizers[0])

@@ -58,6 +58,10 @@ class TrainConfig:
     """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    """AdamW's implementation in torch: one parameter at a time (adamw_torch), or the fused kernel
+    (adamw_torch_fused, transformers' default and so TRL's: faster steps and no temporaries the size of a
+    weight; it rounds differently, so the trained weights differ in the last bits)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value (0 or none: no clipping)."""
     seed: int = 42

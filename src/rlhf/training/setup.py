@@ -237,12 +237,19 @@ def load_data(cfg: TrainConfig, source: str, kind: str, tokenizer, log=print):
     return prepared
 
 
+def adamw(cfg: TrainConfig, params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW with --weight-decay, fused under ``--optim adamw_torch_fused``."""
+    return torch.optim.AdamW(params, weight_decay=cfg.weight_decay, fused=cfg.optim == "adamw_torch_fused" or None,
+                             **kwargs)
+
+
 def make_optimizer(cfg: TrainConfig, params, total_steps: int, lr: float | None = None):
-    """AdamW and the warmup + decay schedule from transformers."""
+    """AdamW (``--optim``: torch's single-tensor or fused implementation) and the warmup + decay schedule
+    from transformers."""
     from transformers import get_scheduler
 
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(cfg, params, lr=lr or cfg.lr)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     return optimizer, scheduler

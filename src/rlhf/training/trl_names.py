@@ -58,7 +58,7 @@ TRL_UNSUPPORTED: dict[str, str] = {
                      "hub_always_push", "hub_revision"], "upload the final model yourself (it is an HF-format directory)"),
     "warmup_steps": "use --warmup-ratio",
     "lr_scheduler_kwargs": "the schedules take no arguments here (--lr-scheduler, --warmup-ratio)",
-    **dict.fromkeys(["optim", "optim_args", "optim_target_modules"], "the optimizer is torch's AdamW (--lr, --weight-decay)"),
+    **dict.fromkeys(["optim_args", "optim_target_modules"], "the optimizer is torch's AdamW (--optim, --lr, --weight-decay)"),
     **dict.fromkeys(["adam_beta1", "adam_beta2", "adam_epsilon"], "AdamW keeps torch's betas (0.9, 0.999) and eps 1e-8"),
     "fp16": "mixed precision is bf16 only (--bf16)",
     **dict.fromkeys(["torch_dtype", "dtype"], "models load in float32 and train in bf16 mixed precision with --bf16"),
@@ -200,7 +200,6 @@ TRL_NO_OPS: dict[str, tuple] = {
     "save_strategy": ("steps", "no"),   # with save_steps (or none): what --save-every does
     **dict.fromkeys(["eval_strategy", "evaluation_strategy"], ("steps", "no")),
     "logging_strategy": ("steps",),
-    "optim": ("adamw_torch", "adamw_torch_fused"),  # AdamW, as ours
     "adam_beta1": (0.9,), "adam_beta2": (0.999,), "adam_epsilon": (1e-8,),
     "include_num_input_tokens_seen": ("no", False),
     "log_level": ("passive",), "log_level_replica": ("warning",),
