@@ -81,18 +81,19 @@ def weights(d) -> dict:
     return load_file(os.path.join(d, "model.safetensors"))
 
 
-@pytest.mark.parametrize("recipe", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("recipe", ["sft", "rm", "dpo", "dpo --optim adamw_torch_fused"])
 def test_sharded_follows_one_process(recipe, engine, tiny_dir, tmp_path):
     """The loss curve, and the saved model: gathered from both processes' shards, loadable, equal to
     the one-process model to float32 rounding. Two micro-batches a step: under ZeRO-3 the engine steps
-    once per step, not per micro-batch."""
+    once per step, not per micro-batch. The fused AdamW (TRL's optimizer) steps over the engines' shards too."""
+    recipe, *extra = recipe.split()
     kind = "sft" if recipe == "sft" else "pairs"
     # 17 held-out examples, 8 a batch: 9 and 8 a process, as many forwards each (or the one with more waits).
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(open(data(tmp_path, kind)).readlines()[:17]))
     common = [recipe, "--model", tiny_dir, "--data", data(tmp_path, kind), "--eval-data", str(held_out),
               "--eval-every", "2", "--max-steps", "4", "--batch-size", "8", "--grad-accum", "2", "--lr", "5e-3",
-              "--report-to", "none", "--max-length", "64", "--save-every", "2"]
+              "--report-to", "none", "--max-length", "64", "--save-every", "2", *extra]
     launch(None, [*common, "--output-dir", str(tmp_path / "one")])
     out = launch(engine[0], [*common, "--output-dir", str(tmp_path / "two")])
     assert engine[1] in out, out[-2000:]
